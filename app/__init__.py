@@ -1,0 +1,1 @@
+"""The Dash app (installed as moewatch.app)."""

@@ -1,0 +1,3 @@
+from moewatch.cli import main
+
+main()

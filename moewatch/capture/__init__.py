@@ -1,0 +1,1 @@
+"""Capture: router discovery, readers and the hooks that record routing."""

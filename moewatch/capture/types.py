@@ -1,0 +1,84 @@
+"""The data types that capture passes around: one router call's observation and how a router is probed.
+
+Shape legend used across moewatch's tensor code:
+    T  tokens in one router call (batch * sequence, flattened)
+    E  experts in the layer
+    K  experts chosen per token (top-k)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Routing:
+    """What one router call shows. Every field is optional; each contributes the stats it can.
+
+    - ``logits_TE``: raw router logits (pre-softmax / pre-sigmoid). Feeds logit magnitude, z-loss and, when
+      ``probs_TE`` is missing, the router distribution (softmax, or normalized sigmoid when ``scoring`` says so).
+    - ``probs_TE``: the router's distribution over experts for each token. Non-negative scores that do not sum to 1
+      (sigmoid routers) are normalized per token before use.
+    - ``indices_TK``: the experts actually chosen (integer). A value ``>= E`` (or negative) marks a slot with no expert
+      (e.g. transformers' index-equals-E sentinel): it counts as dropped in the layer's ``drop_rate`` only.
+    - ``dropped_TK``: bool, True where the assignment in ``indices_TK`` was refused by capacity; the drop is
+      attributed to that expert and the assignment does not count in ``tokens``.
+    - ``scoring``: ``"softmax"`` or ``"sigmoid"``: how to turn logits into a distribution when ``probs_TE`` is None.
+    - ``token_mask_T``: optional bool mask of real (non-padding) tokens; masked tokens are ignored everywhere.
+    """
+
+    logits_TE: torch.Tensor | None = None
+    probs_TE: torch.Tensor | None = None
+    indices_TK: torch.Tensor | None = None
+    dropped_TK: torch.Tensor | None = None
+    scoring: str = "softmax"
+    token_mask_T: torch.Tensor | None = None
+
+
+# A reader turns a hooked module's forward call into an observation (or None to ignore the call).
+# Arguments: (module, args, kwargs, output). Readers must not sync the host: no .item(), .tolist(), .cpu(),
+# no data-dependent shapes (boolean indexing, nonzero, unique).
+Reader = Callable[[nn.Module, tuple, dict, Any], "Routing | None"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One forward hook: ``read`` is called with the ``module``'s call and its observation goes to ``layer``."""
+
+    module: nn.Module
+    read: Reader
+
+
+@dataclass
+class RouterSpec:
+    """One router (= one row key ``layer`` in the run's tables) and how to observe it.
+
+    ``name`` is the qualified name of the module that computes the routing logits. ``probes`` are the hooks that
+    observe it: usually one on the router itself; two when the choice is only visible elsewhere (e.g. on the experts
+    module's input). ``bias`` returns the router's correction bias (shape E) or None; it is read once per step.
+    """
+
+    name: str
+    num_experts: int
+    top_k: int
+    probes: list[Probe] = field(default_factory=list)
+    capacity: int | None = None
+    capacity_factor: float | None = None
+    bias: Callable[[], torch.Tensor | None] | None = None
+    kind: str = "custom"
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("RouterSpec.name must be a non-empty module name")
+        if self.num_experts < 1:
+            raise ValueError(f"RouterSpec.num_experts must be >= 1 for router {self.name!r}, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"RouterSpec.top_k must be in [1, num_experts={self.num_experts}] for router {self.name!r}, "
+                f"got {self.top_k}"
+            )

@@ -1,0 +1,481 @@
+"""`attach()` and `Watch`: forward hooks on every router, per-step accumulation on the device, flushing to disk.
+
+The training thread only ever launches small device ops (moewatch.metrics.observe into per-layer accumulators,
+one cat + zero per device at `step()`, one non-blocking device->host copy at a flush). Everything that needs the
+values — metrics, Arrow, Parquet, the heartbeat — runs in the writer thread (moewatch.store.writer.FlushWorker).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import sys
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moewatch import metrics
+from moewatch.capture.types import Probe, RouterSpec, Routing
+from moewatch.store.manifest import new_manifest, read_manifest, write_manifest
+from moewatch.store.schema import LAYERS, MANIFEST, TABLES
+from moewatch.store.writer import Chunk, FlushWorker, LayerSlot, PartWriter
+
+log = logging.getLogger("moewatch")
+
+PHASES = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """How a Watch records and flushes. Validated on construction."""
+
+    flush_steps: int = 100
+    flush_seconds: float = 30.0
+    record_eval: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.flush_steps, int) or self.flush_steps < 1:
+            raise ValueError(f"flush_steps must be an integer >= 1, got {self.flush_steps!r}")
+        if not self.flush_seconds > 0:
+            raise ValueError(f"flush_seconds must be > 0, got {self.flush_seconds!r}")
+
+
+def _in_backward() -> bool:
+    # Activation checkpointing re-runs forwards inside the autograd engine; those must not count twice.
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _LayerState:
+    __slots__ = ("spec", "tensors", "calls", "disabled", "handles")
+
+    def __init__(self, spec: RouterSpec):
+        self.spec = spec
+        self.tensors: dict[str, torch.Tensor] = {}  # phase -> accumulator
+        self.calls = {p: 0 for p in PHASES}
+        self.disabled = False
+        self.handles: list[Any] = []
+
+
+class Watch:
+    """Records router health for one model into one run directory. Create with `moewatch.attach`."""
+
+    def __init__(
+        self,
+        model: nn.Module | None,
+        run_dir: str | os.PathLike,
+        specs: list[RouterSpec],
+        config: WatchConfig,
+        meta: Mapping[str, Any] | None = None,
+        on_tables: Callable | None = None,
+    ):
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.rank, self.world_size = _dist_rank_world()
+        self._layers: dict[str, _LayerState] = {}
+        self._root_depth = 0
+        self._root_mode = (False, False)
+        self._closed = False
+        self._model_ref = weakref.ref(model) if model is not None else None
+        self._handles: list[Any] = []
+        self._pending: dict[tuple[str, str], list[torch.Tensor]] = {}  # (phase, device) -> per-step snapshots
+        self._pending_layout: dict[tuple[str, str], tuple[LayerSlot, ...]] = {}
+        self._pending_meta: dict[tuple[str, str], list[tuple[int, int, float, dict[str, int]]]] = {}
+        self._seq = 0
+        self._since_flush = 0
+        self._last_flush = time.monotonic()
+
+        self._prepare_dir()
+        self._next_step = self._resume_step()
+        self._manifest = self._initial_manifest(model, meta)
+        for spec in specs:
+            self._add_layer(spec)
+        self._write_manifest_now()
+        self._worker = FlushWorker(
+            PartWriter(self.run_dir, self.rank, self._session),
+            heartbeat=self._heartbeat if self.rank == 0 else None,
+            heartbeat_seconds=max(1.0, min(config.flush_seconds, 30.0)),
+            on_tables=on_tables,
+        )
+        self._worker.start()
+        if model is not None:
+            self._handles.append(model.register_forward_pre_hook(self._root_pre))
+            self._handles.append(model.register_forward_hook(self._root_post, always_call=True))
+        _track(self)
+
+    # ------------------------------------------------------------------ set-up
+    def _prepare_dir(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / f".moewatch-write-test-{os.getpid()}-{self.rank}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise OSError(f"moewatch: cannot write to run directory {self.run_dir} ({e}); "
+                          "pick a writable path for attach(model, run_dir)") from None
+        pattern = re.compile(rf"^r{self.rank:04d}-s(\d+)-\d+\.parquet$")
+        sessions = [0]
+        for table in TABLES:
+            folder = self.run_dir / table
+            if folder.is_dir():
+                sessions += [int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))]
+        self._session = max(sessions) + 1
+
+    def _resume_step(self) -> int:
+        folder = self.run_dir / LAYERS
+        if self._session == 1 or not folder.is_dir():
+            return 0
+        import pyarrow.dataset as ds
+
+        try:
+            files = sorted(str(p) for p in folder.glob(f"r{self.rank:04d}-*.parquet"))
+            if not files:
+                return 0
+            col = ds.dataset(files, format="parquet").to_table(columns=["step"]).column("step")
+            import pyarrow.compute as pc
+
+            last = pc.max(col).as_py()
+            return 0 if last is None else int(last) + 1
+        except Exception as e:  # a corrupt part must not stop training; numbering restarts after what we can read
+            warnings.warn(f"moewatch: could not read previous steps in {folder} ({e}); numbering steps from 0",
+                          RuntimeWarning, stacklevel=3)
+            return 0
+
+    def _initial_manifest(self, model: nn.Module | None, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+        base: dict[str, Any] = {}
+        if (self.run_dir / MANIFEST).exists():
+            try:
+                base = read_manifest(self.run_dir)
+            except (OSError, ValueError) as e:
+                warnings.warn(f"moewatch: starting a new manifest: {e}", RuntimeWarning, stacklevel=3)
+        fields = {
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}" if model is not None else None,
+            "world_size": self.world_size,
+            "flush_steps": self.config.flush_steps,
+            "flush_seconds": self.config.flush_seconds,
+            "record_eval": self.config.record_eval,
+        }
+        if base:
+            manifest = {**base, **fields, "status": "running", "sessions": self._session}
+            manifest.setdefault("routers", [])
+        else:
+            manifest = new_manifest(**fields, routers=[])
+            manifest["sessions"] = self._session
+        if meta:
+            manifest["meta"] = {**manifest.get("meta", {}), **dict(meta)}
+        manifest.setdefault("meta", {})
+        return manifest
+
+    def _add_layer(self, spec: RouterSpec) -> _LayerState:
+        if spec.name in self._layers:
+            raise ValueError(f"router {spec.name!r} is registered twice")
+        state = _LayerState(spec)
+        self._layers[spec.name] = state
+        for probe in spec.probes:
+            state.handles.append(probe.module.register_forward_hook(self._make_hook(state, probe), with_kwargs=True))
+        entry = {"name": spec.name, "num_experts": spec.num_experts, "top_k": spec.top_k, "capacity": spec.capacity,
+                 "capacity_factor": spec.capacity_factor, "kind": spec.kind}
+        routers = [r for r in self._manifest["routers"] if r.get("name") != spec.name]
+        self._manifest["routers"] = [*routers, entry]
+        return state
+
+    @property
+    def routers(self) -> list[str]:
+        """Names of the routers being recorded."""
+        return list(self._layers)
+
+    # ------------------------------------------------------------------ hooks (training thread, no host sync)
+    def _root_pre(self, module: nn.Module, args: tuple) -> None:
+        if self._root_depth == 0:
+            self._root_mode = (module.training, torch.is_grad_enabled())
+        self._root_depth += 1
+
+    def _root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._root_depth = max(0, self._root_depth - 1)
+
+    def _phase(self, module: nn.Module) -> str | None:
+        if _in_backward():
+            return None
+        training, grad = self._root_mode if self._root_depth else (module.training, torch.is_grad_enabled())
+        if training and grad:
+            return "train"
+        return "eval" if self.config.record_eval else None
+
+    def _make_hook(self, state: _LayerState, probe: Probe) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if state.disabled or self._closed:
+                return
+            phase = self._phase(module)
+            if phase is None:
+                return
+            try:
+                with torch.no_grad():
+                    routing = probe.read(module, args, kwargs, output)
+                    if routing is not None:
+                        self._observe(state, phase, routing)
+            except Exception as e:
+                self._disable(state, e)
+
+        return hook
+
+    def _disable(self, state: _LayerState, error: Exception) -> None:
+        state.disabled = True
+        for h in state.handles:
+            h.remove()
+        warnings.warn(f"moewatch: stopped recording router {state.spec.name!r} after an error in its hook "
+                      f"({type(error).__name__}: {error}); training continues", RuntimeWarning, stacklevel=3)
+
+    def _observe(self, state: _LayerState, phase: str, r: Routing) -> None:
+        acc = state.tensors.get(phase)
+        if acc is None:
+            ref = next(t for t in (r.logits_TE, r.probs_TE, r.indices_TK) if t is not None)
+            acc = torch.zeros(metrics.state_size(state.spec.num_experts), dtype=torch.float64, device=ref.device)
+            state.tensors[phase] = acc
+        metrics.observe(acc, state.spec.num_experts, logits_TE=r.logits_TE, probs_TE=r.probs_TE,
+                        indices_TK=r.indices_TK, dropped_TK=r.dropped_TK, scoring=r.scoring,
+                        token_mask_T=r.token_mask_T)
+        state.calls[phase] += 1
+
+    # ------------------------------------------------------------------ public API
+    def record(
+        self,
+        layer: str,
+        *,
+        logits: torch.Tensor | None = None,
+        probs: torch.Tensor | None = None,
+        indices: torch.Tensor | None = None,
+        dropped: torch.Tensor | None = None,
+        scoring: str = "softmax",
+        token_mask: torch.Tensor | None = None,
+        num_experts: int | None = None,
+        top_k: int | None = None,
+        phase: str = "train",
+    ) -> None:
+        """Record one router call by hand (fused kernels that hide the router). Same meaning as `Routing`'s fields.
+
+        An unknown `layer` is registered on first use; its expert count comes from `num_experts` or the last dim of
+        `logits`/`probs`, its top-k from `top_k` or the last dim of `indices`.
+        """
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        if logits is None and probs is None and indices is None:
+            raise ValueError("record() needs at least one of logits, probs or indices")
+        state = self._layers.get(layer)
+        if state is None:
+            E = num_experts or next((t.shape[-1] for t in (logits, probs) if t is not None), None)
+            if E is None:
+                raise ValueError(f"record(): unknown layer {layer!r}: pass num_experts= (or logits/probs) to register it")
+            K = top_k or (indices.shape[-1] if indices is not None and indices.dim() > 1 else 1)
+            state = self._add_layer(RouterSpec(name=layer, num_experts=int(E), top_k=int(K), kind="manual"))
+        if state.disabled:
+            return
+        with torch.no_grad():
+            self._observe(state, phase, Routing(logits_TE=logits, probs_TE=probs, indices_TK=indices,
+                                                dropped_TK=dropped, scoring=scoring, token_mask_T=token_mask))
+
+    def step(self, step: int | None = None) -> int:
+        """End one training step; everything routed since the previous call belongs to it. Returns its number."""
+        if self._closed:
+            raise RuntimeError("moewatch: step() after close()")
+        number = self._next_step if step is None else int(step)
+        self._next_step = number + 1
+        now = time.time()
+        for phase in PHASES:
+            self._snapshot(phase, number, now)
+        self._seq += 1
+        self._since_flush += 1
+        if (self._since_flush >= self.config.flush_steps
+                or time.monotonic() - self._last_flush >= self.config.flush_seconds):
+            self.flush()
+        return number
+
+    def _snapshot(self, phase: str, number: int, now: float) -> None:
+        calls = {name: s.calls[phase] for name, s in self._layers.items() if s.calls[phase] and phase in s.tensors}
+        if not calls:
+            return
+        groups: dict[str, list[_LayerState]] = {}
+        for s in self._layers.values():
+            if phase in s.tensors:
+                groups.setdefault(str(s.tensors[phase].device), []).append(s)
+        for device, states in groups.items():
+            for s in states:
+                if s.spec.bias is not None:
+                    b = s.spec.bias()
+                    if b is not None:
+                        s.tensors[phase][metrics.bias_slice(s.spec.num_experts)].copy_(b.detach().reshape(-1))
+            layout, start = [], 0
+            for s in states:
+                n = s.tensors[phase].numel()
+                layout.append(LayerSlot(s.spec.name, s.spec.num_experts, s.spec.top_k, s.spec.bias is not None,
+                                        start, start + n))
+                start += n
+            key = (phase, device)
+            if self._pending_layout.get(key) not in (None, tuple(layout)):
+                self._flush_group(key)  # a router joined: close the block with the old layout first
+            self._pending_layout[key] = tuple(layout)
+            tensors = [s.tensors[phase] for s in states]
+            self._pending.setdefault(key, []).append(torch.cat(tensors))
+            torch._foreach_zero_(tensors)
+            group_calls = {s.spec.name: calls.get(s.spec.name, 0) for s in states}
+            self._pending_meta.setdefault(key, []).append((number, self._seq, now, group_calls))
+        for s in self._layers.values():
+            s.calls[phase] = 0
+
+    def flush(self) -> None:
+        """Hand every finished step to the writer thread (non-blocking; `close()` waits for the writes)."""
+        for key in list(self._pending):
+            self._flush_group(key)
+        self._since_flush = 0
+        self._last_flush = time.monotonic()
+
+    def _flush_group(self, key: tuple[str, str]) -> None:
+        snaps = self._pending.pop(key, [])
+        info = self._pending_meta.pop(key, [])
+        layout = self._pending_layout.pop(key, ())
+        if not snaps:
+            return
+        states_SX = torch.stack(snaps)
+        ready = None
+        if states_SX.device.type == "cuda":
+            host = torch.empty(states_SX.shape, dtype=states_SX.dtype, pin_memory=True)
+            host.copy_(states_SX, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            states_SX = host
+        elif states_SX.device.type != "cpu":
+            states_SX = states_SX.to("cpu")
+        self._worker.submit(Chunk(states_SX, ready, layout, steps=[i[0] for i in info], seqs=[i[1] for i in info],
+                                  times=[i[2] for i in info], calls=[i[3] for i in info], phase=key[0]))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Flush and block until everything recorded so far is on disk (for tests and checkpoints)."""
+        self.flush()
+        return self._worker.drain(timeout)
+
+    def close(self, status: str = "finished") -> None:
+        """Write routing recorded since the last step() as a final step, flush, wait for the writes, remove hooks."""
+        if self._closed:
+            return
+        if any(s.calls[p] for s in self._layers.values() for p in PHASES):
+            self.step()
+        self._closed = True
+        self.flush()
+        self._worker.drain()
+        self._worker.stop()
+        for h in self._handles:
+            h.remove()
+        for s in self._layers.values():
+            for h in s.handles:
+                h.remove()
+        if self.rank == 0:
+            self._manifest["status"] = status
+            self._manifest["closed"] = time.time()
+            self._write_manifest_now()
+        _untrack(self)
+
+    def _heartbeat(self) -> None:
+        self._write_manifest_now()
+
+    def _write_manifest_now(self) -> None:
+        if self.rank != 0:
+            return
+        try:
+            write_manifest(self.run_dir, self._manifest)
+        except OSError as e:
+            if self._closed or not hasattr(self, "_worker"):
+                raise
+            log.warning("moewatch: could not update %s: %s", self.run_dir / MANIFEST, e)
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(status="crashed" if exc_type is not None else "finished")
+
+    def __repr__(self) -> str:
+        return f"Watch({str(self.run_dir)!r}, routers={len(self._layers)}, next_step={self._next_step})"
+
+
+# ---------------------------------------------------------------------- interpreter exit
+_open: weakref.WeakSet[Watch] = weakref.WeakSet()
+_crashed = False
+_prev_excepthook = sys.excepthook
+
+
+def _excepthook(exc_type, exc, tb):
+    global _crashed
+    _crashed = True
+    _prev_excepthook(exc_type, exc, tb)
+
+
+def _track(w: Watch) -> None:
+    global _prev_excepthook
+    if not _open and sys.excepthook is not _excepthook:
+        _prev_excepthook = sys.excepthook
+        sys.excepthook = _excepthook
+    _open.add(w)
+
+
+def _untrack(w: Watch) -> None:
+    _open.discard(w)
+
+
+@atexit.register
+def _close_all() -> None:
+    for w in list(_open):
+        try:
+            w.close(status="crashed" if _crashed else "finished")
+        except Exception as e:  # at exit, a warning is all that is useful
+            print(f"moewatch: could not close {w.run_dir}: {e}", file=sys.stderr)
+
+
+def attach(
+    model: nn.Module | None,
+    run_dir: str | os.PathLike,
+    *,
+    routers: Mapping[str, nn.Module | RouterSpec] | None = None,
+    flush_steps: int = 100,
+    flush_seconds: float = 30.0,
+    record_eval: bool = False,
+    meta: Mapping[str, Any] | None = None,
+    alerts: bool = False,
+    on_alert: Callable[[Any], None] | None = None,
+    detector_config: Any = None,
+) -> Watch:
+    """Find every router in `model` and start recording into `run_dir` (created; resumed if it holds a run).
+
+    `routers={name: module_or_RouterSpec}` replaces automatic discovery (an empty dict: record by hand with
+    `watch.record`). Only training forwards (model in train mode, grad enabled at the model's call) are counted;
+    `record_eval=True` records the others into the eval tables. `alerts=True` evaluates the collapse detector at
+    each flush in the writer thread, logs each new alert once and calls `on_alert(alert)`.
+    """
+    from moewatch.capture.discovery import discover
+
+    config = WatchConfig(flush_steps=flush_steps, flush_seconds=flush_seconds, record_eval=record_eval)
+    if model is None:
+        specs = list(discover(nn.Module(), routers)) if routers else []
+    else:
+        specs = discover(model, routers)
+    on_tables = None
+    if alerts or on_alert is not None:
+        from moewatch.detect.live import live_alerts
+
+        on_tables = live_alerts(detector_config, on_alert)
+    return Watch(model, run_dir, specs, config, meta=meta, on_tables=on_tables)

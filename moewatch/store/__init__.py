@@ -1,0 +1,1 @@
+"""Store: the run-directory format, its writer and its reader."""

@@ -1,0 +1,80 @@
+"""The run manifest (`run.json`) and atomic file writes.
+
+Every file moewatch writes appears atomically: written under a dot-name that pyarrow.dataset and pandas ignore,
+fsynced, then renamed into place, so a reader never sees half a file and a crash never leaves one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from moewatch.store.schema import MANIFEST, SCHEMA_VERSION
+
+STATUSES = ("running", "finished", "crashed")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """The manifest as a dict; raises FileNotFoundError or ValueError (bad JSON) with the path in the message."""
+    path = Path(run_dir) / MANIFEST
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
+
+
+def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
+    manifest = dict(manifest)
+    manifest["heartbeat"] = time.time()
+    atomic_write_bytes(Path(run_dir) / MANIFEST, json.dumps(manifest, indent=2, default=str).encode("utf-8"))
+
+
+def new_manifest(**fields: Any) -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    from moewatch import __version__
+
+    now = time.time()
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "moewatch_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "created": now,
+        "status": "running",
+        "sessions": 1,
+        "heartbeat": now,
+        **fields,
+    }

@@ -1,0 +1,65 @@
+"""The run-directory format: table schemas, folder and file names, and the schema version.
+
+Documented for users in docs/format.md; change both together and bump SCHEMA_VERSION on any incompatible change.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+MANIFEST = "run.json"
+EXPERTS = "experts"
+LAYERS = "layers"
+EVAL_EXPERTS = "eval_experts"
+EVAL_LAYERS = "eval_layers"
+TABLES = (EXPERTS, LAYERS, EVAL_EXPERTS, EVAL_LAYERS)
+
+# Columns that identify where a row came from; the newest (session, seq) wins for a repeated (rank, step, layer).
+_PROVENANCE = [
+    pa.field("rank", pa.int32(), nullable=False),
+    pa.field("session", pa.int32(), nullable=False),
+    pa.field("seq", pa.int64(), nullable=False),
+]
+
+EXPERTS_SCHEMA = pa.schema(
+    [
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("layer", pa.string(), nullable=False),
+        pa.field("expert", pa.int32(), nullable=False),
+        pa.field("tokens", pa.int64(), nullable=False),
+        pa.field("dropped", pa.int64(), nullable=False),
+        pa.field("prob_mean", pa.float64()),
+        pa.field("bias", pa.float64()),
+        *_PROVENANCE,
+    ]
+)
+
+LAYERS_SCHEMA = pa.schema(
+    [
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("layer", pa.string(), nullable=False),
+        pa.field("tokens", pa.int64(), nullable=False),
+        pa.field("top_k", pa.int32(), nullable=False),
+        pa.field("num_experts", pa.int32(), nullable=False),
+        pa.field("entropy", pa.float64()),
+        pa.field("entropy_norm", pa.float64()),
+        pa.field("cv", pa.float64()),
+        pa.field("max_share", pa.float64()),
+        pa.field("dead", pa.int32(), nullable=False),
+        pa.field("dropped", pa.int64(), nullable=False),
+        pa.field("drop_rate", pa.float64()),
+        pa.field("logit_abs_max", pa.float64()),
+        pa.field("logit_mean", pa.float64()),
+        pa.field("logit_std", pa.float64()),
+        pa.field("z_loss", pa.float64()),
+        pa.field("aux_loss", pa.float64()),
+        pa.field("nonfinite", pa.int64(), nullable=False),
+        pa.field("calls", pa.int32(), nullable=False),
+        pa.field("time", pa.float64()),
+        *_PROVENANCE,
+    ]
+)
+
+SCHEMAS = {EXPERTS: EXPERTS_SCHEMA, LAYERS: LAYERS_SCHEMA, EVAL_EXPERTS: EXPERTS_SCHEMA, EVAL_LAYERS: LAYERS_SCHEMA}
