@@ -92,7 +92,8 @@ def observe(
     E = num_experts
     off = _offsets(E)
     if indices_TK is not None:
-        ids_TK = indices_TK.reshape(indices_TK.shape[0] if indices_TK.dim() > 1 else -1, -1).long()
+        ids = indices_TK.long()
+        ids_TK = ids.reshape(-1, 1) if ids.dim() == 1 else ids.reshape(-1, ids.shape[-1])
         # Map every slot to one accumulator cell: its expert, its expert's drop cell, the sentinel or the padding cell.
         slot_TK = torch.where((ids_TK < 0) | (ids_TK >= E), off["sentinel"], ids_TK)
         if dropped_TK is not None:
@@ -137,8 +138,6 @@ def observe(
         row_ok_T = row_ok_T & token_mask_T.reshape(-1).bool()
     w_T = row_ok_T.float()
     ent_T = entropy(p_TE)
-    if logits_TE is None:
-        lse_sq = zero
     sums = torch.stack(
         [
             w_T.sum(),
