@@ -31,11 +31,10 @@ SCALARS = (
     "logit_sum",  # sum of finite logits
     "logit_sq_sum",  # sum of squared finite logits
     "logit_count",  # number of finite logits
-    "nonfinite",  # number of NaN/inf logits
+    "nonfinite",  # number of NaN/+inf logits (-inf marks a masked expert and is not counted)
     "logit_abs_max",  # running max |logit| (max, not a sum)
 )
 _N_SCALARS = len(SCALARS)
-_ABSMAX = SCALARS.index("logit_abs_max")
 
 
 def state_size(num_experts: int) -> int:
@@ -44,8 +43,10 @@ def state_size(num_experts: int) -> int:
 
 def _offsets(num_experts: int) -> dict[str, int]:
     E = num_experts
+    sc = 3 * E + 2
     return {"tokens": 0, "dropped": E, "sentinel": 2 * E, "ignored": 2 * E + 1, "prob_sum": 2 * E + 2,
-            "scalars": 3 * E + 2, "bias": 3 * E + 2 + _N_SCALARS}
+            "scalars": sc, "logit_sum": sc + SCALARS.index("logit_sum"),
+            "logit_abs_max": sc + SCALARS.index("logit_abs_max"), "bias": sc + _N_SCALARS}
 
 
 def bias_slice(num_experts: int) -> slice:
@@ -111,49 +112,43 @@ def observe(
     assert source is not None
     if source.shape[-1] != E:
         raise ValueError(f"router output has {source.shape[-1]} experts in its last dim, expected {E}")
-    scal = state[off["scalars"] : off["scalars"] + _N_SCALARS]
-    zero = torch.zeros((), dtype=torch.float32, device=state.device)
-    row_ok_T = None
-    lse_sq, lsum, lsq, lcount, nonfinite, absmax = zero, zero, zero, zero, zero, zero
-    if logits_TE is not None:
-        x_TE = logits_TE.reshape(-1, E).float()
-        finite_TE = torch.isfinite(x_TE)
-        row_ok_T = finite_TE.all(dim=-1)
-        x_TE = torch.where(finite_TE, x_TE, 0.0)
-        lse_T = torch.logsumexp(x_TE, dim=-1)
-        lse_sq = lse_T.square()
-        lsum, lsq = x_TE.sum(), x_TE.square().sum()
-        lcount = finite_TE.sum().float()
-        nonfinite = x_TE.numel() - lcount
-        absmax = x_TE.abs().amax() if x_TE.numel() else zero
+    x_TE = logits_TE.reshape(-1, E).float() if logits_TE is not None else None
+    lse_T = torch.logsumexp(x_TE, dim=-1) if x_TE is not None else None
     if probs_TE is not None:
         p_TE = normalize_scores(probs_TE.reshape(-1, E))
-        ok_T = torch.isfinite(p_TE).all(dim=-1)
-        row_ok_T = ok_T if row_ok_T is None else row_ok_T & ok_T
-        p_TE = torch.where(ok_T.unsqueeze(-1), p_TE, 0.0)
+    elif scoring == "softmax":
+        assert x_TE is not None and lse_T is not None
+        p_TE = torch.exp(x_TE - lse_T.unsqueeze(-1))
     else:
         p_TE = router_distribution(x_TE, scoring)
-    assert row_ok_T is not None
+    ent_T = -torch.special.xlogy(p_TE, p_TE).sum(dim=-1)  # xlogy: 0·log 0 = 0 for masked (-inf) experts
+    # A token whose distribution is not finite (NaN or +inf logits) is left out of every per-token statistic.
+    row_ok_T = torch.isfinite(ent_T)
+    if lse_T is not None:
+        row_ok_T = row_ok_T & torch.isfinite(lse_T)
+        lse_sq_T = lse_T.square()
+    else:
+        lse_sq_T = torch.zeros_like(ent_T)
     if token_mask_T is not None:
         row_ok_T = row_ok_T & token_mask_T.reshape(-1).bool()
-    w_T = row_ok_T.float()
-    ent_T = entropy(p_TE)
-    sums = torch.stack(
-        [
-            w_T.sum(),
-            (ent_T * w_T).sum(),
-            (lse_sq * w_T).sum() if logits_TE is not None else zero,
-            lsum,
-            lsq,
-            lcount,
-            torch.as_tensor(nonfinite, dtype=torch.float32, device=state.device),
-            zero,
-        ]
-    ).to(state.dtype)
-    scal.add_(sums)
-    scal[_ABSMAX : _ABSMAX + 1].copy_(torch.maximum(scal[_ABSMAX], absmax.to(state.dtype)).reshape(1))
-    prob = state[off["prob_sum"] : off["prob_sum"] + E]
-    prob.add_((p_TE * w_T.unsqueeze(-1)).sum(dim=0).to(state.dtype))
+    # One masked reduction fills prob_sum[E], prob_tokens, entropy_sum and lse_sq_sum (adjacent in the layout).
+    block_TX = torch.cat([p_TE, row_ok_T.unsqueeze(-1).to(p_TE.dtype), ent_T.unsqueeze(-1), lse_sq_T.unsqueeze(-1)],
+                         dim=-1)
+    block_TX = torch.where(row_ok_T.unsqueeze(-1), block_TX, 0.0)
+    ps = off["prob_sum"]
+    state[ps : ps + E + 3].add_(block_TX.sum(dim=0))
+    if x_TE is None:
+        return
+    # Logit moments over finite logits; -inf (a deliberately masked expert) is excluded but not counted as bad.
+    finite_TE = torch.isfinite(x_TE)
+    xf_TE = torch.where(finite_TE, x_TE, 0.0)
+    n_finite = finite_TE.sum()
+    n_bad = torch.isnan(x_TE).sum() + torch.isposinf(x_TE).sum()
+    ls = off["logit_sum"]
+    state[ls : ls + 4].add_(torch.stack([xf_TE.sum(), xf_TE.square().sum(), n_finite.float(), n_bad.float()]))
+    if x_TE.numel():
+        am = off["logit_abs_max"]
+        torch.maximum(state[am : am + 1], xf_TE.abs().amax().reshape(1), out=state[am : am + 1])
 
 
 # ---------------------------------------------------------------- cold path (host, float64, vectorized over steps)

@@ -164,3 +164,16 @@ def test_bias_slot_and_empty_call():
     assert out["experts"]["bias"][0].tolist() == pytest.approx([0.1, -0.2, 0.3])
     assert out["layer"]["tokens"][0].item() == 0
     assert math.isnan(out["layer"]["cv"][0].item())
+
+
+def test_minus_inf_marks_a_masked_expert_not_a_bad_logit():
+    E = 4
+    logits = torch.tensor([[1.0, float("-inf"), 0.0, 2.0], [0.5, 0.5, float("-inf"), float("-inf")]])
+    out = _run([dict(logits_TE=logits, indices_TK=torch.tensor([[3], [0]]))], E, 1)
+    ly = out["layer"]
+    assert ly["nonfinite"][0].item() == 0
+    p = torch.softmax(logits.double(), -1)
+    ent = -torch.special.xlogy(p, p).sum(-1).mean().item()
+    assert ly["entropy"][0].item() == pytest.approx(ent, rel=1e-6)
+    assert ly["logit_abs_max"][0].item() == 2.0
+    np.testing.assert_allclose(out["experts"]["prob_mean"][0].numpy(), p.mean(0).numpy(), rtol=1e-6)
