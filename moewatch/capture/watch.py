@@ -458,13 +458,15 @@ def attach(
     alerts: bool = False,
     on_alert: Callable[[Any], None] | None = None,
     detector_config: Any = None,
+    on_tables: Callable[[Any, Any], None] | None = None,
 ) -> Watch:
     """Find every router in `model` and start recording into `run_dir` (created; resumed if it holds a run).
 
     `routers={name: module_or_RouterSpec}` replaces automatic discovery (an empty dict: record by hand with
     `watch.record`). Only training forwards (model in train mode, grad enabled at the model's call) are counted;
     `record_eval=True` records the others into the eval tables. `alerts=True` evaluates the collapse detector at
-    each flush in the writer thread, logs each new alert once and calls `on_alert(alert)`.
+    each flush in the writer thread, logs each new alert once and calls `on_alert(alert)`. `on_tables(experts, layers)`
+    is called in the writer thread with each flushed block of rows as pyarrow Tables (e.g. the TensorBoard bridge).
     """
     from moewatch.capture.discovery import discover
 
@@ -473,9 +475,21 @@ def attach(
         specs = list(discover(nn.Module(), routers)) if routers else []
     else:
         specs = discover(model, routers)
-    on_tables = None
+    sinks = [on_tables] if on_tables is not None else []
     if alerts or on_alert is not None:
         from moewatch.detect.live import live_alerts
 
-        on_tables = live_alerts(detector_config, on_alert)
-    return Watch(model, run_dir, specs, config, meta=meta, on_tables=on_tables)
+        sinks.append(live_alerts(detector_config, on_alert))
+    return Watch(model, run_dir, specs, config, meta=meta, on_tables=_fan_out(sinks) if sinks else None)
+
+
+def _fan_out(sinks: list[Callable[[Any, Any], None]]) -> Callable[[Any, Any], None]:
+    def call_all(experts: Any, layers: Any) -> None:
+        for sink in sinks:
+            try:
+                sink(experts, layers)
+            except Exception as e:  # one failing consumer must not starve the others
+                warnings.warn(f"moewatch: {getattr(sink, '__name__', type(sink).__name__)} failed on flushed rows "
+                              f"({type(e).__name__}: {e})", RuntimeWarning, stacklevel=1)
+
+    return call_all
