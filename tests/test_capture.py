@@ -1,6 +1,5 @@
 """Capture semantics: what counts as a step, which forwards count, resume, errors — on a toy MoE with known routing."""
 
-import os
 import warnings
 
 import numpy as np

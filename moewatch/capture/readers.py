@@ -1,0 +1,316 @@
+"""Readers: turn one hooked module call into a `Routing` (see `moewatch.capture.types`).
+
+A reader runs inside a forward hook on the training thread, so every reader here is host-sync-free: it looks only at
+tensor metadata (dtype, shape) in Python and otherwise issues device ops with static output shapes (reshape, topk,
+gather, where). No `.item()`, `.tolist()`, `.cpu()`, boolean-mask indexing, `nonzero` or `unique`.
+
+Router outputs come in a few shapes, and `RouterReader` adapts to whichever it sees, call by call:
+
+- the moewatch router protocol: an object with `logits` and `indices` (optionally `probs`, `dropped`);
+- the transformers contract: a tuple holding float logits ``[.., E]`` and integer indices ``[.., K]``, e.g.
+  ``(router_logits, top_k_weights, top_k_index)`` (a bool ``[.., K]`` tensor in the tuple is read as capacity drops);
+- a capacity-masked one-hot dispatch mask ``[.., E]`` (Switch-Transformers, NLLB-MoE): the choice is the router's
+  top-k over its logits (the mask's own argmax where the token was kept) and a slot is dropped where the mask (or
+  the dense combine weights, for top-2) is zero for that expert;
+- dense per-expert scores ``[.., E]`` that are zero except at the chosen experts (Llama-4): the choice is their top-k;
+- a sorted dispatch with per-expert sizes as a Python list (JetMoE): JetMoE chooses with ``logits.topk(k)`` on the
+  very tensor it returns, so the same op on it reproduces that choice exactly;
+- bare logits (DBRX, classic ``gate`` Linears): the choice is read by an `ExpertsInputReader` on the experts module
+  when one is probed, else recomputed as top-k of the logits (the only case where moewatch guesses the choice).
+
+Shape legend: T tokens (leading dims flattened), E experts, K experts chosen per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from moewatch.capture.types import Routing
+
+
+@runtime_checkable
+class RouterOutput(Protocol):
+    """The moewatch router protocol: what a router's forward returns (e.g. a NamedTuple).
+
+    ``logits`` ``[.., E]`` raw router logits and ``indices`` ``[.., K]`` the experts chosen; optionally ``probs``
+    ``[.., E]`` (the router's distribution or non-negative scores), ``dropped`` (bool ``[.., K]``, capacity refusals)
+    and ``scoring`` (``"softmax"`` or ``"sigmoid"``).
+    """
+
+    logits: torch.Tensor
+    indices: torch.Tensor
+
+
+def _is_int(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
+
+def _flat(t: torch.Tensor, width: int) -> torch.Tensor:
+    return t.reshape(-1, width)
+
+
+def topk_choice(scores_TE: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The top-k experts per token of `scores_TE` (logits or any monotone transform of them)."""
+    return torch.topk(scores_TE.float(), top_k, dim=-1).indices
+
+
+@dataclass
+class _Parsed:
+    """Where each role sits in one router output (positions into the output tuple, None when absent)."""
+
+    logits: int | None = None
+    logits_are_probs: bool = False
+    indices: int | None = None
+    weights: int | None = None
+    dropped: int | None = None
+    mask: int | None = None
+    dense: int | None = None
+    sizes: int | None = None
+
+    @property
+    def has_choice(self) -> bool:
+        return self.indices is not None or self.mask is not None or self.dense is not None or self.sizes is not None
+
+
+def parse_roles(
+    items: Sequence[Any],
+    num_experts: int,
+    top_k: int,
+    *,
+    logits_index: int | None = None,
+    names: Sequence[str | None] | None = None,
+) -> _Parsed:
+    """Classify the elements of a router's output tuple by dtype and trailing dim (metadata only, no sync).
+
+    `logits_index` (e.g. from transformers' `_can_record_outputs`) and `names` (the variable names in the router's
+    `return` statement) break ties when several float tensors end in E.
+    """
+    E, K = num_experts, top_k
+    p = _Parsed()
+    float_E: list[int] = []
+    for i, x in enumerate(items):
+        if isinstance(x, torch.Tensor):
+            if x.dim() < 2:  # 1-D tensors are per-slot bookkeeping (JetMoE's sort order), never [.., E] or [.., K]
+                continue
+            if x.is_floating_point():
+                if x.shape[-1] == E:
+                    float_E.append(i)
+                elif x.shape[-1] == K and p.weights is None:
+                    p.weights = i
+            elif x.shape[-1] == K and K != E and _is_int(x):
+                if p.indices is None:
+                    p.indices = i
+            elif x.shape[-1] == K and K != E and x.dtype == torch.bool:
+                if p.dropped is None:
+                    p.dropped = i
+            elif x.shape[-1] == E and p.mask is None:
+                p.mask = i
+        elif isinstance(x, (list, tuple)) and len(x) == E and all(isinstance(v, int) for v in x):
+            p.sizes = i
+    names = list(names) if names is not None and len(names) == len(items) else None
+    if float_E:
+        if logits_index is not None and logits_index in float_E:
+            pick = logits_index
+        elif names is not None and any("logit" in (names[i] or "") for i in float_E):
+            pick = next(i for i in float_E if "logit" in (names[i] or ""))
+        else:
+            pick = float_E[0]
+        p.logits = pick
+        p.logits_are_probs = names is not None and "prob" in (names[pick] or "") and "logit" not in (names[pick] or "")
+        rest = [i for i in float_E if i != pick]
+        if rest and p.indices is None:
+            p.dense = rest[0]
+    return p
+
+
+class RouterReader:
+    """Reads a router module's own output; adapts to the protocol object, tuple contracts or bare logits.
+
+    Args:
+        num_experts, top_k: the router's E and K.
+        scoring: ``"softmax"`` or ``"sigmoid"``: how its logits become a distribution.
+        score_fn: a scoring function that is neither (e.g. DeepSeek-V4's sqrt-softplus): applied to the logits to
+            give `probs_TE` (non-negative scores, normalized per token by the metrics).
+        logits_index, names: hints for `parse_roles`.
+        guess_choice: with bare logits and no other probe showing the choice, record top-k of the logits.
+        null_expert: for routers with a "skip" class whose choice they mask to index 0 with weight 0 before the
+            experts (ZAYA): slots with zero weight are recorded as this expert id.
+        padding_arg: position of a ``padding_mask`` argument in the router's forward (NLLB-MoE), if it takes one:
+            padded tokens are then masked out (the router zeroes their dispatch, which would otherwise read as drops).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        *,
+        scoring: str = "softmax",
+        score_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        logits_index: int | None = None,
+        names: Sequence[str | None] | None = None,
+        guess_choice: bool = True,
+        null_expert: int | None = None,
+        padding_arg: int | None = None,
+    ):
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.scoring = scoring
+        self.score_fn = score_fn
+        self.logits_index = logits_index
+        self.names = names
+        self.guess_choice = guess_choice
+        self.null_expert = null_expert
+        self.padding_arg = padding_arg
+        # Whether the last output showed the choice; an ExpertsInputReader reads it only when this is False.
+        self.has_choice: bool | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Routing | None:
+        # hasattr, not isinstance(output, RouterOutput): a runtime Protocol check costs more than the whole read.
+        if hasattr(output, "indices") and hasattr(output, "logits") and not isinstance(output, torch.Tensor):
+            self.has_choice = True
+            return self._read_protocol(output)
+        items = output if isinstance(output, (tuple, list)) else (output,)
+        p = parse_roles(items, self.num_experts, self.top_k, logits_index=self.logits_index, names=self.names)
+        self.has_choice = p.has_choice
+        if p.logits is None and p.indices is None:
+            return None
+        E, K = self.num_experts, self.top_k
+        r = Routing(scoring=self.scoring)
+        if self.padding_arg is not None and p.logits is not None:
+            r.token_mask_T = _non_padding(args, kwargs, self.padding_arg, items[p.logits].numel() // E)
+        logits_TE = None
+        if p.logits is not None:
+            x_TE = _flat(items[p.logits], E)
+            if p.logits_are_probs:
+                r.probs_TE = x_TE
+            else:
+                logits_TE = r.logits_TE = x_TE
+                if self.score_fn is not None:
+                    r.probs_TE = self.score_fn(x_TE.float())
+        if p.indices is not None:
+            ids_TK = _flat(items[p.indices], K)
+            if self.null_expert is not None and p.weights is not None:
+                ids_TK = torch.where(_flat(items[p.weights], K) == 0, self.null_expert, ids_TK)
+            r.indices_TK = ids_TK
+            if p.dropped is not None:
+                r.dropped_TK = _flat(items[p.dropped], K)
+        elif logits_TE is not None and p.mask is not None:
+            dense_TE = _flat(items[p.dense], E) if p.dense is not None else None
+            r.indices_TK, r.dropped_TK = dispatch_choice(_flat(items[p.mask], E), logits_TE, K, dense_TE)
+        elif logits_TE is not None and p.sizes is not None:
+            r.indices_TK = topk_choice(logits_TE, K)
+        elif p.dense is not None:
+            r.indices_TK = topk_choice(_flat(items[p.dense], E), K)
+        elif logits_TE is not None and self.guess_choice:
+            r.indices_TK = topk_choice(logits_TE, K)
+        return r
+
+    def _read_protocol(self, out: Any) -> Routing:
+        E, K = self.num_experts, self.top_k
+        logits = getattr(out, "logits", None)
+        probs = getattr(out, "probs", None)
+        indices = getattr(out, "indices", None)
+        dropped = getattr(out, "dropped", None)
+        scoring = getattr(out, "scoring", None) or self.scoring
+        return Routing(
+            logits_TE=_flat(logits, E) if isinstance(logits, torch.Tensor) else None,
+            probs_TE=_flat(probs, E) if isinstance(probs, torch.Tensor) else None,
+            indices_TK=_flat(indices, K) if isinstance(indices, torch.Tensor) else None,
+            dropped_TK=_flat(dropped, K) if isinstance(dropped, torch.Tensor) else None,
+            scoring=scoring if isinstance(scoring, str) else self.scoring,
+        )
+
+
+def _non_padding(args: tuple, kwargs: dict, position: int, T: int) -> torch.Tensor | None:
+    """Real-token mask from a router's ``padding_mask`` (non-zero = padding; a 4-D attention mask, additive or
+    boolean, contributes its last query row, as NLLB-MoE reads it)."""
+    pm = kwargs.get("padding_mask", args[position] if len(args) > position else None)
+    if not isinstance(pm, torch.Tensor):
+        return None
+    if pm.dim() == 4:
+        pm = pm[:, :, -1, :]
+    if pm.numel() < T:
+        return None
+    return ~pm.reshape(-1)[-T:].bool()
+
+
+def dispatch_choice(
+    mask_TE: torch.Tensor, logits_TE: torch.Tensor, top_k: int, dense_TE: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choice and capacity drops of a dispatch-mask router (Switch top-1, NLLB top-2).
+
+    The router picks its top-k over the logits; capacity then zeroes the dispatch of tokens that overflow. Where the
+    mask row is non-zero it names the kept top-1 expert exactly, so that column is taken from the mask (this guards
+    against ties between softmax-rounded probabilities and logits). `dense_TE` (NLLB's combine weights) marks the kept
+    top-2 assignments; a slot whose expert is neither in the mask nor has a non-zero combine weight was dropped.
+    """
+    ids_TK = topk_choice(logits_TE, top_k)
+    kept_TE = mask_TE != 0
+    any_T = kept_TE.any(dim=-1)
+    first_T = torch.where(any_T, kept_TE.float().argmax(dim=-1), ids_TK[:, 0])
+    ids_TK = torch.cat([first_T.unsqueeze(-1), ids_TK[:, 1:]], dim=-1) if top_k > 1 else first_T.unsqueeze(-1)
+    if dense_TE is not None:
+        kept_TE = kept_TE | (dense_TE != 0)
+    dropped_TK = ~kept_TE.gather(-1, ids_TK)
+    return ids_TK, dropped_TK
+
+
+class ExpertsInputReader:
+    """Reads the choice from the experts module's input, for routers whose output does not show it (DBRX).
+
+    The transformers experts contract is ``experts(hidden_states, top_k_index, top_k_weights)``: the first integer
+    tensor ``[.., K]`` among the call's arguments is the choice. It contributes only when `router` (the reader on the
+    module computing the logits) saw no choice in its own output, so nothing is counted twice.
+    """
+
+    def __init__(self, router: RouterReader):
+        self.router = router
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Routing | None:
+        if self.router.has_choice is not False:
+            return None
+        K = self.router.top_k
+        for x in (*args, *kwargs.values()):
+            if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[-1] == K and _is_int(x):
+                return Routing(indices_TK=_flat(x, K))
+        return None
+
+
+class ProductKeyReader:
+    """Product-key routers (Doge's CDMoE): logits for each of ``num_keys**2`` experts from two key halves.
+
+    The router Linear gives ``2 * num_keys`` scores per token, viewed as ``[2, T, num_keys]`` exactly as the block
+    does; the score of expert ``i * num_keys + j`` is ``x_i + y_j`` (the block's top-k over those sums is exact because
+    its top-``num_keys`` per half contains the overall top-k for K <= num_keys). The choice itself is read on the
+    expert-embedding lookup by `IndicesInputReader`.
+    """
+
+    def __init__(self, num_keys: int, scoring: str = "softmax"):
+        self.num_keys = num_keys
+        self.scoring = scoring
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Routing | None:
+        if not isinstance(output, torch.Tensor):
+            return None
+        n = self.num_keys
+        xy_2TN = output.reshape(2, -1, n)
+        logits_TE = (xy_2TN[0].unsqueeze(-1) + xy_2TN[1].unsqueeze(-2)).reshape(-1, n * n)
+        return Routing(logits_TE=logits_TE, scoring=self.scoring)
+
+
+class IndicesInputReader:
+    """Reads ``[.., K]`` expert ids from a module's first argument (e.g. an expert-embedding lookup)."""
+
+    def __init__(self, top_k: int):
+        self.top_k = top_k
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Routing | None:
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(x, torch.Tensor) and _is_int(x) and x.shape[-1] == self.top_k:
+            return Routing(indices_TK=_flat(x, self.top_k))
+        return None
