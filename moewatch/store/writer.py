@@ -217,7 +217,7 @@ class FlushWorker(threading.Thread):
             try:
                 self.on_tables(experts, layers)
             except Exception as e:
-                warnings.warn(f"moewatch: live alert evaluation failed ({type(e).__name__}: {e})",
+                warnings.warn(f"moewatch: an on_tables callback failed ({type(e).__name__}: {e})",
                               RuntimeWarning, stacklevel=1)
 
     def _write_pending(self) -> None:

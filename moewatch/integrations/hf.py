@@ -1,0 +1,96 @@
+"""`MoEWatchCallback` for the Hugging Face `transformers.Trainer`.
+
+    from moewatch.integrations.hf import MoEWatchCallback
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[MoEWatchCallback()])
+
+Attaches at `on_train_begin` to the Trainer's model, ends one moewatch step at every `on_step_end` (once per optimizer
+step, so the micro-batches of gradient accumulation sum into one step) numbered with `state.global_step` (1, 2, ...
+as the Trainer counts), and closes at `on_train_end`. The run goes to `<output_dir>/moewatch` unless `run_dir` is
+given. Under torchrun every rank records its own part files; only rank 0 writes run.json (the Watch does that).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from moewatch.capture.watch import Watch
+from moewatch.integrations import require
+from moewatch.integrations.session import CallbackConfig, WatchSession, jsonable
+
+transformers = require("transformers", "hf", "moewatch.integrations.hf")
+TrainerCallback = transformers.TrainerCallback
+
+# TrainingArguments recorded in run.json's meta: what a reader needs to interpret the steps.
+ARGS_IN_META = (
+    "output_dir", "run_name", "seed", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
+    "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
+    "optim", "bf16", "fp16", "gradient_checkpointing", "torch_compile",
+)
+
+
+class MoEWatchCallback(TrainerCallback):
+    """Record router health during `Trainer.train()` into `<output_dir>/moewatch` (or `run_dir`).
+
+    Arguments are those of `moewatch.attach` plus `tensorboard_dir` (a directory for the TensorBoard bridge, or
+    `True` for `<output_dir>/runs/moewatch`, next to the Trainer's own TensorBoard runs). `meta` is merged over the
+    recorded TrainingArguments in run.json.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike | None = None,
+        *,
+        flush_steps: int = 100,
+        flush_seconds: float = 30.0,
+        record_eval: bool = False,
+        meta: Mapping[str, Any] | None = None,
+        routers: Mapping[str, Any] | None = None,
+        tensorboard_dir: str | os.PathLike | bool | None = None,
+        alerts: bool = False,
+        on_alert: Callable[[Any], None] | None = None,
+    ):
+        self.config = CallbackConfig(run_dir=run_dir, flush_steps=flush_steps, flush_seconds=flush_seconds,
+                                     record_eval=record_eval, meta=meta, routers=routers,
+                                     tensorboard_dir=tensorboard_dir, alerts=alerts, on_alert=on_alert)
+        self._session = WatchSession(self.config)
+
+    @property
+    def watch(self) -> Watch | None:
+        """The Watch of the training run in progress (None outside `train()`)."""
+        return self._session.watch
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("MoEWatchCallback: the Trainer passed no model to on_train_begin")
+        output_dir = Path(args.output_dir or "trainer_output")
+        self._session.start(
+            model,
+            default_run_dir=output_dir / "moewatch",
+            default_tensorboard_dir=lambda: output_dir / "runs" / "moewatch",
+            meta=training_meta(args, state),
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._session.step(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._session.close("finished")
+
+
+def training_meta(args: Any, state: Any) -> dict[str, Any]:
+    """The essentials of a TrainingArguments (and the run's planned length) for run.json."""
+    recorded = {name: getattr(args, name) for name in ARGS_IN_META if hasattr(args, name)}
+    world = int(getattr(args, "world_size", 1) or 1)
+    recorded["world_size"] = world
+    recorded["global_batch_size"] = (int(getattr(args, "per_device_train_batch_size", 0) or 0)
+                                     * int(getattr(args, "gradient_accumulation_steps", 1) or 1) * world)
+    return {
+        "integration": "transformers.Trainer",
+        "transformers_version": transformers.__version__,
+        "step_unit": "optimizer step (TrainerState.global_step)",
+        "max_steps": int(getattr(state, "max_steps", 0) or 0),
+        "training_args": jsonable(recorded),
+    }

@@ -1,0 +1,218 @@
+"""The transformers.Trainer callback, run with a real Trainer on a tiny Mixtral (CPU, built from a config)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import runpy
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import moewatch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # the Trainer needs it
+from transformers import MixtralConfig, MixtralForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter  # noqa: E402
+
+from moewatch.integrations.hf import MoEWatchCallback  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ = 8
+LAYERS = ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+
+
+def tiny_mixtral() -> MixtralForCausalLM:
+    config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_local_experts=4,
+                           num_experts_per_tok=2, max_position_embeddings=64, use_cache=False)
+    torch.manual_seed(0)
+    return MixtralForCausalLM(config)
+
+
+def dataset(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    ids = torch.randint(2, 64, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+    return [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+
+class Truth(TrainerCallback):
+    """Independent counts: each router's own top-k indices, cut into steps at every on_step_end."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.current: dict[str, list] = {}
+        self.steps: dict[int, dict[str, list]] = {}
+        self.eval_calls = 0
+        for name, module in model.named_modules():
+            if isinstance(module, MixtralTopKRouter):
+                module.register_forward_hook(partial(self._hook, name))
+
+    def _hook(self, name, module, args, output):
+        if not (module.training and torch.is_grad_enabled()):
+            self.eval_calls += 1
+            return
+        logits, _, indices = output
+        counts, tokens, calls = self.current.get(name, (np.zeros(4, np.int64), 0, 0))
+        counts = counts + torch.bincount(indices.flatten(), minlength=4).numpy()
+        self.current[name] = (counts, tokens + logits.shape[0], calls + 1)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps[state.global_step] = self.current
+        self.current = {}
+
+
+def make_trainer(tmp_path: Path, callback: MoEWatchCallback, max_steps: int = 3, **extra) -> tuple[Trainer, Truth]:
+    model = tiny_mixtral()
+    truth = Truth(model)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        max_steps=max_steps, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+        disable_tqdm=True, dataloader_num_workers=0, seed=1, **extra)
+    # 10 samples in micro-batches of 2 with accumulation 2: optimizer steps of 2, 2 and 1 micro-batches.
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(10, 0), eval_dataset=dataset(4, 1),
+                      callbacks=[callback, truth])
+    return trainer, truth
+
+
+def test_trainer_run_records_each_optimizer_step(tmp_path):
+    callback = MoEWatchCallback(tensorboard_dir=True)
+    trainer, truth = make_trainer(tmp_path, callback, eval_strategy="steps", eval_steps=1,
+                                  per_device_eval_batch_size=2)
+    trainer.train()
+    assert callback.watch is None, "closed at train end"
+    assert truth.eval_calls > 0, "evaluation must have run for the test to mean anything"
+
+    run = moewatch.load(tmp_path / "out" / "moewatch")  # the default: <output_dir>/moewatch
+    assert run.meta["status"] == "finished"
+    assert sorted(truth.steps) == [1, 2, 3]
+    assert sorted(run.layers.step.unique()) == [1, 2, 3]  # numbered as HF numbers them
+    assert sorted(run.layers.layer.unique()) == LAYERS
+    for layer in LAYERS:
+        rows = run.layers[run.layers.layer == layer].sort_values("step")
+        # micro-batches of 2 x 8 tokens, summed per optimizer step; eval forwards in between are not counted
+        assert rows.tokens.tolist() == [32, 32, 16]
+        assert rows.tokens.tolist() == [truth.steps[s][layer][1] for s in (1, 2, 3)]
+        assert rows.calls.tolist() == [2, 2, 1]
+        for step in (1, 2, 3):
+            got = run.experts[(run.experts.layer == layer) & (run.experts.step == step)].sort_values("expert")
+            np.testing.assert_array_equal(got.tokens.to_numpy(), truth.steps[step][layer][0])
+
+    meta = run.meta["meta"]
+    assert meta["integration"] == "transformers.Trainer"
+    assert meta["max_steps"] == 3
+    ta = meta["training_args"]
+    assert (ta["gradient_accumulation_steps"], ta["per_device_train_batch_size"], ta["seed"]) == (2, 2, 1)
+    assert ta["global_batch_size"] == 4 and ta["world_size"] == 1
+    assert ta["output_dir"] == str(tmp_path / "out")
+    json.dumps(run.meta)  # the manifest stays plain JSON
+
+    # tensorboard_dir=True: next to the Trainer's own TensorBoard runs, written from the same flushed rows
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "out" / "runs" / "moewatch"), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    for layer in LAYERS:
+        events = acc.Scalars(f"moewatch/{layer}/cv")
+        rows = run.layers[run.layers.layer == layer].sort_values("step")
+        assert [e.step for e in events] == [1, 2, 3]
+        np.testing.assert_allclose([e.value for e in events], rows.cv.to_numpy(), rtol=1e-6)
+        assert [h.step for h in acc.Histograms(f"moewatch/{layer}/expert_load")] == [1, 2, 3]
+
+
+def test_run_dir_meta_flush_and_a_train_that_raised(tmp_path):
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise RuntimeError("boom")
+
+    callback = MoEWatchCallback(tmp_path / "mine", flush_steps=1, meta={"experiment": "e1", "max_steps": -1})
+    trainer, _ = make_trainer(tmp_path, callback)
+    trainer.add_callback(Boom())
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    # The Trainer has no exception hook: the Watch stays open (interpreter exit would close it as crashed).
+    assert callback.watch is not None
+    callback.watch.wait()
+    assert sorted(moewatch.load(tmp_path / "mine").layers.step.unique()) == [1, 2]
+
+    trainer.remove_callback(Boom)
+    trainer.train()  # the leftover Watch is closed first, then the run is resumed as a new session
+    run = moewatch.load(tmp_path / "mine")
+    assert not (tmp_path / "out" / "moewatch").exists()
+    assert run.meta["status"] == "finished" and run.meta["sessions"] == 2
+    assert run.meta["meta"]["experiment"] == "e1"
+    assert run.meta["meta"]["max_steps"] == -1  # the user's meta wins over the recorded settings
+    assert sorted(run.layers.step.unique()) == [1, 2, 3]
+    assert (run.layers.session == 2).all()  # the rerun's steps replace the first attempt's
+    assert len(list((tmp_path / "mine" / "layers").glob("*.parquet"))) == 2 + 3  # one part per step
+
+
+def test_settings_are_validated_when_the_callback_is_built():
+    with pytest.raises(ValueError, match="flush_steps"):
+        MoEWatchCallback(flush_steps=0)
+    with pytest.raises(ValueError, match="JSON"):
+        MoEWatchCallback(meta={"model": object()})
+
+
+def test_readme_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(ROOT / "examples" / "hf_trainer.py"), run_name="__main__")
+    run = moewatch.load(tmp_path / "runs" / "hf-example" / "moewatch")
+    assert run.meta["status"] == "finished"
+    assert sorted(run.layers.step.unique()) == [1, 2, 3, 4]
+    assert (run.layers.tokens == 2 * 2 * 16).all()  # 2 micro-batches of 2 sequences of 16 tokens per step
+    assert list((tmp_path / "runs" / "hf-example" / "runs" / "moewatch").glob("events.out.tfevents.*"))
+
+
+def test_missing_transformers_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.delitem(sys.modules, "moewatch.integrations.hf")
+    with pytest.raises(ImportError, match=r"pip install 'moewatch\[hf\]'"):
+        importlib.import_module("moewatch.integrations.hf")
+
+
+def test_import_moewatch_pulls_in_no_optional_dependency():
+    code = ("import sys, moewatch, moewatch.integrations, moewatch.integrations.session; "
+            "print(sorted(m for m in ('transformers', 'lightning', 'pytorch_lightning', 'tensorboard', "
+            "'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def _snippet_problems(markdown: Path, only_integrations: bool) -> tuple[int, list[str]]:
+    """Code blocks of `markdown` that are not excerpts of an example: their lines, in order, in one examples/ file."""
+    examples = {p.name: p.read_text().splitlines() for p in sorted((ROOT / "examples").glob("*.py"))}
+    keys = ("moewatch.integrations", "MoEWatchCallback", "TensorBoardBridge", "DistributedDataParallel", "torchrun")
+    checked, problems = 0, []
+    for lang, body in re.findall(r"```(\w*)\n(.*?)```", markdown.read_text(), flags=re.S):
+        if lang not in ("python", "bash") or (only_integrations and not any(k in body for k in keys)):
+            continue
+        # compared without indentation: the example's code may sit in a function, its commands in the docstring
+        lines = [line.strip() for line in body.splitlines() if line.strip() and line.strip() != "..."]
+        checked += 1
+        if not any(_in_order(lines, [x.strip() for x in text]) for text in examples.values()):
+            problems.append(body)
+    return checked, problems
+
+
+def _in_order(lines: list[str], text: list[str]) -> bool:
+    it = iter(text)
+    return all(any(line == t for t in it) for line in lines)
+
+
+def test_doc_snippets_are_excerpts_of_the_tested_examples():
+    checked, problems = _snippet_problems(ROOT / "docs" / "integrations.md", only_integrations=False)
+    assert checked >= 5 and problems == []
+
+
+def test_readme_snippets_are_excerpts_of_the_tested_examples():
+    checked, problems = _snippet_problems(ROOT / "README.md", only_integrations=True)
+    if checked == 0:
+        pytest.skip("README.md has no integration snippets yet")
+    assert problems == [], "README integration snippets must be excerpts of examples/ (which the tests run)"

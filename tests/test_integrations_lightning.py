@@ -1,0 +1,191 @@
+"""The Lightning callback, run with a real lightning.Trainer on CPU around a tiny Mixtral built from a config."""
+
+from __future__ import annotations
+
+import importlib
+import runpy
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import moewatch
+
+L = pytest.importorskip("lightning")
+pytest.importorskip("transformers")
+from transformers import MixtralConfig, MixtralForCausalLM  # noqa: E402
+from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter  # noqa: E402
+
+from moewatch.integrations.lightning import MoEWatchCallback  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ = 8
+
+
+class LitMoE(L.LightningModule):
+    def __init__(self, fail_at_batch: int | None = None):
+        super().__init__()
+        config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_local_experts=4,
+                               num_experts_per_tok=2, max_position_embeddings=64, use_cache=False)
+        torch.manual_seed(0)
+        self.model = MixtralForCausalLM(config)
+        self.fail_at_batch = fail_at_batch
+
+    def training_step(self, ids, batch_idx):
+        if batch_idx == self.fail_at_batch:
+            raise RuntimeError("boom")
+        return self.model(input_ids=ids, labels=ids).loss
+
+    def validation_step(self, ids, batch_idx):
+        return self.model(input_ids=ids, labels=ids).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Truth(L.Callback):
+    """Independent counts: each router's own top-k indices, cut into steps right before each optimizer step."""
+
+    def __init__(self, module: torch.nn.Module, prefix: str):
+        self.current: dict[str, tuple] = {}
+        self.steps: dict[int, dict[str, tuple]] = {}
+        self.eval_calls = 0
+        for name, m in module.named_modules():
+            if isinstance(m, MixtralTopKRouter):
+                m.register_forward_hook(partial(self._hook, prefix + name))
+
+    def _hook(self, name, module, args, output):
+        if not (module.training and torch.is_grad_enabled()):
+            self.eval_calls += 1
+            return
+        _, _, indices = output
+        counts, tokens, calls = self.current.get(name, (np.zeros(4, np.int64), 0, 0))
+        self.current[name] = (counts + torch.bincount(indices.flatten(), minlength=4).numpy(),
+                              tokens + indices.shape[0], calls + 1)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.steps[trainer.global_step + 1] = self.current  # global_step counts optimizer steps done
+        self.current = {}
+
+
+def loader(n: int = 10, seed: int = 0) -> torch.utils.data.DataLoader:
+    ids = torch.randint(2, 64, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(ids, batch_size=2)
+
+
+def trainer_for(tmp_path: Path, callbacks: list, **extra) -> L.Trainer:
+    settings = dict(accelerator="cpu", devices=1, max_steps=3, accumulate_grad_batches=2, enable_checkpointing=False,
+                    logger=False, enable_progress_bar=False, enable_model_summary=False,
+                    default_root_dir=str(tmp_path / "root"))
+    settings.update(extra)
+    return L.Trainer(callbacks=callbacks, **settings)
+
+
+def test_fit_records_one_step_per_optimizer_step(tmp_path):
+    lit = LitMoE()
+    truth = Truth(lit, prefix="")
+    callback = MoEWatchCallback()
+    # 10 samples in batches of 2, accumulating 2: optimizer steps of 2, 2 and 1 batches (the epoch's remainder);
+    # validation every 2 batches plus the sanity check run forwards that must not count.
+    trainer = trainer_for(tmp_path, [callback, truth], val_check_interval=2, num_sanity_val_steps=1)
+    trainer.fit(lit, loader(), loader(4, 1))
+    assert callback.watch is None
+    assert truth.eval_calls > 0, "validation must have run for the test to mean anything"
+    assert sorted(truth.steps) == [1, 2, 3]
+
+    run = moewatch.load(tmp_path / "root" / "moewatch")  # the default: <default_root_dir>/moewatch
+    assert run.meta["status"] == "finished"
+    layers = ["model.model.layers.0.mlp.gate", "model.model.layers.1.mlp.gate"]  # attached to the LightningModule
+    assert sorted(run.layers.layer.unique()) == layers
+    assert sorted(run.layers.step.unique()) == [1, 2, 3]  # trainer.global_step after each optimizer step
+    for layer in layers:
+        rows = run.layers[run.layers.layer == layer].sort_values("step")
+        assert rows.tokens.tolist() == [32, 32, 16]
+        assert rows.tokens.tolist() == [truth.steps[s][layer][1] for s in (1, 2, 3)]
+        assert rows.calls.tolist() == [2, 2, 1]
+        for step in (1, 2, 3):
+            got = run.experts[(run.experts.layer == layer) & (run.experts.step == step)].sort_values("expert")
+            np.testing.assert_array_equal(got.tokens.to_numpy(), truth.steps[step][layer][0])
+    meta = run.meta["meta"]
+    assert meta["integration"] == "lightning.Trainer"
+    assert meta["trainer"]["accumulate_grad_batches"] == 2 and meta["trainer"]["max_steps"] == 3
+    assert meta["lightning_module"].endswith("LitMoE")
+
+
+def test_submodule_run_dir_and_tensorboard_next_to_the_logger(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lit = LitMoE()
+    callback = MoEWatchCallback(tmp_path / "mine", module="model", tensorboard_dir=True, meta={"experiment": "e1"})
+    logger = TensorBoardLogger(str(tmp_path / "tb"), name="exp")
+    trainer_for(tmp_path, [callback], logger=logger, max_steps=2, limit_val_batches=0).fit(lit, loader())
+    run = moewatch.load(tmp_path / "mine")
+    assert sorted(run.layers.layer.unique()) == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    assert sorted(run.layers.step.unique()) == [1, 2]
+    assert run.meta["meta"]["experiment"] == "e1" and run.meta["meta"]["attached_module"] == "model"
+    assert not (tmp_path / "root" / "moewatch").exists()
+
+    acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0})  # trainer.log_dir
+    acc.Reload()
+    rows = run.layers[run.layers.layer == "model.layers.0.mlp.gate"].sort_values("step")
+    events = acc.Scalars("moewatch/model.layers.0.mlp.gate/max_share")
+    assert [e.step for e in events] == [1, 2]
+    np.testing.assert_allclose([e.value for e in events], rows.max_share.to_numpy(), rtol=1e-6)
+
+
+def test_an_exception_closes_the_run_as_crashed(tmp_path):
+    callback = MoEWatchCallback(flush_steps=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer_for(tmp_path, [callback], max_steps=10).fit(LitMoE(fail_at_batch=5), loader(20))
+    assert callback.watch is None
+    run = moewatch.load(tmp_path / "root" / "moewatch")
+    assert run.meta["status"] == "crashed"
+    # batches 0-3 made optimizer steps 1 and 2; batch 4 ran forward but its step never happened: it is
+    # written as the final step (close() keeps routing recorded since the last step)
+    assert sorted(run.layers.step.unique()) == [1, 2, 3]
+    assert run.layers.groupby("step").calls.first().tolist() == [2, 2, 1]
+
+
+def test_resuming_from_a_checkpoint_continues_the_step_numbers(tmp_path):
+    callback = MoEWatchCallback()
+    first = trainer_for(tmp_path, [callback], max_steps=2)
+    first.fit(LitMoE(), loader(12))  # 6 batches per epoch; stops after batch 3 (2 optimizer steps)
+    first.save_checkpoint(tmp_path / "ckpt")
+    # global_step is restored (to 2) after on_fit_start; the resumed fit goes on with batches 4 and 5 (step 3),
+    # its first batch making no optimizer step, then batches 0 and 1 of the next epoch (step 4)
+    trainer_for(tmp_path, [callback], max_steps=4).fit(LitMoE(), loader(12), ckpt_path=tmp_path / "ckpt")
+    run = moewatch.load(tmp_path / "root" / "moewatch")
+    assert run.meta["sessions"] == 2 and run.meta["status"] == "finished"
+    steps = run.layers.groupby("step").agg(calls=("calls", "first"), session=("session", "first"))
+    assert steps.index.tolist() == [1, 2, 3, 4]
+    assert steps.calls.tolist() == [2, 2, 2, 2]
+    assert steps.session.tolist() == [1, 1, 2, 2]
+
+
+def test_unknown_submodule_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no such submodule"):
+        trainer_for(tmp_path, [MoEWatchCallback(module="backbone")], max_steps=1).fit(LitMoE(), loader())
+    with pytest.raises(ValueError, match="flush_seconds"):
+        MoEWatchCallback(flush_seconds=0)
+
+
+def test_readme_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(ROOT / "examples" / "lightning_fit.py"), run_name="__main__")
+    run = moewatch.load(tmp_path / "runs" / "lightning-example" / "moewatch")
+    assert run.meta["status"] == "finished"
+    assert sorted(run.layers.step.unique()) == [1, 2, 3, 4]
+    assert (run.layers.tokens == 2 * 4 * 16).all()  # 2 batches of 4 sequences of 16 tokens per step
+    assert (run.layers.layer.str.startswith("model.layers.")).all()
+
+
+def test_missing_lightning_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
+    monkeypatch.delitem(sys.modules, "moewatch.integrations.lightning")
+    with pytest.raises(ImportError, match=r"pip install 'moewatch\[lightning\]'"):
+        importlib.import_module("moewatch.integrations.lightning")
