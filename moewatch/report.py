@@ -1,0 +1,411 @@
+"""`moewatch report`: judge one run or a folder of runs and render the verdict as text, markdown, JSON or HTML.
+
+Owns finding runs under a path, running the detector on each run's global view, the four renderings and the exit
+code (0 healthy or warnings only, 1 when any critical alert, bad input raises :class:`ReportInputError`, which the CLI
+turns into exit 2 with its one-line message). The JSON layout is a contract documented in docs/format.md.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moewatch.detect import Alert, Analysis, DetectorConfig, analyze_frames, parse_pairs, worst
+from moewatch.detect.alerts import SEVERITY_RANK
+
+FORMATS = ("text", "markdown", "json", "html")
+STATUS_RANK = {"healthy": 0, "warning": 1, "collapsed": 2}
+# Expert rows above which reading a run gets a per-layer progress bar too.
+_BIG_RUN_ROWS = 5_000_000
+
+
+class ReportInputError(ValueError):
+    """Bad input for a report (missing path, no run under it, unreadable run, bad config); one line, says what to do."""
+
+
+@dataclass
+class RunReport:
+    """One run's verdict: where it is, its manifest, and the detector's analysis."""
+
+    path: Path
+    meta: dict[str, Any]
+    run_status: str
+    steps: int
+    analysis: Analysis
+
+    @property
+    def status(self) -> str:
+        return worst(self.analysis.alerts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "status": self.status,
+            "run_status": self.run_status,
+            "model_class": self.meta.get("model_class"),
+            "steps": self.steps,
+            "layers": [_json_safe(layer.summary()) for layer in self.analysis.layers],
+            "alerts": [a.to_dict() for a in self.analysis.alerts],
+        }
+
+
+def build_config(path: Path | None, pairs: list[str]) -> DetectorConfig:
+    """Defaults, then the TOML file, then ``--set key=value`` pairs; any mistake is a ReportInputError."""
+    try:
+        config = DetectorConfig.from_toml(path) if path is not None else DetectorConfig()
+        return config.with_overrides(parse_pairs(pairs)) if pairs else config
+    except ValueError as exc:
+        raise ReportInputError(f"{exc} (see docs/detector.md for the settings)") from None
+
+
+def find_run_dirs(paths: Iterable[Path]) -> list[Path]:
+    """Run directories named by ``paths``: each a run (has run.json) or a folder searched recursively for runs."""
+    from moewatch.store.reader import find_runs
+
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise ReportInputError(f"{path} does not exist: pass a run directory or a folder of runs")
+        if not path.is_dir():
+            raise ReportInputError(f"{path} is not a directory: pass a run directory or a folder of runs")
+        runs = find_runs(path)
+        if not runs:
+            what = "is empty" if not any(path.iterdir()) else "holds no moewatch run (no run.json below it)"
+            raise ReportInputError(f"{path} {what}: pass a run directory written by moewatch.attach")
+        found.extend(r for r in runs if r not in found)
+    return found
+
+
+def build_report(path: Path, config: DetectorConfig, progress: bool = False) -> RunReport:
+    """Load one run and run the detector on its global view."""
+    from moewatch.store.reader import RunError, load
+
+    try:
+        run = load(path, eval=False)
+    except RunError as exc:
+        raise ReportInputError(str(exc)) from None
+    except OSError as exc:
+        raise ReportInputError(f"cannot read {path}: {exc}") from None
+    if run.layers.empty and run.experts.empty:
+        raise ReportInputError(f"{path} has no recorded steps yet: report it once training has flushed some")
+    view = run.global_view()
+    wrap = None
+    if progress and len(view.experts) > _BIG_RUN_ROWS:
+        from tqdm.auto import tqdm
+
+        def wrap(items):
+            return tqdm(items, desc=f"layers of {path.name}", unit="layer", leave=False, disable=None, file=sys.stderr)
+
+    try:
+        analysis = analyze_frames(view.layers, view.experts, config, progress=wrap)
+    except ValueError as exc:
+        raise ReportInputError(f"{path}: {exc}") from None
+    return RunReport(path, run.meta, run.status, run.steps, analysis)
+
+
+def report_paths(paths: list[Path], fmt: str = "text", config: DetectorConfig | None = None,
+                 out: Path | None = None) -> int:
+    """Report every run under ``paths`` in ``fmt`` to ``out`` (stdout when None); returns the exit code."""
+    if fmt not in FORMATS:
+        raise ReportInputError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    config = config or DetectorConfig()
+    run_dirs = find_run_dirs(paths)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(run_dirs, desc="reading runs", unit="run", disable=None if len(run_dirs) > 1 else True,
+               file=sys.stderr)
+    reports = [build_report(p, config, progress=True) for p in bar]
+    text = render(reports, fmt, config)
+    if out is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        try:
+            Path(out).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise ReportInputError(f"cannot write the report to {out}: {exc}") from None
+    return exit_code(reports)
+
+
+def exit_code(reports: list[RunReport]) -> int:
+    return 1 if any(r.status == "collapsed" for r in reports) else 0
+
+
+def overall_status(reports: list[RunReport]) -> str:
+    return max((r.status for r in reports), key=STATUS_RANK.__getitem__, default="healthy")
+
+
+def render(reports: list[RunReport], fmt: str, config: DetectorConfig | None = None) -> str:
+    if fmt == "json":
+        return render_json(reports)
+    if fmt == "markdown":
+        return render_markdown(reports)
+    if fmt == "html":
+        return render_html(reports, config or DetectorConfig())
+    if fmt == "text":
+        return render_text(reports)
+    raise ReportInputError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
+# ----------------------------------------------------------------------------------------------------- JSON
+
+
+def render_json(reports: list[RunReport]) -> str:
+    doc = {"status": overall_status(reports), "runs": [r.to_dict() for r in reports]}
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+# ------------------------------------------------------------------------------------------ text and markdown
+
+_COLUMNS = ("layer", "E", "k", "cv", "entropy", "max share", "dead", "drop rate", "z-loss", "status")
+
+
+def _layer_rows(report: RunReport) -> list[tuple[str, ...]]:
+    rows = []
+    for layer in report.analysis.layers:
+        s = layer.summary()
+        rows.append((
+            s["layer"], str(s["num_experts"]), str(s["top_k"]), _num(s["cv"], "{:.2f}"),
+            _num(s["entropy_norm"], "{:.3f}"), _num(s["max_share"], "{:.1%}"), str(s["dead"]),
+            _num(s["drop_rate"], "{:.2%}"), _num(s["z_loss"], "{:.3g}"), s["status"],
+        ))
+    return rows
+
+
+def _num(v: float | None, spec: str) -> str:
+    return "-" if v is None or not math.isfinite(v) else spec.format(v)
+
+
+@dataclass
+class _Group:
+    """Episodes of one (severity, kind, layer), shown as one entry: a flapping condition is one line, not ten."""
+
+    alerts: list[Alert]
+
+    @property
+    def head(self) -> Alert:
+        # The message shown is the worst episode's; onset is the first episode's.
+        pick = max if self.alerts[0].kind not in ("entropy_collapse",) else min
+        return pick(self.alerts, key=lambda a: a.value if math.isfinite(a.value) else -math.inf)
+
+    @property
+    def first(self) -> Alert:
+        return min(self.alerts, key=lambda a: a.first_step)
+
+    def span(self) -> str:
+        first = self.first
+        last = max(a.last_step for a in self.alerts)
+        ongoing = any(a.ongoing for a in self.alerts)
+        text = f"steps {first.first_step}-{last}{' (ongoing)' if ongoing else ''}, raised at step {first.detected_step}"
+        if len(self.alerts) > 1:
+            text += f", {len(self.alerts)} episodes"
+        est = [a.collapse_step for a in self.alerts if a.collapse_step is not None]
+        if est and first.kind in ("imbalance_trend", "entropy_collapse", "drops", "logit_drift"):
+            text += f", projected crossing at step {est[0]}"
+        return text
+
+
+def _groups(alerts: list[Alert]) -> list[_Group]:
+    by: dict[tuple[str, str, str], list[Alert]] = {}
+    for a in alerts:
+        by.setdefault((a.severity, a.kind, a.layer), []).append(a)
+    groups = [_Group(v) for v in by.values()]
+    return sorted(groups, key=lambda g: (-SEVERITY_RANK[g.alerts[0].severity], g.first.first_step, g.alerts[0].layer))
+
+
+def _verdict(report: RunReport) -> str:
+    alerts = report.analysis.alerts
+    n_layers = len(report.analysis.layers)
+    crit = [a for a in alerts if a.severity == "critical"]
+    warn = [a for a in alerts if a.severity == "warning"]
+    if crit:
+        layers = sorted({a.layer for a in crit})
+        ongoing = sorted({a.layer for a in crit if a.ongoing})
+        # A run that collapsed and came back still failed (exit 1), but say so: the cure may already be working.
+        now = (f"still collapsed at the end on {len(ongoing)} layer{'s' if len(ongoing) > 1 else ''}" if ongoing
+               else "no critical alert still holds at the end")
+        return (f"COLLAPSED: critical alerts on {len(layers)} of {n_layers} layers, first from step "
+                f"{min(a.first_step for a in crit)} ({', '.join(layers[:4])}{'...' if len(layers) > 4 else ''}); "
+                f"{now}.")
+    if warn:
+        layers = sorted({a.layer for a in warn})
+        return (f"WARNING: routing is degrading on {len(layers)} of {n_layers} layers, first from step "
+                f"{min(a.first_step for a in warn)}; no collapse yet.")
+    return f"HEALTHY: no warning on any of {n_layers} layers."
+
+
+def _header(report: RunReport) -> str:
+    windows = sorted({layer.window for layer in report.analysis.layers})
+    win = f"{windows[0]}" if len(windows) == 1 else f"{windows[0]}-{windows[-1]}"
+    return (f"model {report.meta.get('model_class', '?')} | run {report.run_status} | {report.steps} steps | "
+            f"{len(report.analysis.layers)} routers | windows of {win} steps")
+
+
+def _table_text(rows: list[tuple[str, ...]]) -> list[str]:
+    table = [_COLUMNS, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS))]
+    out = []
+    for r in table:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:-1], widths[1:-1], strict=True)]
+        out.append("  ".join([*cells, r[-1]]))
+    return out
+
+
+def render_text(reports: list[RunReport]) -> str:
+    lines: list[str] = []
+    for rep in reports:
+        lines += [f"== {rep.path}  [{rep.status.upper()}]", _header(rep), ""]
+        lines.append("Per layer, over the last window (cv with sampling noise removed):")
+        lines += ["  " + row for row in _table_text(_layer_rows(rep))]
+        lines.append("")
+        groups = _groups(rep.analysis.alerts)
+        counts = {s: sum(1 for a in rep.analysis.alerts if a.severity == s) for s in ("critical", "warning", "info")}
+        lines.append(f"Alerts: {counts['critical']} critical, {counts['warning']} warning, {counts['info']} info")
+        for g in groups:
+            a = g.head
+            lines.append(f"  {a.severity.upper():8s} {a.kind:16s} {a.layer}: {g.span()}")
+            lines.append(f"           {a.message}")
+            lines.append(f"           lever: {a.lever}")
+        lines += ["", f"Verdict: {_verdict(rep)}", ""]
+    if len(reports) > 1:
+        n = {s: sum(1 for r in reports if r.status == s) for s in STATUS_RANK}
+        lines.append(f"Overall: {overall_status(reports).upper()} ({n['collapsed']} collapsed, {n['warning']} warning, "
+                     f"{n['healthy']} healthy of {len(reports)} runs)")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_markdown(reports: list[RunReport]) -> str:
+    lines: list[str] = ["# moewatch report", ""]
+    if len(reports) > 1:
+        lines += [f"**Overall: {overall_status(reports)}** over {len(reports)} runs.", ""]
+    for rep in reports:
+        lines += [f"## `{rep.path}` — {rep.status}", "", _md(_header(rep)), ""]
+        lines.append("| " + " | ".join(_COLUMNS) + " |")
+        lines.append("|" + "|".join(["---"] + ["---:"] * (len(_COLUMNS) - 2) + ["---"]) + "|")
+        lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in _layer_rows(rep)]
+        lines.append("")
+        groups = _groups(rep.analysis.alerts)
+        if groups:
+            lines += ["| severity | kind | layer | when | message | lever |", "|---|---|---|---|---|---|"]
+            for g in groups:
+                a = g.head
+                lines.append(f"| {a.severity} | {a.kind} | `{_md(a.layer)}` | {_md(g.span())} | {_md(a.message)} | "
+                             f"{_md(a.lever)} |")
+        else:
+            lines.append("No alerts.")
+        lines += ["", f"**Verdict:** {_md(_verdict(rep))}", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------- HTML
+
+_MAX_POINTS = 600  # per chart series: enough to see a trend, small enough to mail
+_MAX_HEATMAPS = 8
+
+
+def _downsample(x: np.ndarray, n: int = _MAX_POINTS) -> np.ndarray:
+    """Block means down to at most ``n`` points (a 1-D or 2-D [windows, ...] array)."""
+    if len(x) <= n:
+        return x
+    size = math.ceil(len(x) / n)
+    cut = len(x) // size * size
+    head = x[:cut].reshape(cut // size, size, *x.shape[1:])
+    with np.errstate(invalid="ignore"):
+        out = np.nanmean(head, axis=1) if np.issubdtype(x.dtype, np.floating) else head.mean(axis=1)
+    return out
+
+
+def render_html(reports: list[RunReport], config: DetectorConfig) -> str:
+    """One self-contained page: plotly.js is inlined once, charts of load over time per run."""
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>moewatch report</title><style>",
+        "body{font-family:system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#f3f3f3}"
+        ".collapsed{color:#b00020;font-weight:bold}.warning{color:#b36b00;font-weight:bold}.healthy{color:#2e7d32}"
+        ".critical{color:#b00020}.num{text-align:right}",
+        "</style></head><body>",
+        f"<h1>moewatch report: <span class='{overall_status(reports)}'>{overall_status(reports)}</span></h1>",
+    ]
+    first_chart = True
+    for rep in reports:
+        parts.append(f"<h2>{html.escape(str(rep.path))}: <span class='{rep.status}'>{rep.status}</span></h2>")
+        parts.append(f"<p>{html.escape(_header(rep))}</p><p><b>Verdict:</b> {html.escape(_verdict(rep))}</p>")
+        parts.append(_html_table(_COLUMNS, _layer_rows(rep)))
+        groups = _groups(rep.analysis.alerts)
+        if groups:
+            rows = [(g.head.severity, g.head.kind, g.head.layer, g.span(), g.head.message, g.head.lever)
+                    for g in groups]
+            parts.append(_html_table(("severity", "kind", "layer", "when", "message", "lever"), rows))
+        for fig in _figures(rep):
+            parts.append(fig.to_html(full_html=False, include_plotlyjs=first_chart, config={"displaylogo": False}))
+            first_chart = False
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _html_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td class='{html.escape(c) if c in STATUS_RANK or c == 'critical' else ''}'>"
+                         f"{html.escape(c)}</td>" for c in row) + "</tr>"
+        for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _figures(rep: RunReport) -> list:
+    import plotly.graph_objects as go
+
+    layers = rep.analysis.layers
+    figs = []
+    for metric, title in (("cv", "Load imbalance (CV of expert loads per window)"),
+                          ("max_share", "Largest expert's share of assignments")):
+        fig = go.Figure()
+        for layer in layers:
+            s = layer.series
+            if not len(s["last"]):
+                continue
+            fig.add_trace(go.Scattergl(x=_downsample(s["last"].astype(float)), y=_downsample(s[metric]),
+                                       mode="lines", name=layer.layer))
+        # Where the first warning and the first critical alert were raised: how much notice the run gave.
+        for severity, color in (("warning", "#b36b00"), ("critical", "#b00020")):
+            raised = [a.detected_step for a in rep.analysis.alerts if a.severity == severity]
+            if raised:
+                fig.add_vline(x=min(raised), line_dash="dot", line_color=color, opacity=0.6)
+        fig.update_layout(title=title, xaxis_title="step", height=360, margin=dict(l=50, r=20, t=50, b=40))
+        figs.append(fig)
+    # Heatmaps of each expert's load relative to its fair share, for the layers most worth a look.
+    ranked = sorted(layers, key=lambda r: (-STATUS_RANK[r.summary()["status"]], -_nan0(r.summary()["cv"])))
+    for layer in ranked[:_MAX_HEATMAPS]:
+        s = layer.series
+        if not len(s["last"]):
+            continue
+        z = _downsample(s["share"].astype(np.float64)) * layer.num_experts
+        fig = go.Figure(go.Heatmap(z=z.T, x=_downsample(s["last"].astype(float)), y=list(range(layer.num_experts)),
+                                   colorscale="Viridis", zmin=0, zmax=max(3.0, float(np.nanmax(z)) if z.size else 3.0),
+                                   colorbar=dict(title="x fair")))
+        fig.update_layout(title=f"{layer.layer}: expert load / fair share ({layer.summary()['status']})",
+                          xaxis_title="step", yaxis_title="expert", height=320, margin=dict(l=50, r=20, t=50, b=40))
+        figs.append(fig)
+    return figs
+
+
+def _nan0(v: float | None) -> float:
+    return 0.0 if v is None or not math.isfinite(v) else v

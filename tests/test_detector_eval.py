@@ -1,0 +1,73 @@
+"""The detector's quality bar (issue 4): every collapsing run flagged before its collapse completes, no warning on
+a healthy run, no critical on a run that recovers; plus the hook that adds labeled real runs to the set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moewatch.detect import synthetic as syn
+from moewatch.detect.evaluate import Scores, evaluate, evaluate_scenarios, labeled_runs, scenario_set
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def check(scores: Scores, median_lead: int = 100) -> None:
+    report = scores.table()
+    assert scores.recall == 1.0, report
+    assert scores.precision == 1.0, report
+    assert scores.false_alarms == [], report
+    assert scores.missed == [], report
+    assert scores.overcalled == [], report
+    assert min(scores.leads) > 0 and scores.median_lead >= median_lead, report
+
+
+def test_synthetic_evaluation_set():
+    scores = evaluate(seeds=(0, 1))
+    families = {c.name.split("/")[0] for c in scores.cases}
+    assert families == {"healthy-noisy", "small-batch", "slow-drift", "sudden", "dead-gradual", "oscillation",
+                        "late-recovery"}
+    check(scores)
+    # Degraded runs are not silent either: each gets at least a warning.
+    assert all(c.flagged for c in scores.cases if c.label == "degraded")
+    # The trend warning's projected crossing lands near the observed one.
+    est = scores.trend_estimates
+    assert len(est) >= len(scores.leads) // 2
+    assert sorted(abs(p - o) for p, o in est)[len(est) // 2] < 150
+
+
+@pytest.mark.slow
+def test_synthetic_evaluation_set_more_seeds_and_the_frames_path():
+    check(evaluate(seeds=range(2, 8)))
+    subset = [sc for sc in scenario_set((9,)) if sc.num_experts == 16]
+    check(Scores(tuple(evaluate_scenarios(subset, via_frames=True))))
+
+
+def test_labeled_run_directories_join_the_set(tmp_path):
+    runs = {
+        "collapse": syn.Scenario("c", "sudden", "collapse", onset=1500, ramp=150),
+        "healthy": syn.Scenario("h", "healthy", "healthy", seed=5),
+        "degraded": syn.Scenario("r", "recovery", "degraded", onset=1200, ramp=600, strength=0.2),
+    }
+    for name, sc in runs.items():
+        syn.simulate(sc).write(tmp_path / "lab" / name)
+    unlabeled = syn.simulate(syn.Scenario("u", "healthy", "healthy"))
+    unlabeled.write(tmp_path / "lab" / "unlabeled")
+    manifest = tmp_path / "lab" / "unlabeled" / "run.json"
+    manifest.write_text(manifest.read_text().replace('"label": "healthy"', '"label": null'))
+    cases = labeled_runs(tmp_path / "lab")
+    assert sorted(c.label for c in cases) == ["collapse", "degraded", "healthy"]
+    assert {c.label: c.collapse_step for c in cases}["collapse"] == 1650
+    check(Scores(tuple(cases)), median_lead=50)  # one sudden collapse: ~90 steps of warning
+
+
+def test_labeled_sample_runs_in_the_repo():
+    """The reference model's demo runs, once they carry labels in their run.json meta."""
+    root = REPO / "sample_runs"
+    cases = labeled_runs(root) if root.is_dir() else []
+    if not cases:
+        pytest.skip("no labeled runs under sample_runs/ yet")
+    scores = Scores(tuple(cases))
+    report = scores.table()
+    assert scores.false_alarms == [] and scores.missed == [], report

@@ -1,0 +1,185 @@
+"""`moewatch report`: finding runs, the four formats, the JSON contract, exit codes and bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from moewatch.detect import DetectorConfig
+from moewatch.detect import synthetic as syn
+from moewatch.detect.evaluate import _strength
+from moewatch.report import ReportInputError, build_config, find_run_dirs, report_paths
+
+LAYER_KEYS = {"layer", "cv", "entropy_norm", "max_share", "dead", "drop_rate", "z_loss"}
+ALERT_KEYS = {"kind", "severity", "layer", "experts", "first_step", "last_step", "value", "threshold", "message",
+              "lever"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    syn.simulate(syn.Scenario("collapse", "sudden", "collapse", onset=1500, ramp=150, steps=2200)).write(
+        root / "team" / "collapsed")
+    syn.simulate(syn.Scenario("healthy", "healthy", "healthy", steps=2200)).write(root / "healthy")
+    syn.simulate(syn.Scenario("osc", "oscillation", "degraded", onset=200, steps=2200,
+                              strength=_strength(0.7, 16, 1))).write(root / "wobbly")
+    return root
+
+
+def run_report(capsys, paths, fmt="text", **kw) -> tuple[int, str]:
+    code = report_paths([Path(p) for p in paths], fmt, **kw)
+    return code, capsys.readouterr().out
+
+
+def test_exit_codes_follow_the_verdict(runs, capsys):
+    assert run_report(capsys, [runs / "healthy"])[0] == 0
+    code, out = run_report(capsys, [runs / "wobbly"])
+    assert code == 0 and "[WARNING]" in out  # warnings only still pass a CI gate
+    assert run_report(capsys, [runs / "team" / "collapsed"])[0] == 1
+    assert run_report(capsys, [runs])[0] == 1  # a folder: worst run decides
+
+
+def test_text_report_layout(runs, capsys):
+    code, out = run_report(capsys, [runs / "team" / "collapsed"])
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.strip().startswith("layer"))
+    for col in ("cv", "entropy", "max share", "dead", "drop rate", "z-loss"):
+        assert col in lines[header]
+    assert "model.layers.0.mlp.gate" in lines[header + 1] and lines[header + 1].rstrip().endswith("collapsed")
+    assert lines[header + 2].rstrip().endswith("healthy")
+    severities = [line.split()[0] for line in lines if line.startswith(("  CRITICAL", "  WARNING", "  INFO"))]
+    assert severities and severities == sorted(severities, key=["CRITICAL", "WARNING", "INFO"].index)
+    assert any("lever:" in line for line in lines) and "from step" in out
+    assert lines[-1].startswith("Verdict: COLLAPSED")
+
+
+def test_folder_reports_every_run_with_an_overall_line(runs, capsys):
+    code, out = run_report(capsys, [runs])
+    assert out.count("== ") == 3 and "Overall: COLLAPSED (1 collapsed, 1 warning, 1 healthy of 3 runs)" in out
+
+
+def test_json_contract(runs, capsys):
+    code, out = run_report(capsys, [runs], "json")
+    doc = json.loads(out)
+    assert set(doc) == {"status", "runs"} and doc["status"] == "collapsed" and code == 1
+    by_name = {Path(r["path"]).name: r for r in doc["runs"]}
+    assert {n: r["status"] for n, r in by_name.items()} == {"collapsed": "collapsed", "healthy": "healthy",
+                                                            "wobbly": "warning"}
+    for r in doc["runs"]:
+        assert {"path", "status", "layers", "alerts"} <= set(r)
+        assert len(r["layers"]) == 2 and all(LAYER_KEYS <= set(layer) for layer in r["layers"])
+        for a in r["alerts"]:
+            assert ALERT_KEYS <= set(a) and a["severity"] in ("info", "warning", "critical")
+            assert isinstance(a["experts"], list) and a["first_step"] <= a["last_step"]
+    assert by_name["healthy"]["alerts"] == []
+    crit = [a for a in by_name["collapsed"]["alerts"] if a["severity"] == "critical"]
+    assert {a["kind"] for a in crit} >= {"imbalance", "dominant_expert"}
+
+
+def test_markdown_tables(runs, capsys):
+    _, out = run_report(capsys, [runs / "team" / "collapsed"], "markdown")
+    assert out.startswith("# moewatch report")
+    assert "| layer | E | k | cv | entropy | max share | dead | drop rate | z-loss | status |" in out
+    assert "| severity | kind | layer | when | message | lever |" in out and "**Verdict:** COLLAPSED" in out
+
+
+def test_html_is_self_contained(runs, tmp_path, capsys):
+    out = tmp_path / "report.html"
+    code = report_paths([runs], "html", out=out)
+    page = out.read_text()
+    assert code == 1 and capsys.readouterr().out == ""
+    # Booleans, not `in page`: a failing assert would print the whole 5 MB page.
+    framed = page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    external = re.search(r"<script[^>]*\bsrc=", page) is not None
+    libraries = page.count("plotly.js v")
+    charts = page.count('class="plotly-graph-div"')
+    assert framed and not external  # plotly.js is inlined: the page works offline, as a CI artifact or mail
+    assert libraries == 1  # the library once, however many charts
+    assert charts >= 3 * 3  # cv, max share and a heatmap per run
+    assert all(word in page for word in ("expert load", "wobbly", "Verdict", "COLLAPSED"))
+
+
+def test_config_and_overrides_change_the_verdict(runs, tmp_path, capsys):
+    lenient = tmp_path / "lenient.toml"
+    lenient.write_text("[detector]\ncv_warning = 0.9\ncv_critical = 5.0\ndominant_critical = 0.99\n"
+                       "dominant_warning = 0.98\ntrend_horizon = 0.1\n")
+    config = build_config(lenient, ["dead_critical_fraction=1.0", "entropy_critical=0.01"])
+    assert config.cv_critical == 5.0 and config.dead_critical_fraction == 1.0
+    assert run_report(capsys, [runs / "wobbly"], config=config)[0] == 0
+    with pytest.raises(ReportInputError, match="no_such_key"):
+        build_config(None, ["no_such_key=1"])
+    with pytest.raises(ReportInputError, match="key=value"):
+        build_config(None, ["cv_warning"])
+    with pytest.raises(ReportInputError, match="does not exist"):
+        build_config(tmp_path / "nope.toml", [])
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_bad_input_says_what_is_wrong(tmp_path, runs, capsys):
+    with pytest.raises(ReportInputError) as exc:
+        report_paths([tmp_path / "missing"], "text")
+    assert "does not exist" in one_line(exc)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ReportInputError) as exc:
+        report_paths([empty], "text")
+    assert "is empty" in one_line(exc)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hi")
+    with pytest.raises(ReportInputError) as exc:
+        report_paths([tmp_path / "junk"], "text")
+    assert "no moewatch run" in one_line(exc)
+    with pytest.raises(ReportInputError) as exc:
+        report_paths([tmp_path / "junk" / "notes.txt"], "text")
+    assert "not a directory" in one_line(exc)
+    with pytest.raises(ReportInputError) as exc:
+        report_paths([runs / "healthy"], "pdf")
+    assert "text, markdown, json, html" in one_line(exc)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "run.json").write_text(json.dumps({"schema_version": 1, "status": "running", "routers": []}))
+    with pytest.raises(ReportInputError) as exc:
+        report_paths([fresh], "text")
+    assert "no recorded steps" in one_line(exc)
+    (fresh / "run.json").write_text("{not json")
+    with pytest.raises(ReportInputError) as exc:
+        report_paths([fresh], "text")
+    assert "run.json" in one_line(exc)
+    assert capsys.readouterr().out == ""  # nothing half-printed before the error
+
+
+def test_find_run_dirs_recurses_and_dedups(runs):
+    found = find_run_dirs([runs, runs / "healthy"])
+    assert [p.name for p in found] == ["healthy", "collapsed", "wobbly"]
+
+
+def test_cli_exit_codes(runs, tmp_path):
+    from typer.testing import CliRunner
+
+    from moewatch.cli import app
+
+    cli = CliRunner()
+    ok = cli.invoke(app, ["report", str(runs / "healthy"), "--format", "json"])
+    assert ok.exit_code == 0 and json.loads(ok.stdout)["status"] == "healthy"
+    bad = cli.invoke(app, ["report", str(runs / "team"), "--set", "cv_warning=0.4"])
+    assert bad.exit_code == 1 and "COLLAPSED" in bad.stdout
+    missing = cli.invoke(app, ["report", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
+    unknown = cli.invoke(app, ["report", str(runs), "--set", "bogus=1"])
+    assert unknown.exit_code == 2 and "bogus" in unknown.stderr
+    out = tmp_path / "r.md"
+    md = cli.invoke(app, ["report", str(runs / "healthy"), "--format", "markdown", "--output", str(out)])
+    assert md.exit_code == 0 and out.read_text().startswith("# moewatch report")
+
+
+def test_default_config_is_used_when_none_given(runs, capsys):
+    assert run_report(capsys, [runs / "wobbly"], config=None)[0] == run_report(
+        capsys, [runs / "wobbly"], config=DetectorConfig())[0]
