@@ -5,7 +5,6 @@ Reads every part file (a corrupt one is skipped with a warning that names it), v
 
 from __future__ import annotations
 
-
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moewatch.store.manifest import read_manifest
@@ -56,20 +56,40 @@ def read_parts(files: list[Path], table: str, skipped: list[str] | None = None) 
     return pa.concat_tables(tables)
 
 
-def _dedup(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Keep the newest row (largest session, then seq) for every key: a resumed run's repeated steps."""
-    if df.empty:
-        return df
-    df = df.sort_values([*keys, "session", "seq"], kind="stable")
-    df = df.drop_duplicates(subset=keys, keep="last")
-    return df.sort_values(keys, kind="stable").reset_index(drop=True)
+def has_repeats(layers: pd.DataFrame) -> bool:
+    """Whether any (rank, step, layer) was recorded more than once (a resumed run, or a step number reused)."""
+    return bool(not layers.empty and layers.duplicated(["rank", "step", "layer"]).any())
 
 
-def to_frame(table: pa.Table, kind: str) -> pd.DataFrame:
+def newest_rows(table: pa.Table) -> pa.Table:
+    """Keep, for every (rank, step, layer), only the rows of its newest recording (largest session, then seq).
+
+    Expert rows are written together with their layer row, so one rule serves both tables. Works on Arrow with
+    integer keys: sorting, grouping or even filtering millions of rows as Python strings is what makes it slow.
+    """
+    if table.num_rows == 0:
+        return table
+
+    def col(name: str) -> np.ndarray:
+        return table[name].to_numpy().astype(np.int64, copy=False)
+
+    version = (col("session") << 40) | col("seq")
+    layer_code = pc.dictionary_encode(table["layer"]).combine_chunks().indices.to_numpy().astype(np.int64)
+    step, rank = col("step"), col("rank")
+    key = (rank << 52) | (layer_code << 40) | (step - step.min())
+    uniq, group = np.unique(key, return_inverse=True)
+    newest = np.full(len(uniq), -1, dtype=np.int64)
+    np.maximum.at(newest, group, version)
+    keep = np.nonzero(version == newest[group])[0]
+    order = keep[np.lexsort((step[keep], rank[keep]))]  # stable: layer/expert order within a step kept
+    return table.take(order)
+
+
+def to_frame(table: pa.Table, kind: str = "layers") -> pd.DataFrame:
+    """A table of parts as a DataFrame with only the newest recording of every (rank, step, layer[, expert])."""
     df = table.to_pandas()
-    if kind == "experts":
-        return _dedup(df, ["rank", "step", "layer", "expert"])
-    return _dedup(df, ["rank", "step", "layer"])
+    keys = ["rank", "step", "layer", "expert"] if kind == "experts" else ["rank", "step", "layer"]
+    return newest_rows(table).to_pandas() if not df.empty and df.duplicated(keys).any() else df
 
 
 @dataclass
@@ -215,9 +235,15 @@ def load(path: str | Path, *, eval: bool = True) -> Run:
     skipped: list[str] = []
     frames = {}
     tables = (EXPERTS, LAYERS, EVAL_EXPERTS, EVAL_LAYERS) if eval else (EXPERTS, LAYERS)
-    for table in tables:
-        kind = "experts" if "experts" in table else "layers"
-        frames[table] = to_frame(read_parts(part_files(run_dir, table), table, skipped), kind)
+    for ex, ly in ((EXPERTS, LAYERS), (EVAL_EXPERTS, EVAL_LAYERS)):
+        if ly not in tables:
+            continue
+        ex_t = read_parts(part_files(run_dir, ex), ex, skipped)
+        ly_t = read_parts(part_files(run_dir, ly), ly, skipped)
+        layers = ly_t.to_pandas()
+        if has_repeats(layers):
+            ex_t, layers = newest_rows(ex_t), newest_rows(ly_t).to_pandas()
+        frames[ex], frames[ly] = ex_t.to_pandas(), layers
     return Run(run_dir, meta, frames[EXPERTS], frames[LAYERS], frames.get(EVAL_EXPERTS, pd.DataFrame()),
                frames.get(EVAL_LAYERS, pd.DataFrame()), skipped)
 

@@ -113,6 +113,11 @@ def _table(parts: list[dict[str, np.ndarray]], schema: pa.Schema, rank: int, ses
         return schema.empty_table()
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     n = len(cols["step"])
+    # Parts are built layer by layer; store them step-major so every reader sees rows in training order.
+    layer_pos = np.concatenate([np.full(len(p["step"]), i) for i, p in enumerate(parts)])
+    keys = (cols["expert"], layer_pos, cols["seq"]) if "expert" in cols else (layer_pos, cols["seq"])
+    order = np.lexsort(keys)
+    cols = {k: v[order] for k, v in cols.items()}
     cols["rank"] = np.full(n, rank, dtype=np.int32)
     cols["session"] = np.full(n, session, dtype=np.int32)
     arrays = []
