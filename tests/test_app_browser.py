@@ -1,0 +1,208 @@
+"""End-to-end in a real headless Chromium: the run list, a collapse run's heatmap and alerts, clicking an alert, and a
+live run whose new steps appear while the page is open.
+
+Needs Debian's `chromium` and `chromium-driver` (/usr/bin) and selenium. Set MOEWATCH_SCREENSHOT=path to save the
+layer view of the collapse run there (docs/img/layer_view.png is made this way).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from moewatch.app import create_app
+from moewatch.app.catalog import run_id_for
+
+from moewatch.capture.watch import Watch, WatchConfig
+from tests.test_app_data import synthetic_collapse
+from tests.toy import ToyMoE, toy_specs
+
+pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+REPO = Path(__file__).resolve().parents[1]
+# Without these, Chromium in a closed network hangs on connection attempts (updates, sync, QUIC probes).
+CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1400,1500")
+
+webdriver = pytest.importorskip("selenium.webdriver")
+if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+    pytest.skip("needs /usr/bin/chromium and /usr/bin/chromedriver (apt-get install chromium chromium-driver)",
+                allow_module_level=True)
+
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+
+
+@contextmanager
+def serve(root: Path, refresh: float = 1.0) -> Iterator[str]:
+    """The real app on a free port of 127.0.0.1, in a thread of this process."""
+    from werkzeug.serving import make_server
+
+    app = create_app(root, refresh_seconds=refresh)
+    server = make_server("127.0.0.1", 0, app.server, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(10)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in (*CHROME_FLAGS, f"--user-data-dir={tmp_path / 'chrome-profile'}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(driver, condition: Callable, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition(driver)
+            if value:
+                return value
+        except Exception as e:  # the page is still rendering (stale or missing elements)
+            last_error = e
+        time.sleep(0.2)
+    page = driver.find_element(By.TAG_NAME, "body").text[:1500]
+    raise AssertionError(f"timed out waiting for {what} (last error: {last_error!r}); page text:\n{page}")
+
+
+FIGURE_JS = """
+const gd = document.querySelector('#' + arguments[0] + ' .js-plotly-plot');
+if (!gd || !gd.data || !gd.data.length) return null;
+const t = gd.data[0];
+const x = t.x ? Array.from(t.x)
+  : (t.z && t.z.length ? Array.from(t.z[0], (_, i) => Math.round(t.x0 + i * t.dx)) : []);
+return {type: t.type, traces: gd.data.length, x: x,
+        shapes: (gd.layout.shapes || []).map(s => [s.name || '', s.x0])};
+"""
+
+
+def figure(driver, graph_id: str) -> dict | None:
+    return driver.execute_script(FIGURE_JS, graph_id)
+
+
+def choose(driver, dropdown_id: str, label: str) -> None:
+    """Pick an option of a dash Dropdown the way a user does: open it, click the option."""
+    driver.find_element(By.ID, dropdown_id).click()
+    search = driver.find_elements(By.CSS_SELECTOR, ".dash-dropdown-search")
+    if search:  # narrow a long list so the option is on screen
+        search[0].send_keys(label)
+    option = wait_for(driver, lambda d: next((o for o in d.find_elements(By.CSS_SELECTOR, "[role=option]")
+                                              if o.text.strip() == label), None), f"option {label}")
+    option.click()
+
+
+def selected(driver, dropdown_id: str) -> str:
+    return driver.find_element(By.CSS_SELECTOR, f"#{dropdown_id} .dash-dropdown-value").text.strip()
+
+
+def runs_root(tmp_path: Path) -> tuple[Path, str]:
+    """The committed sample runs when they hold a collapse run, else a generated folder; (root, collapse name)."""
+    samples = REPO / "sample_runs"
+    if samples.is_dir():
+        names = sorted(p.parent.relative_to(samples).as_posix() for p in samples.rglob("run.json"))
+        collapse = [n for n in names if "collapse" in n]
+        if collapse:
+            return samples, collapse[0]
+    root = tmp_path / "runs"
+    synthetic_collapse(root, 3000, "collapse", layers=4)
+    synthetic_collapse(root, 3000, "healthy", shape="healthy", label="healthy", layers=4)
+    return root, "collapse"
+
+
+def test_open_the_collapse_run_see_heatmap_and_alert_click_it(browser, tmp_path):
+    root, collapse = runs_root(tmp_path)
+    with serve(root) as url:
+        browser.get(url + "/")
+        link = wait_for(browser, lambda d: next((a for a in d.find_elements(By.CSS_SELECTOR, "a.run-link")
+                                                 if a.text == collapse), None), "the run list")
+        row = link.find_element(By.XPATH, "./ancestor::tr")
+        wait_for(browser, lambda d: "collapsed" in row.text, "the collapse run's verdict badge")
+        assert "finished" in row.text or "crashed" in row.text or "running" in row.text
+        link.click()
+
+        heat = wait_for(browser, lambda d: (f := figure(d, "heatmap")) and f["type"] == "heatmap" and f,
+                        "the load heatmap")
+        assert len(heat["x"]) > 100
+        assert figure(browser, "overview")["type"] == "heatmap"
+        alerts = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "button.alert"), "an alert")
+        assert "critical" in alerts[0].text
+        target = json.loads(json.loads(alerts[0].get_attribute("id"))["index"])
+        layer, first = target[0], target[1]
+        assert layer in alerts[0].text
+
+        # Look at another layer first, so the click visibly selects the alert's layer.
+        layers = browser.execute_script("return Array.from(document.querySelector('#overview .js-plotly-plot')"
+                                        ".data[0].y)")
+        others = [name for name in layers if name != layer]
+        if others:
+            choose(browser, "layer", others[-1])
+            wait_for(browser, lambda d: selected(d, "layer") == others[-1], "another layer selected")
+
+        browser.find_elements(By.CSS_SELECTOR, "button.alert")[0].click()
+        wait_for(browser, lambda d: selected(d, "layer") == layer, "the alert's layer selected")
+        wait_for(browser, lambda d: ["onset", first] in (figure(d, "heatmap") or {"shapes": []})["shapes"],
+                 "the onset marked on the heatmap")
+        wait_for(browser, lambda d: "selected" in d.find_elements(By.CSS_SELECTOR, "button.alert")[0]
+                 .get_attribute("class"), "the clicked alert highlighted")
+        assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+
+        shot = os.environ.get("MOEWATCH_SCREENSHOT")
+        if shot:
+            time.sleep(1.0)  # let plotly finish drawing
+            browser.save_screenshot(shot)
+
+
+def test_live_run_shows_new_steps_while_the_page_is_open(browser, tmp_path):
+    root = tmp_path / "runs"
+    torch.manual_seed(0)
+    model = ToyMoE(d=8, num_experts=4, top_k=2, layers=2)
+    watch = Watch(model, root / "live", toy_specs(model), WatchConfig(flush_steps=5, flush_seconds=60))
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            model(torch.randn(32, 8)).sum().backward()
+            watch.step()
+
+    try:
+        train(10)
+        deadline = time.monotonic() + 30
+        while len(list((root / "live" / "layers").glob("*.parquet"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        run_id = run_id_for(root.resolve(), root / "live")
+        with serve(root, refresh=0.5) as url:
+            browser.get(f"{url}/run/{run_id}")
+            wait_for(browser, lambda d: (f := figure(d, "heatmap")) and len(f["x"]) == 10, "the first 10 steps")
+            header = browser.find_element(By.ID, "run-header").text
+            assert "running" in header and "live" in header
+            train(10)  # two more flushes: new part files appear while the page is open
+            wait_for(browser, lambda d: (f := figure(d, "heatmap")) and f["x"] == list(range(20)),
+                     "steps 10-19 appended to the heatmap")
+            wait_for(browser, lambda d: len(figure(d, "shares")["x"]) == 20, "steps appended to the share lines")
+            wait_for(browser, lambda d: "20 steps" in d.find_element(By.ID, "run-header").text, "the step count")
+            watch.close()
+            wait_for(browser, lambda d: "finished" in d.find_element(By.ID, "run-header").text, "status finished")
+    finally:
+        watch.close()

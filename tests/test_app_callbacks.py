@@ -1,0 +1,392 @@
+"""Dashboard callbacks called directly: routing, run list, layer selection, figures, live Patch appends, compare,
+and the messages shown for unknown, empty or broken input."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import numpy as np
+import pytest
+from dash import Patch, no_update
+from dash.exceptions import PreventUpdate
+from moewatch.app import callbacks as cb
+from moewatch.app import create_app, figures
+from moewatch.app.catalog import Catalog
+from moewatch.app.data import RunData
+from moewatch.app.downsample import LINE_POINTS
+from plotly.io.json import to_json_plotly
+
+from tests.test_app_data import random_counts, synthetic_collapse, write_manifest, write_part
+
+
+def text_of(component) -> str:
+    """All text in a dash component tree (what the user reads)."""
+    if component is None or component is no_update:
+        return ""
+    if isinstance(component, (str, int, float)):
+        return str(component)
+    if isinstance(component, (list, tuple)):
+        return " ".join(text_of(c) for c in component)
+    return text_of(getattr(component, "children", None))
+
+
+def ops(patch: Patch) -> list[dict]:
+    return patch.to_plotly_json()["operations"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    synthetic_collapse(root, 1800, "collapse")
+    synthetic_collapse(root, 1800, "healthy", shape="healthy", label="healthy")
+    return root
+
+
+@pytest.fixture(scope="module")
+def catalog(root):
+    return Catalog(root, background=False, min_refresh_seconds=0)
+
+
+def rid(catalog: Catalog, name: str) -> str:
+    return next(e.run_id for e in catalog.entries() if e.name == name)
+
+
+def live_run(tmp_path, steps: int = 30):
+    run = tmp_path / "live"
+    write_manifest(run, ["l0", "l1"], 4, status="running")
+    write_part(run, {"l0": random_counts(np.random.default_rng(0), steps, 4),
+                     "l1": random_counts(np.random.default_rng(1), steps, 4)}, np.arange(steps), n=0)
+    return run
+
+
+def append(run, lo: int, hi: int, n: int) -> None:
+    rng = np.random.default_rng(n)
+    write_part(run, {"l0": random_counts(rng, hi - lo, 4), "l1": random_counts(rng, hi - lo, 4)},
+               np.arange(lo, hi), n=n)
+
+
+# ---------------------------------------------------------------------------------------------------- routing + list
+
+
+def test_route_maps_urls_to_views_and_rejects_unknown_ids(catalog):
+    shown, hidden = {}, {"display": "none"}
+    r = cb.route(catalog, "/")
+    assert r[:4] == (shown, hidden, hidden, None)
+    good = rid(catalog, "collapse")
+    r = cb.route(catalog, f"/run/{good}")
+    assert r[1] == shown and r[3] == good and r[4] is None
+    for bad in ("/run/../../etc/passwd", f"/run/{catalog.root}", "/run/0000000000"):
+        r = cb.route(catalog, bad)
+        assert r[0] == shown and r[3] is None and "unknown run" in text_of(r[4])
+    assert cb.route(catalog, "/compare")[2] == shown
+    assert "no page" in text_of(cb.route(catalog, "/nope")[4])
+
+
+def test_compare_link_preselects_only_ids_the_server_gave(catalog):
+    good, other = rid(catalog, "collapse"), rid(catalog, "healthy")
+    options, value = cb.compare_runs(catalog, "url", "/compare", f"?runs={good},{other},bogus,../x")
+    assert {o["label"] for o in options} == {"collapse", "healthy"} and value == [good, other]
+    _, value = cb.compare_runs(catalog, "tick", "/compare", f"?runs={good}")
+    assert value is no_update  # a live tick never overrides the user's picks
+    with pytest.raises(PreventUpdate):
+        cb.compare_runs(catalog, "url", "/", "")
+
+
+def test_run_list_shows_each_run_with_status_verdict_steps_model(catalog):
+    table, key = cb.run_list_view(catalog, "/")
+    text = text_of(table)
+    for expected in ("collapse", "healthy", "finished", "collapsed", "1,800", "SyntheticMoE", "8 × 3"):
+        assert expected in text
+    with pytest.raises(PreventUpdate):  # nothing changed: the table is not re-sent
+        cb.run_list_view(catalog, "/", key)
+    with pytest.raises(PreventUpdate):  # another page is shown
+        cb.run_list_view(catalog, "/compare")
+
+
+def test_empty_folder_says_no_runs_found(tmp_path):
+    out, _ = cb.run_list_view(Catalog(tmp_path, background=False), "/")
+    assert "No runs found under" in text_of(out) and str(tmp_path) in text_of(out)
+
+
+def test_broken_manifest_is_listed_with_its_problem(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "run.json").write_text("{not json")
+    out, _ = cb.run_list_view(Catalog(tmp_path, background=False), "/")
+    assert "bad" in text_of(out) and "unreadable run.json" in text_of(out)
+
+
+# ---------------------------------------------------------------------------------------------------- run page
+
+
+def test_header_and_default_layer_point_at_the_collapse(catalog):
+    run_id = rid(catalog, "collapse")
+    header = text_of(cb.header_view(catalog, run_id, 5))
+    assert "collapse" in header and "1,800 steps" in header and "collapsed" in header and "SyntheticMoE" in header
+    options, value, marker = cb.select_layer(catalog, "run-id", run_id, [], None, None)
+    assert [o["value"] for o in options] == catalog.run(run_id).layer_names
+    assert value == "model.layers.0.mlp.gate" and marker is None  # the layer of the most severe alert
+
+
+def test_clicking_an_alert_selects_its_layer_and_marks_its_onset(catalog):
+    run_id = rid(catalog, "collapse")
+    panel, _ = cb.alerts_view(catalog, run_id, None, None)
+    buttons = [c for c in panel if getattr(c, "id", None)]
+    assert buttons and "critical" in text_of(buttons[0]) and "Lever" in text_of(buttons[0])
+    severities = [b.className.split()[1] for b in buttons]
+    assert severities == sorted(severities, key=["alert-critical", "alert-warning", "alert-info"].index)
+    target = buttons[0].id
+    layer, first, last, _ = json.loads(target["index"])
+    _, value, marker = cb.select_layer(catalog, target, run_id, [1], None, "model.layers.2.mlp.gate")
+    assert value == layer and marker == {"layer": layer, "first": first, "last": last}
+    with pytest.raises(PreventUpdate):  # the panel re-rendered with fresh buttons: no click happened
+        cb.select_layer(catalog, target, run_id, [0, 0], None, "model.layers.2.mlp.gate")
+    heat, shares, metrics, _, _ = cb.layer_view(catalog, "marker", run_id, layer, [], None, marker, 1200, None)
+    for fig in (heat, shares, metrics):
+        onset = [s for s in fig["layout"]["shapes"] if s.get("name") == "onset"]
+        assert onset and onset[0]["x0"] == first
+    panel, _ = cb.alerts_view(catalog, run_id, marker, None)
+    assert "selected" in panel[0].className
+
+
+def test_overview_click_selects_a_layer(catalog):
+    run_id = rid(catalog, "collapse")
+    click = {"points": [{"x": 100, "y": "model.layers.1.mlp.gate", "z": 0.2}]}
+    _, value, marker = cb.select_layer(catalog, "overview", run_id, [], click, "model.layers.0.mlp.gate")
+    assert value == "model.layers.1.mlp.gate" and marker is no_update
+
+
+def test_overview_strip_is_red_where_the_layer_collapsed(catalog):
+    run_id = rid(catalog, "collapse")
+    fig, state = cb.overview_view(catalog, "run-id", run_id, None, 1200, None)
+    trace = fig["data"][0]
+    z = np.asarray(trace["z"], dtype=float)
+    assert trace["y"][0] == "model.layers.0.mlp.gate" and z.shape == (3, 1200)
+    assert np.nanmean(z[0, -200:]) > 1.5 and np.nanmean(z[1:, -200:]) < 1.0  # collapsed vs healthy layers
+    assert np.nanmean(z[0, :200]) < 1.0  # healthy before the onset
+    assert "binned: 1,800 steps in 1,200 columns" in fig["layout"]["annotations"][0]["text"]
+    to_json_plotly(fig)  # what dash sends must serialize
+
+
+def test_layer_view_heatmap_shares_and_metrics(catalog):
+    run_id = rid(catalog, "collapse")
+    layer = "model.layers.0.mlp.gate"
+    heat, shares, metrics, state, note = cb.layer_view(catalog, "layer", run_id, layer, [], None, None, 3000, None)
+    z = np.asarray(heat["data"][0]["z"], dtype=float)
+    ratio = np.asarray(heat["data"][0]["customdata"], dtype=float)
+    assert z.shape == (8, 1800) and state["figs"]["heatmap"]["raw"]  # 1800 steps fit 2000 columns: one per step
+    np.testing.assert_allclose(np.nanmean(ratio[:, -100:], axis=0), 1.0, rtol=1e-3)  # shares of fair average 1
+    assert np.nanmean(ratio[:, -100:], axis=1).max() > 3  # the collapsed expert carries several fair shares
+    assert len(shares["data"]) == 8 and shares["layout"]["shapes"][0]["y0"] == pytest.approx(1 / 8)
+    titles = " ".join(a["text"] for a in metrics["layout"]["annotations"])
+    for t in ("load CV", "entropy", "drop rate", "z-loss", "max |router logit|", "aux loss"):
+        assert t in titles
+    assert "1,800 steps shown" in note
+    for fig in (heat, shares, metrics):
+        to_json_plotly(fig)
+
+
+def test_sorting_puts_the_busiest_expert_first(catalog):
+    run_id = rid(catalog, "collapse")
+    layer = "model.layers.0.mlp.gate"
+    heat, shares, metrics, state, _ = cb.layer_view(catalog, "layer", run_id, layer, [], None, None, 1200, None)
+    heat2, shares2, metrics2, _, _ = cb.layer_view(catalog, "sort", run_id, layer, ["sort"], None, None, 1200, state)
+    tokens = catalog.run(run_id).tokens(layer).sum(axis=0)
+    assert heat2["data"][0]["y"][0] == f"e{int(np.argmax(tokens))}"
+    assert shares2["data"][0]["name"] == f"e{int(np.argmax(tokens))}"
+    assert metrics2 is no_update  # sorting experts leaves the metric panels alone
+
+
+def test_zoom_rebins_the_range_and_autorange_resets(catalog):
+    run_id = rid(catalog, "collapse")
+    layer = "model.layers.0.mlp.gate"
+    xr = cb.xrange_from_relayout({"xaxis.range[0]": 600.4, "xaxis.range[1]": 700})
+    assert xr == [600.4, 700]
+    assert cb.xrange_from_relayout({"xaxis.range": [9, 3]}) == [3, 9]
+    assert cb.xrange_from_relayout({"xaxis.autorange": True}) is None
+    assert cb.xrange_from_relayout({"autosize": True}) is no_update
+    assert cb.xrange_from_relayout({"yaxis.range[0]": 1, "yaxis.range[1]": 2}) is no_update
+    heat, shares, metrics, _, note = cb.layer_view(catalog, "xrange", run_id, layer, [], xr, None, 1200, None)
+    x = figures.heatmap_x(heat["data"][0])
+    assert x.min() == 601 and x.max() == 700 and len(x) == 100 and "zoomed" in note
+    assert np.asarray(metrics["data"][0]["x"]).min() == 601
+    with pytest.raises(PreventUpdate):  # a zoomed view stays still on live ticks
+        cb.layer_view(catalog, "tick", run_id, layer, [], xr, None, 1200, None)
+
+
+def test_long_runs_are_downsampled_and_say_so(tmp_path):
+    run = tmp_path / "long"
+    write_manifest(run, ["l0"], 4)
+    rng = np.random.default_rng(0)
+    counts = random_counts(rng, 9000, 4)
+    counts[4321] = [0, 0, 0, 256]  # a one-step spike
+    write_part(run, {"l0": counts}, np.arange(9000))
+    cat = Catalog(tmp_path, background=False)
+    run_id = cat.entries()[0].run_id
+    heat, shares, metrics, state, _ = cb.layer_view(cat, "layer", run_id, "l0", [], None, None, 900, None)
+    assert np.asarray(heat["data"][0]["z"]).shape == (4, 900)
+    assert "binned: 9,000 steps in 900 columns" in heat["layout"]["annotations"][0]["text"]
+    for fig in (shares, metrics):
+        assert all(len(t["x"]) <= LINE_POINTS for t in fig["data"])
+        assert any("downsampled" in a["text"] for a in fig["layout"]["annotations"])
+    y3 = np.asarray(shares["data"][3]["y"], dtype=float)
+    assert y3.max() == 1.0  # the spike survived downsampling
+    assert not any(state["figs"][k]["raw"] for k in ("heatmap", "shares", "metrics"))
+
+
+# ---------------------------------------------------------------------------------------------------- live
+
+
+def test_live_tick_appends_new_steps_with_patch(tmp_path):
+    run = live_run(tmp_path)
+    cat = Catalog(tmp_path, background=False, min_refresh_seconds=0)
+    run_id = cat.entries()[0].run_id
+    heat, shares, metrics, state, _ = cb.layer_view(cat, "layer", run_id, "l0", [], None, None, 1200, None)
+    ov, ov_state = cb.overview_view(cat, "run-id", run_id, None, 1200, None)
+    with pytest.raises(PreventUpdate):  # no new part: nothing is sent
+        cb.layer_view(cat, "tick", run_id, "l0", [], None, None, 1200, state)
+    append(run, 30, 37, 1)
+    heat2, shares2, metrics2, state2, _ = cb.layer_view(cat, "tick", run_id, "l0", [], None, None, 1200, state)
+    assert all(isinstance(p, Patch) for p in (heat2, shares2, metrics2))
+    heat_ops = ops(heat2)
+    assert all(op["operation"] == "Extend" for op in heat_ops)
+    assert not [op for op in heat_ops if op["location"][2] == "x"]  # evenly spaced steps: x0 + dx, no x array
+    z_ops = [op for op in heat_ops if op["location"][2] == "z"]
+    assert len(z_ops) == 4 and all(len(op["params"]["value"]) == 7 for op in z_ops)  # 7 new columns per expert
+    tok = cat.run(run_id).tokens("l0")[30:37]
+    np.testing.assert_allclose(z_ops[0]["params"]["value"], np.log2(tok[:, 0] * 4 / tok.sum(axis=1)), atol=1e-3)
+    share_x = [op for op in ops(shares2) if op["location"][-1] == "x"]
+    assert len(share_x) == 4 and share_x[0]["params"]["value"] == list(range(30, 37))
+    expected = cat.run(run_id).tokens("l0")[30:37]
+    got = [op["params"]["value"] for op in ops(shares2) if op["location"][-1] == "y"][0]
+    np.testing.assert_allclose(got, expected[:, 0] / expected.sum(axis=1), rtol=1e-4)
+    assert state2["n"] == 37
+    ov2, _ = cb.overview_view(cat, "tick", run_id, None, 1200, ov_state)
+    assert isinstance(ov2, Patch) and len(ops(ov2)[0]["params"]["value"]) == 7
+    # JSON as dash sends it
+    json.loads(to_json_plotly(heat2))
+
+
+def test_live_heatmap_with_uneven_steps_appends_its_x(tmp_path):
+    run = tmp_path / "live"
+    write_manifest(run, ["l0"], 4, status="running")
+    write_part(run, {"l0": random_counts(np.random.default_rng(0), 3, 4)}, np.array([0, 1, 5]), n=0)
+    cat = Catalog(tmp_path, background=False, min_refresh_seconds=0)
+    run_id = cat.entries()[0].run_id
+    heat, *_, state, _ = cb.layer_view(cat, "layer", run_id, "l0", [], None, None, 1200, None)
+    assert heat["data"][0]["x"].tolist() == [0, 1, 5]
+    write_part(run, {"l0": random_counts(np.random.default_rng(1), 2, 4)}, np.array([6, 9]), n=1)
+    heat2, *_ = cb.layer_view(cat, "tick", run_id, "l0", [], None, None, 1200, state)
+    x_ops = [op for op in ops(heat2) if op["location"][-1] == "x"]
+    assert x_ops[0]["params"]["value"] == [6, 9]
+
+
+def test_live_tick_rebuilds_when_the_budget_is_exceeded_or_history_changed(tmp_path):
+    run = live_run(tmp_path, steps=1990)
+    cat = Catalog(tmp_path, background=False, min_refresh_seconds=0)
+    run_id = cat.entries()[0].run_id
+    *_, state, _ = cb.layer_view(cat, "layer", run_id, "l0", [], None, None, 1200, None)
+    assert not state["figs"]["heatmap"]["raw"] and state["figs"]["shares"]["raw"]
+    append(run, 1990, 2020, 1)  # the lines now exceed LINE_POINTS: rebuilt downsampled, not appended
+    heat, shares, metrics, state, _ = cb.layer_view(cat, "tick", run_id, "l0", [], None, None, 1200, state)
+    assert isinstance(shares, dict) and len(shares["data"][0]["x"]) <= LINE_POINTS
+    assert isinstance(heat, dict)
+    # A resumed run re-writes old steps: the figures are rebuilt, never appended to.
+    write_part(run, {"l0": random_counts(np.random.default_rng(9), 10, 4),
+                     "l1": random_counts(np.random.default_rng(8), 10, 4)}, np.arange(100, 110), session=2)
+    heat, shares, metrics, state, _ = cb.layer_view(cat, "tick", run_id, "l0", [], None, None, 1200, state)
+    assert all(isinstance(f, dict) for f in (heat, shares, metrics))
+
+
+def test_a_new_run_appearing_under_the_root_is_listed(tmp_path):
+    cat = Catalog(tmp_path, background=False, rescan_seconds=0)
+    assert "No runs found" in text_of(cb.run_list_view(cat, "/")[0])
+    live_run(tmp_path)
+    assert "live" in text_of(cb.run_list_view(cat, "/")[0])
+
+
+# ---------------------------------------------------------------------------------------------------- compare
+
+
+def test_compare_overlays_runs_and_shares_one_colour_scale(catalog):
+    a, b = rid(catalog, "collapse"), rid(catalog, "healthy")
+    options, value = cb.compare_layers(catalog, [a, b], None)
+    assert value == "model.layers.0.mlp.gate" and len(options) == 3
+    metrics, heat, note = cb.compare_view(catalog, [a, b], value, 1200)
+    names = {t["name"] for t in metrics["data"]}
+    assert names == {"collapse", "healthy"} and len(metrics["data"]) == 2 * len(figures.COMPARE_ROWS)
+    assert [t["coloraxis"] for t in heat["data"]] == ["coloraxis", "coloraxis"]
+    assert heat["layout"]["coloraxis"]["cmin"] == -3 and heat["layout"]["coloraxis"]["cmax"] == 3
+    assert heat["layout"]["xaxis"]["domain"][1] < heat["layout"]["xaxis2"]["domain"][0]  # side by side
+    one, _, _ = cb.compare_view(catalog, [a], value, 1200)
+    assert "two or more" in one["layout"]["annotations"][0]["text"]
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def test_unknown_or_vanished_runs_give_messages_not_errors(tmp_path):
+    run = live_run(tmp_path)
+    cat = Catalog(tmp_path, background=False, rescan_seconds=0)
+    assert "unknown run" in text_of(cb.header_view(cat, "nope", 5))
+    heat, *_ = cb.layer_view(cat, "layer", "nope", "l0", [], None, None, 1200, None)
+    assert "unknown run" in heat["layout"]["annotations"][0]["text"]
+    run_id = cat.entries()[0].run_id
+    heat, *_ = cb.layer_view(cat, "layer", run_id, "no.such.layer", [], None, None, 1200, None)
+    assert "no layer" in heat["layout"]["annotations"][0]["text"]
+    import shutil
+
+    shutil.rmtree(run)
+    assert "unknown run" in text_of(cb.alerts_view(cat, run_id, None, None)[0])
+
+
+def test_corrupt_part_is_shown_on_the_run_page(tmp_path):
+    run = live_run(tmp_path)
+    (run / "layers" / "r0000-s0001-00000009.parquet").write_bytes(b"junk")
+    cat = Catalog(tmp_path, background=False)
+    with pytest.warns(RuntimeWarning):
+        header = text_of(cb.header_view(cat, cat.entries()[0].run_id, 5))
+    assert "skipped corrupt part file layers/r0000-s0001-00000009.parquet" in header
+    assert "live · refreshing every 5 s" in header
+
+
+def test_create_app_checks_its_root_and_keeps_debug_off(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        create_app(tmp_path / "missing")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        create_app(tmp_path / "f")
+    app = create_app(tmp_path, refresh_seconds=2)
+    assert app.server.debug is False
+    client = app.server.test_client()
+    assert client.get("/").status_code == 200
+    layout = client.get("/_dash-layout").get_json()
+    assert "tick" in json.dumps(layout) and '"interval": 2000' in json.dumps(layout)
+
+
+def test_wsgi_server_reads_its_root_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("MOEWATCH_ROOT", raising=False)
+    monkeypatch.delitem(sys.modules, "moewatch.app.wsgi", raising=False)
+    with pytest.raises(RuntimeError, match="MOEWATCH_ROOT is not set"):
+        importlib.import_module("moewatch.app.wsgi")
+    monkeypatch.setenv("MOEWATCH_ROOT", str(tmp_path))
+    monkeypatch.setenv("MOEWATCH_REFRESH", "3")
+    try:
+        wsgi = importlib.import_module("moewatch.app.wsgi")
+        assert wsgi.server is wsgi.app.server and wsgi.server.test_client().get("/").status_code == 200
+        assert wsgi.app.moewatch_catalog.root == tmp_path.resolve()
+    finally:
+        sys.modules.pop("moewatch.app.wsgi", None)
+
+
+def test_a_cache_built_from_one_more_part_equals_a_fresh_one(tmp_path):
+    run = live_run(tmp_path)
+    a = RunData(run)
+    a.refresh()
+    append(run, 30, 40, 1)
+    a.refresh()
+    b = RunData(run)
+    b.refresh()
+    np.testing.assert_array_equal(a.tokens("l1"), b.tokens("l1"))
+    np.testing.assert_array_equal(a.series("l1")["cv"], b.series("l1")["cv"])

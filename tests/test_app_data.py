@@ -1,0 +1,369 @@
+"""The dashboard's data layer: the per-run cache against the loader, the live cursor, downsampling, health, catalog.
+
+Also holds the small run-writing helpers the other dashboard tests import (`write_part`, `write_manifest`,
+`synthetic_collapse`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from moewatch.app.catalog import Catalog, UnknownRun, run_id_for, shape_text
+from moewatch.app.data import RunData
+from moewatch.app.detection import Detector, run_detector
+from moewatch.app.downsample import bin_edges, bin_sum, columns_for, downsample, minmax_last
+from moewatch.app.health import component_scores, score
+
+import moewatch
+from moewatch.capture.watch import Watch, WatchConfig
+from moewatch.store.schema import EXPERTS_SCHEMA, LAYERS_SCHEMA, MANIFEST, SCHEMA_VERSION
+from tests.toy import ToyMoE, toy_specs
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def write_manifest(run: Path, layers: list[str], E: int, k: int = 2, status: str = "finished",
+                   world_size: int = 1) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    manifest = {"schema_version": SCHEMA_VERSION, "status": status, "model_class": "tests.HandWritten",
+                "world_size": world_size, "heartbeat": time.time(), "flush_seconds": 30.0,
+                "routers": [{"name": name, "num_experts": E, "top_k": k} for name in layers]}
+    (run / MANIFEST).write_text(json.dumps(manifest))
+
+
+def write_part(run: Path, counts: dict[str, np.ndarray], steps: np.ndarray, *, rank: int = 0, session: int = 1,
+               n: int = 0, k: int = 2, bias: float | None = None, seed: int = 0) -> None:
+    """One flush: experts + layers parts for `steps` ([S]) with per-layer counts ``[S, E]``, schema-conforming."""
+    rng = np.random.default_rng(seed)
+    ex, ly = [], []
+    for layer, c in counts.items():
+        S, E = c.shape
+        tot = c.sum(axis=1)
+        tokens = np.maximum(tot // k, 1)
+        mean = c.mean(axis=1)
+        f = c / np.maximum(tot, 1)[:, None]
+        ent = rng.uniform(0.5, 0.9, S) * np.log(E)
+        ex.append(pa.table({
+            "step": np.repeat(steps, E).astype(np.int64), "layer": [layer] * (S * E),
+            "expert": np.tile(np.arange(E, dtype=np.int32), S), "tokens": c.reshape(-1).astype(np.int64),
+            "dropped": np.zeros(S * E, np.int64), "prob_mean": f.reshape(-1),
+            "bias": np.full(S * E, np.nan if bias is None else bias),
+            "rank": np.full(S * E, rank, np.int32), "session": np.full(S * E, session, np.int32),
+            "seq": np.repeat(steps, E).astype(np.int64)}).cast(EXPERTS_SCHEMA))
+        ly.append(pa.table({
+            "step": steps.astype(np.int64), "layer": [layer] * S, "tokens": tokens.astype(np.int64),
+            "top_k": np.full(S, k, np.int32), "num_experts": np.full(S, E, np.int32), "entropy": ent,
+            "entropy_norm": ent / np.log(E), "cv": c.std(axis=1) / np.where(mean > 0, mean, 1),
+            "max_share": f.max(axis=1), "dead": (c == 0).sum(axis=1).astype(np.int32),
+            "dropped": np.zeros(S, np.int64), "drop_rate": np.zeros(S),
+            "logit_abs_max": rng.uniform(1, 5, S), "logit_mean": np.zeros(S), "logit_std": np.ones(S),
+            "z_loss": rng.uniform(1, 3, S), "aux_loss": E * (f * f).sum(axis=1), "nonfinite": np.zeros(S, np.int64),
+            "calls": np.ones(S, np.int32), "time": np.zeros(S), "rank": np.full(S, rank, np.int32),
+            "session": np.full(S, session, np.int32), "seq": steps.astype(np.int64)}).cast(LAYERS_SCHEMA))
+    for table, parts in (("experts", ex), ("layers", ly)):
+        (run / table).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.concat_tables(parts), run / table / f"r{rank:04d}-s{session:04d}-{n:08d}.parquet")
+
+
+def random_counts(rng, S: int, E: int, hot: float = 0.0) -> np.ndarray:
+    p = np.full(E, 1.0 / E)
+    if hot:
+        p = (1 - hot) * p
+        p[0] += hot
+    return rng.multinomial(256, p, size=S)
+
+
+def synthetic_collapse(root: Path, steps: int = 2000, name: str = "collapse", shape: str = "sudden",
+                       label: str = "collapse", layers: int = 3) -> Path:
+    """A finished run whose layer 0 collapses onto one expert (the detector helper's generator)."""
+    from moewatch.detect.synthetic import Scenario, simulate
+
+    sc = Scenario(name, shape, label, steps=steps, num_experts=8, layers=layers, seed=3, onset=steps // 3,
+                  ramp=steps // 3)
+    return simulate(sc).write(root / name)
+
+
+def assert_matches_loader(cache: RunData, path: Path) -> None:
+    """The cache holds exactly the loader's all-ranks global view."""
+    view = moewatch.load(path).global_view()
+    assert list(cache.steps) == sorted(view.layers["step"].unique().tolist())
+    for name in cache.layer_names:
+        ly = view.layers[view.layers["layer"] == name].sort_values("step")
+        s = cache.series(name)
+        for col in ("cv", "entropy_norm", "max_share", "dead", "drop_rate", "z_loss", "logit_abs_max", "tokens"):
+            # cv, max share and max |logit| are held as float32 (display precision); sums stay float64
+            np.testing.assert_allclose(s[col], ly[col].to_numpy(float), rtol=1e-6, equal_nan=True, err_msg=col)
+        ex = view.experts[view.experts["layer"] == name]
+        pivot = ex.pivot(index="step", columns="expert", values="tokens").to_numpy()
+        np.testing.assert_array_equal(cache.tokens(name), pivot)
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+
+
+def test_cache_equals_loader_on_a_real_capture(tmp_path):
+    torch.manual_seed(0)
+    model = ToyMoE(d=8, num_experts=4, top_k=2, layers=2, capacity=6)
+    watch = Watch(model, tmp_path / "run", toy_specs(model), WatchConfig(flush_steps=4))
+    for _ in range(13):
+        model(torch.randn(16, 8)).sum().backward()
+        watch.step()
+    watch.close()
+    cache = RunData(tmp_path / "run")
+    assert cache.refresh() is True
+    assert cache.n == 13 and cache.status == "finished"
+    assert_matches_loader(cache, tmp_path / "run")
+    # capacity 6 for 32 assignments over 4 experts drops some: per-expert drops and the layer drop rate are kept
+    view = moewatch.load(tmp_path / "run").global_view()
+    name = cache.layer_names[0]
+    dropped = view.experts[view.experts.layer == name].pivot(index="step", columns="expert", values="dropped")
+    assert dropped.to_numpy().sum() > 0
+    np.testing.assert_array_equal(cache.layer(name).dropped.a, dropped.to_numpy())
+    bias = cache.bias(name)
+    assert bias is not None and bias.shape == (13, 4)  # the toy router has a correction bias buffer
+
+
+def test_two_ranks_are_summed_and_a_resume_rewrites_steps(tmp_path):
+    run = tmp_path / "run"
+    rng = np.random.default_rng(1)
+    write_manifest(run, ["a", "b"], 4, world_size=2)
+    for rank in (0, 1):
+        write_part(run, {"a": random_counts(rng, 10, 4), "b": random_counts(rng, 10, 4, hot=0.5)},
+                   np.arange(10), rank=rank, session=1, seed=rank)
+    cache = RunData(run)
+    cache.refresh()
+    assert cache.ranks == [0, 1]
+    assert_matches_loader(cache, run)
+    gen = cache.generation
+    # A restart from a checkpoint at step 6: both ranks write steps 6..13 again in session 2.
+    for rank in (0, 1):
+        write_part(run, {"a": random_counts(rng, 8, 4, hot=0.3), "b": random_counts(rng, 8, 4)},
+                   np.arange(6, 14), rank=rank, session=2, seed=10 + rank)
+    assert cache.refresh() is True
+    assert cache.dirty_since(gen) == 6  # index of step 6: the figures must be rebuilt from there
+    assert_matches_loader(cache, run)
+
+
+def test_refresh_reads_only_new_part_files(tmp_path):
+    run = tmp_path / "run"
+    rng = np.random.default_rng(2)
+    write_manifest(run, ["a"], 4, status="running")
+    write_part(run, {"a": random_counts(rng, 5, 4)}, np.arange(5), n=0)
+    cache = RunData(run)
+    cache.refresh()
+    before = cache.tokens("a").copy()
+    # Overwrite the part already read with garbage: a cursor that re-read it would now report it corrupt.
+    (run / "experts" / "r0000-s0001-00000000.parquet").write_bytes(b"not parquet")
+    assert cache.refresh() is False
+    assert cache.skipped == []
+    gen, n = cache.generation, cache.n
+    write_part(run, {"a": random_counts(rng, 3, 4)}, np.arange(5, 8), n=1)
+    assert cache.refresh() is True
+    assert cache.n == 8 and cache.dirty_since(gen) == n  # only appended steps changed
+    np.testing.assert_array_equal(cache.tokens("a")[:5], before)
+
+
+def test_corrupt_part_is_skipped_with_its_name(tmp_path):
+    run = tmp_path / "run"
+    rng = np.random.default_rng(3)
+    write_manifest(run, ["a"], 4)
+    write_part(run, {"a": random_counts(rng, 5, 4)}, np.arange(5), n=0)
+    (run / "experts" / "r0000-s0001-00000001.parquet").write_bytes(b"\x00garbage")
+    cache = RunData(run)
+    with pytest.warns(RuntimeWarning, match="r0000-s0001-00000001"):
+        cache.refresh()
+    assert len(cache.skipped) == 1 and "experts/r0000-s0001-00000001.parquet" in cache.skipped[0]
+    assert cache.n == 5 and cache.tokens("a").sum() > 0
+
+
+def test_steps_arriving_out_of_order_are_inserted(tmp_path):
+    run = tmp_path / "run"
+    rng = np.random.default_rng(4)
+    write_manifest(run, ["a"], 4, world_size=2)
+    write_part(run, {"a": random_counts(rng, 3, 4)}, np.array([0, 2, 4]), rank=0)
+    cache = RunData(run)
+    cache.refresh()
+    gen = cache.generation
+    write_part(run, {"a": random_counts(rng, 3, 4)}, np.array([1, 3, 5]), rank=1)
+    cache.refresh()
+    assert list(cache.steps) == [0, 1, 2, 3, 4, 5]
+    assert cache.dirty_since(gen) == 1
+    assert_matches_loader(cache, run)
+
+
+def test_a_run_without_parts_is_empty_not_an_error(tmp_path):
+    write_manifest(tmp_path / "run", ["a", "b"], 8, status="running")
+    cache = RunData(tmp_path / "run")
+    cache.refresh()
+    assert cache.n == 0 and cache.layer_names == ["a", "b"]
+    assert cache.series("a")["cv"].shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------------- downsampling
+
+
+def test_minmax_last_keeps_every_spike_and_bucket_extremes():
+    rng = np.random.default_rng(0)
+    n = 100_003
+    y = rng.normal(size=n).astype(np.float32)
+    y[12_345] = 50.0
+    y[77_777] = -40.0
+    y[500:520] = np.nan
+    idx = minmax_last(y, 2000)
+    assert len(idx) <= 2000
+    assert np.all(np.diff(idx) >= 0)  # time order
+    kept = y[idx]
+    assert 50.0 in kept and -40.0 in kept
+    assert idx[-1] == n - 1  # the last point is always there (the live edge)
+    # every bucket's min and max survive
+    w = -(-n // (2000 // 3))
+    for b in (0, 5, 100, 600):
+        seg = y[b * w: (b + 1) * w]
+        mine = kept[(idx >= b * w) & (idx < (b + 1) * w)]
+        assert np.nanmin(mine) == np.nanmin(seg) and np.nanmax(mine) == np.nanmax(seg)
+    np.testing.assert_array_equal(idx, minmax_last(y, 2000))  # deterministic, never random
+
+
+def test_minmax_last_per_trace_and_short_input_untouched():
+    y = np.zeros((10_000, 3), np.float32)
+    y[4_013, 1] = 9
+    idx = minmax_last(y, 600)
+    assert idx.shape[1] == 3 and idx.shape[0] <= 600
+    assert 4_013 in idx[:, 1] and 4_013 not in idx[:, 0]
+    x = np.arange(50)
+    xs, ys, down = downsample(x, x.astype(float))
+    assert not down and len(xs) == 50
+
+
+def test_bins_cover_every_step_once():
+    for n, b in ((10, 3), (1000, 1000), (7, 50), (100_000, 1400)):
+        e = bin_edges(n, b)
+        assert e[0] == 0 and e[-1] == n and np.all(np.diff(e) > 0) and len(e) - 1 == min(n, b)
+    v = np.arange(20).reshape(10, 2)
+    assert bin_sum(v, bin_edges(10, 3), np.int64).sum() == v.sum()
+    big = np.full((4, 1), 2**30, np.int32)  # two of these overflow int32: the sum must widen
+    assert bin_sum(big, np.array([0, 2, 4]), np.int64).tolist() == [[2**31], [2**31]]
+    np.testing.assert_allclose(bin_sum(np.array([1.0, np.nan, 3.0]), np.array([0, 2, 3])), [1.0, 3.0])
+    assert columns_for(None) == 1200 and columns_for(10) == 50 and columns_for(10_000) == 2000
+
+
+# ---------------------------------------------------------------------------------------------------- health
+
+
+def test_health_score_reads_balanced_as_healthy_and_collapsed_as_critical():
+    S = 4
+    s = {"cv": np.array([0.05, 0.6, 3.0, np.nan]), "entropy_norm": np.array([0.9, 0.9, 0.02, np.nan]),
+         "dead": np.array([0.0, 0.0, 6.0, np.nan]), "drop_rate": np.array([0.0, 0.0, 0.0, np.nan]),
+         "tokens": np.array([4096.0] * (S - 1) + [np.nan])}  # the last step was not recorded
+    value, worst = score(s, 8, 2)
+    assert value[0] < 0.3 and 1.0 <= value[1] < 2.0 and value[2] == 2.0 and np.isnan(value[3])
+    comps = component_scores(s, 8, 2)
+    assert comps["entropy"][2] == 2.0 and comps["dead"][2] == 2.0
+
+
+def test_health_removes_small_batch_noise_from_cv():
+    # 8 experts, 4 tokens top-2: even a perfectly fair router shows CV ~ 0.9 from sampling alone.
+    s = {"cv": np.array([0.9]), "entropy_norm": np.array([0.95]), "dead": np.array([0.0]),
+         "drop_rate": np.array([0.0]), "tokens": np.array([4.0])}
+    assert component_scores(s, 8, 2)["cv"][0] < 0.5
+
+
+# ---------------------------------------------------------------------------------------------------- catalog + detection
+
+
+def test_catalog_ids_only_name_runs_found_under_the_root(tmp_path):
+    rng = np.random.default_rng(5)
+    for name in ("exp/a", "exp/b"):
+        write_manifest(tmp_path / name, ["l0"], 4)
+        write_part(tmp_path / name, {"l0": random_counts(rng, 4, 4)}, np.arange(4))
+    (tmp_path / "not-a-run").mkdir()
+    cat = Catalog(tmp_path, background=False)
+    entries = cat.entries()
+    assert [e.name for e in entries] == ["exp/a", "exp/b"]
+    assert entries[0].run_id == run_id_for(tmp_path.resolve(), tmp_path / "exp/a")
+    for bad in ("../etc", str(tmp_path / "exp/a"), "exp/a", None, 3):
+        with pytest.raises(UnknownRun):
+            cat.entry(bad)
+    assert cat.run(entries[0].run_id).n == 4
+    assert shape_text([{"num_experts": 8}, {"num_experts": 64}]) == "8–64 × 2"
+
+
+def test_summaries_give_status_steps_and_verdict(tmp_path):
+    synthetic_collapse(tmp_path, 1500, "collapse")
+    synthetic_collapse(tmp_path, 1500, "healthy", shape="healthy", label="healthy")
+    cat = Catalog(tmp_path, background=False)
+    rows = {r.name: r for r in cat.summaries()}
+    assert rows["collapse"].verdict == "collapsed" and rows["healthy"].verdict == "healthy"
+    assert rows["collapse"].steps == 1500 and rows["collapse"].status == "finished"
+    assert rows["collapse"].shape == "8 × 3" and rows["collapse"].model == "SyntheticMoE"
+
+
+def test_dashboard_alerts_equal_the_detector_on_the_loaded_run(tmp_path):
+    path = synthetic_collapse(tmp_path, 2000)
+    cache = RunData(path)
+    cache.refresh()
+    ours = run_detector(cache)
+    from moewatch.detect import detect
+
+    theirs = detect(moewatch.load(path))
+    key = lambda a: (a.kind, a.severity, a.layer, tuple(a.experts), a.first_step, a.last_step)  # noqa: E731
+    assert sorted(map(key, ours)) == sorted(map(key, theirs))
+    assert any(a.severity == "critical" for a in ours)
+
+
+def test_detection_unavailable_is_reported_not_raised(tmp_path, monkeypatch):
+    path = synthetic_collapse(tmp_path, 600)
+    cache = RunData(path, "x")
+    cache.refresh()
+    monkeypatch.setitem(__import__("sys").modules, "moewatch.detect", None)  # as if not installed
+    det = Detector(background=False).get(cache)
+    assert det.state == "unavailable" and "unavailable" in det.message and det.verdict is None
+
+
+def test_background_detection_fills_in(tmp_path):
+    path = synthetic_collapse(tmp_path, 800)
+    cache = RunData(path, "x")
+    cache.refresh()
+    d = Detector(background=True)
+    det = d.get(cache, wait=30)
+    assert det.state == "ok" and det.verdict == "collapsed"
+
+
+def test_eviction_keeps_memory_under_the_budget(tmp_path):
+    rng = np.random.default_rng(6)
+    for name in ("a", "b", "c"):
+        write_manifest(tmp_path / name, ["l0"], 4)
+        write_part(tmp_path / name, {"l0": random_counts(rng, 50, 4)}, np.arange(50))
+    cat = Catalog(tmp_path, background=False, max_bytes=1)
+    ids = [e.run_id for e in cat.entries()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for rid in ids:
+            cat.run(rid)
+    assert [rid for rid in ids if cat.loaded(rid) is not None] == [ids[-1]]  # only the one in use stays
+
+
+def test_run_list_rereads_a_run_only_when_its_parts_change(tmp_path):
+    rng = np.random.default_rng(7)
+    for name in ("a", "b"):
+        write_manifest(tmp_path / name, ["l0"], 4)
+        write_part(tmp_path / name, {"l0": random_counts(rng, 20, 4)}, np.arange(20))
+    cat = Catalog(tmp_path, background=False, max_bytes=1)  # room for one run in memory at a time
+    first = {r.name: r for r in cat.summaries()}
+    assert first["a"].steps == 20 and first["b"].steps == 20 and first["a"].verdict == "healthy"
+    held = [e.run_id for e in cat.entries() if cat.loaded(e.run_id) is not None]
+    instance = cat.loaded(held[0]).instance
+    again = {r.name: r for r in cat.summaries()}
+    assert again == first  # the evicted run is summarized from memory of it, not read again
+    assert [e.run_id for e in cat.entries() if cat.loaded(e.run_id) is not None] == held
+    assert cat.loaded(held[0]).instance == instance
+    write_part(tmp_path / "a", {"l0": random_counts(rng, 5, 4)}, np.arange(20, 25), n=1)
+    assert {r.name: r.steps for r in cat.summaries()} == {"a": 25, "b": 20}
