@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from moewatch.store.reader import newest_rows
+
 
 class Rows:
     """A numpy array that grows along axis 0 (amortized, so appending a flush never copies the whole run)."""
@@ -139,20 +141,6 @@ def human_bytes(n: float) -> str:
 
 
 def keep_newest(table: pa.Table) -> pa.Table:
-    """For every (rank, step, layer), only the rows of its newest recording (largest session, then seq): the
-    format's rule for a resumed run (docs/format.md), on Arrow with integer keys."""
-    if table.num_rows == 0:
-        return table
-
-    def col(name: str) -> np.ndarray:
-        return table[name].to_numpy().astype(np.int64, copy=False)
-
-    version = (col("session") << 40) | col("seq")
-    layer = pc.dictionary_encode(table["layer"]).combine_chunks().indices.to_numpy().astype(np.int64)
-    step, rank = col("step"), col("rank")
-    _, group = np.unique(np.stack([rank, layer, step]), axis=1, return_inverse=True)
-    group = group.reshape(-1)
-    newest = np.full(group.max() + 1, np.iinfo(np.int64).min, dtype=np.int64)
-    np.maximum.at(newest, group, version)
-    return table.take(np.nonzero(version == newest[group])[0])
+    """For every (rank, step, layer), only the rows of its newest recording: the format's rule for a resumed run."""
+    return newest_rows(table)
 

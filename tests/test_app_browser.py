@@ -36,6 +36,8 @@ CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
 
 webdriver = pytest.importorskip("selenium.webdriver")
 if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+    if os.environ.get("MOEWATCH_REQUIRE_BROWSER"):  # CI installs the browser: missing it there is a failure
+        raise RuntimeError("MOEWATCH_REQUIRE_BROWSER is set but /usr/bin/chromium or /usr/bin/chromedriver is missing")
     pytest.skip("needs /usr/bin/chromium and /usr/bin/chromedriver (apt-get install chromium chromium-driver)",
                 allow_module_level=True)
 
