@@ -109,7 +109,19 @@ def build_report(path: Path, config: DetectorConfig, progress: bool = False) -> 
         analysis = analyze_frames(view.layers, view.experts, config, progress=wrap)
     except ValueError as exc:
         raise ReportInputError(f"{path}: {exc}") from None
+    analysis.alerts = fold_covered_warnings(analysis.alerts)
     return RunReport(path, run.meta, run.status, run.steps, analysis)
+
+
+def fold_covered_warnings(alerts: list[Alert]) -> list[Alert]:
+    """Drop a warning whose episode a critical alert of the same kind and layer covers: it says nothing new.
+
+    A warning that began earlier than the critical one stays: it is the early warning the report exists for.
+    """
+    critical = [a for a in alerts if a.severity == "critical"]
+    return [a for a in alerts if a.severity != "warning" or not any(
+        c.kind == a.kind and c.layer == a.layer and c.first_step <= a.first_step and c.last_step >= a.last_step
+        for c in critical)]
 
 
 def report_paths(paths: list[Path], fmt: str = "text", config: DetectorConfig | None = None,

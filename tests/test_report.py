@@ -183,3 +183,20 @@ def test_cli_exit_codes(runs, tmp_path):
 def test_default_config_is_used_when_none_given(runs, capsys):
     assert run_report(capsys, [runs / "wobbly"], config=None)[0] == run_report(
         capsys, [runs / "wobbly"], config=DetectorConfig())[0]
+
+
+def test_a_warning_covered_by_a_critical_of_the_same_kind_is_folded_but_an_earlier_one_stays():
+    from moewatch.detect import Alert
+    from moewatch.report import fold_covered_warnings
+
+    def alert(kind, severity, first, last, layer="l0"):
+        return Alert(kind=kind, severity=severity, layer=layer, experts=(), first_step=first, last_step=last,
+                     value=1.0, threshold=0.5, message="m", lever="x", detected_step=first)
+
+    crit = alert("imbalance", "critical", 10, 100)
+    covered = alert("imbalance", "warning", 10, 100)
+    earlier = alert("imbalance", "warning", 0, 100)  # began before the critical: the early warning
+    other_kind = alert("dead_expert", "warning", 10, 100)
+    other_layer = alert("imbalance", "warning", 10, 100, layer="l1")
+    kept = fold_covered_warnings([crit, covered, earlier, other_kind, other_layer])
+    assert kept == [crit, earlier, other_kind, other_layer]
