@@ -472,3 +472,20 @@ def test_a_bias_column_that_never_moves_is_not_bias_balancing():
     assert all(d.bias is None for d in layer_data_from_frames(layers, flat))
     levers = {a.lever for a in detect_frames(layers, flat) if a.kind == "imbalance"}
     assert levers == {"raise the aux-loss coefficient"}
+
+
+def test_a_constant_bias_is_not_bias_balancing_on_any_path():
+    """The dashboard builds LayerData itself: a zero bias buffer must not turn every lever into 'tune the bias'."""
+    import dataclasses
+
+    import numpy as np
+
+    from moewatch.detect.engine import analyze_layer
+    from moewatch.detect.windows import bias_moves
+
+    assert not bias_moves(None) and not bias_moves(np.zeros((5, 4))) and not bias_moves(np.full((3, 2), np.nan))
+    assert bias_moves(np.array([[0.0, 0.1], [0.0, 0.0]]))
+    data = syn.simulate(syn.Scenario("c", "sudden", "collapse", steps=600, onset=200, layers=1)).layer_data()[0]
+    zero_bias = dataclasses.replace(data, bias=np.zeros_like(data.tokens, dtype=np.float64))
+    levers = {a.lever for a in analyze_layer(zero_bias, DetectorConfig()).alerts}
+    assert levers and not any("bias" in lever for lever in levers)

@@ -19,7 +19,7 @@ from .alerts import Alert, lever_for, sort_alerts, worst
 from .config import DetectorConfig, LayerThresholds
 from .rules import TREND_SERIES, Track, dead_tracks, describe, level_tracks, trend_tracks, window_metrics
 from .series import Hysteresis, hysteresis
-from .windows import LayerData, Windows, layer_data_from_frames, make_windows, window_size
+from .windows import LayerData, Windows, bias_moves, layer_data_from_frames, make_windows, window_size
 
 # Window series kept for the report's charts and layer summary.
 SERIES = ("first", "last", "cv", "max_share", "entropy_norm", "drop_rate", "z_loss", "logit_abs_max", "dead")
@@ -220,7 +220,7 @@ class Analysis:
 def analyze_layer(data: LayerData, config: DetectorConfig) -> LayerResult:
     size = window_size(data, config)
     win, _ = make_windows(data, size, include_tail=True)
-    det = LayerDetector(data.layer, data.tokens.shape[1], data.top_k, size, config, has_bias=data.bias is not None)
+    det = LayerDetector(data.layer, data.tokens.shape[1], data.top_k, size, config, has_bias=bias_moves(data.bias))
     det.process(win)
     series = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in det.series.items()}
     if not det.series["share"]:

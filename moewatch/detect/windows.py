@@ -21,6 +21,14 @@ _EXPERT_COLUMNS = ("step", "layer", "expert", "tokens")
 _LAYER_COLUMNS = ("step", "layer")
 
 
+def bias_moves(bias: np.ndarray | None) -> bool:
+    """Whether a bias series is real bias balancing: it differs from one value somewhere.
+
+    Routers with a zero buffer they never update record a constant bias; levers and the bias rule must ignore it.
+    """
+    return bias is not None and bool(np.isfinite(bias).any()) and bool(np.nanmax(bias) > np.nanmin(bias))
+
+
 @dataclass
 class LayerData:
     """One layer's per-step series, sorted by step. ``tokens``/``dropped``/``bias`` are ``[S, E]``."""
@@ -247,9 +255,7 @@ def layer_data_from_frames(layers: pd.DataFrame, experts: pd.DataFrame) -> list[
             dropped[si, ex] = e_dropped[erows]
         bias = None
         eb_rows = e_bias[erows] if e_bias is not None else None
-        # A bias column that never differs from one value (routers with a zero buffer they never update) is not
-        # bias balancing: leave it out, so levers and the bias rule only apply where a bias really moves.
-        if eb_rows is not None and np.isfinite(eb_rows).any() and np.nanmax(eb_rows) > np.nanmin(eb_rows):
+        if bias_moves(eb_rows):
             bias = np.full((len(steps), n_e), np.nan)
             bias[si, ex] = eb_rows
         lsi = np.searchsorted(steps, l_step[lrows])
