@@ -126,3 +126,32 @@ def test_two_process_gloo_group_global_view(tmp_path):
             # the token-weighted entropy lies between the two ranks' values
             ranks = run.layers[(run.layers.layer == layer) & (run.layers.step == step)]["entropy"]
             assert ranks.min() - 1e-12 <= row.entropy <= ranks.max() + 1e-12
+
+
+EXIT_CHILD = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {root!r})
+    from moewatch.capture.watch import Watch, WatchConfig
+    from tests.toy import ToyMoE, toy_specs
+    model = ToyMoE()
+    watch = Watch(model, {run!r}, toy_specs(model), WatchConfig(flush_steps=100, flush_seconds=600))
+    for _ in range(3):
+        model(torch.randn(2, 5, 8)).sum().backward()
+        watch.step()
+    model(torch.randn(2, 5, 8)).sum().backward()  # routed after the last step(): becomes a final step
+    if {fail!r}:
+        raise RuntimeError("training blew up")
+    """
+)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_interpreter_exit_flushes_an_unclosed_watch(tmp_path, fail):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", EXIT_CHILD.format(root=str(ROOT), run=str(run_dir), fail=fail)],
+                          capture_output=True, text=True, timeout=120)
+    assert (proc.returncode != 0) == fail, proc.stderr
+    run = moewatch.load(run_dir)
+    assert sorted(run.layers.step.unique()) == [0, 1, 2, 3]  # nothing was flushed before exit: all of it at exit
+    assert run.meta["status"] == ("crashed" if fail else "finished")
