@@ -58,6 +58,9 @@ class Scenario:
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     warmup_steps: int = 0  # linear learning-rate warmup from lr / warmup_steps, then constant
+    # What the detector should say about this run (its evaluation reads it from run.json meta): "healthy" (no
+    # warning or critical), "degraded" (warnings are fair, a critical is not), or None (not evaluated).
+    label: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -70,6 +73,8 @@ class Scenario:
             raise ValueError(f"Scenario.grad_clip must be None or > 0, got {self.grad_clip!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"Scenario.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if self.label not in (None, "healthy", "degraded", "collapse"):
+            raise ValueError(f"Scenario.label must be None, 'healthy', 'degraded' or 'collapse', got {self.label!r}")
 
 
 def default_scenarios(base: MoEConfig = BASE_CONFIG) -> dict[str, Scenario]:
@@ -77,21 +82,25 @@ def default_scenarios(base: MoEConfig = BASE_CONFIG) -> dict[str, Scenario]:
     r = dataclasses.replace
     scenarios = [
         Scenario("collapse", "no balancing at all: the router is free to collapse", base),
-        Scenario("aux-loss", "Switch/GShard load-balancing loss, coef 0.02", r(base, aux_loss_coef=0.02)),
+        Scenario("aux-loss", "Switch/GShard load-balancing loss, coef 0.1", r(base, aux_loss_coef=0.1),
+                 label="healthy"),
         Scenario(
             "z-loss+aux",
-            "ST-MoE: router z-loss (coef 1e-3) plus the load-balancing loss (coef 0.02)",
-            r(base, aux_loss_coef=0.02, z_loss_coef=1e-3),
+            "ST-MoE: router z-loss (coef 1e-3) plus the load-balancing loss (coef 0.1)",
+            r(base, aux_loss_coef=0.1, z_loss_coef=1e-3),
+            label="healthy",
         ),
         Scenario(
             "aux-free-bias",
             "DeepSeek-V3 auxiliary-loss-free balancing: selection bias on the logits, 0.1 per step",
             r(base, bias_update_rate=0.1),
+            # the bias starts at zero and needs ~150 steps to catch up with the router: imbalanced until then
+            label="degraded",
         ),
         Scenario(
             "capacity-1.0",
-            "capacity factor 1.0 with the load-balancing loss (coef 0.02): overflow is dropped",
-            r(base, capacity_factor=1.0, aux_loss_coef=0.02),
+            "capacity factor 1.0 with the load-balancing loss (coef 0.1): overflow is dropped",
+            r(base, capacity_factor=1.0, aux_loss_coef=0.1),
         ),
     ]
     return {s.name: s for s in scenarios}
@@ -215,6 +224,7 @@ def _train(
             "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
             "data": corpus.description,
             "produced_by": "moewatch.reference.demo.run_demo",
+            **({"label": scenario.label} if scenario.label else {}),
             **(meta or {}),
         }
         watch = moewatch.attach(model, str(run_dir), meta=run_meta)
