@@ -167,6 +167,18 @@ def check_discovery(case: Case, model: torch.nn.Module):
     return specs
 
 
+def recorded_forward(case: Case, model, run_dir):
+    """One training forward seen by moewatch and by independent hooks: (watch, raw router calls, recorded rows)."""
+    watch = moewatch.attach(model, run_dir)
+    calls, handles = capture(case, model)
+    model(**inputs(case))
+    watch.step()
+    watch.close()
+    for h in handles:
+        h.remove()
+    return watch, calls, moewatch.load(run_dir).experts
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_discovery_and_counts(case: Case):
     model = build(case)
@@ -190,16 +202,9 @@ def test_attach_records_actual_choice(case_id: str, tmp_path):
     case = BY_ID[case_id]
     model = build(case)
     # One training forward seen by both moewatch and the independent hooks (jitter noise differs between forwards).
-    watch = moewatch.attach(model, tmp_path / "run")
+    watch, calls, rows = recorded_forward(case, model, tmp_path / "run")
     assert sorted(watch.routers) == sorted(router_modules(model, case))
-    calls, handles = capture(case, model)
-    model(**inputs(case))
-    watch.step()
-    watch.close()
-    for h in handles:
-        h.remove()
     truth = truth_counts(case, model, calls)
-    rows = moewatch.load(tmp_path / "run").experts
     for name, (tokens, dropped) in truth.items():
         got = rows[rows.layer == name].sort_values("expert")
         assert got.expert.tolist() == list(range(case.experts))
@@ -245,15 +250,8 @@ def test_deepseek_v3_counts_bias_corrected_group_limited_choice(tmp_path):
     case = BY_ID["deepseek_v3"]
     model = build(case)
     biases = _set_biases(model, case.router, seed=3)
-    watch = moewatch.attach(model, tmp_path / "run")
-    calls, handles = capture(case, model)
-    model(**inputs(case))
-    watch.step()
-    watch.close()
-    for h in handles:
-        h.remove()
+    _, calls, rows = recorded_forward(case, model, tmp_path / "run")
     truth = truth_counts(case, model, calls)
-    rows = moewatch.load(tmp_path / "run").experts
     naive_differs = False
     for name, (tokens, _) in truth.items():
         got = rows[rows.layer == name].sort_values("expert")
@@ -272,14 +270,7 @@ def test_router_distribution_follows_scoring(case_id: str, scoring: str, tmp_pat
     """prob_mean is the mean of softmax(logits), or of sigmoid(logits) normalized per token for sigmoid routers."""
     case = BY_ID[case_id]
     model = build(case)
-    watch = moewatch.attach(model, tmp_path / "run")
-    calls, handles = capture(case, model)
-    model(**inputs(case))
-    watch.step()
-    watch.close()
-    for h in handles:
-        h.remove()
-    rows = moewatch.load(tmp_path / "run").experts
+    _, calls, rows = recorded_forward(case, model, tmp_path / "run")
     for name, outs in calls.items():
         logits = torch.cat([out[0].reshape(-1, case.experts) for _, out in outs]).double()
         if scoring == "softmax":
