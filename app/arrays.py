@@ -12,8 +12,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from moewatch.store.reader import newest_rows
-
 
 class Rows:
     """A numpy array that grows along axis 0 (amortized, so appending a flush never copies the whole run)."""
@@ -69,13 +67,13 @@ def filled(shape: tuple[int, ...], fill: Any, dtype: Any) -> np.ndarray:
 
 
 def count_metrics(counts_SE: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """cv (population std / mean), max share and dead experts per row, as moewatch.metrics defines them."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = counts_SE.mean(axis=1)
-        cv = np.where(mean > 0, counts_SE.std(axis=1) / np.where(mean > 0, mean, 1.0), np.nan)
-        total = counts_SE.sum(axis=1)
-        share = np.where(total > 0, counts_SE.max(axis=1, initial=0) / np.where(total > 0, total, 1.0), np.nan)
-    return cv, share, (counts_SE == 0).sum(axis=1).astype(np.float64)
+    """cv, max share and dead experts per row: moewatch.metrics' definitions, on numpy arrays."""
+    import torch
+
+    from moewatch import metrics
+
+    c = torch.from_numpy(np.ascontiguousarray(counts_SE, dtype=np.float64))
+    return metrics.cv(c).numpy(), metrics.max_share(c).numpy(), metrics.dead(c).numpy().astype(np.float64)
 
 
 def part_columns(t: pa.Table) -> dict[str, Any]:
@@ -138,9 +136,4 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
-
-
-def keep_newest(table: pa.Table) -> pa.Table:
-    """For every (rank, step, layer), only the rows of its newest recording: the format's rule for a resumed run."""
-    return newest_rows(table)
 

@@ -29,10 +29,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moewatch.store.manifest import read_manifest
-from moewatch.store.reader import Run, part_files, read_parts
+from moewatch.store.reader import Run, newest_rows, part_files, read_parts
 from moewatch.store.schema import EXPERTS, LAYERS
 
-from .arrays import Rows, by_rank, count_metrics, dense_steps, keep_newest, part_columns
+from .arrays import Rows, by_rank, count_metrics, dense_steps, part_columns
 
 # Per-(step, layer) columns, one ``[steps, layers]`` array each. Sums (float64) combine ranks exactly; derived
 # metrics come from them (entropy = ent_w / tokens, ...). cv / max_share / dead come from the layers table for
@@ -204,7 +204,7 @@ class RunData:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # already reported when first read
                 whole = read_parts(sorted(files), table)
-            df = keep_newest(whole.filter(pc.greater_equal(whole["step"], step0))).to_pandas()
+            df = newest_rows(whole.filter(pc.greater_equal(whole["step"], step0))).to_pandas()
             if df.empty:
                 continue
             arrays = {c: df[c].to_numpy() for c in (_EXPERT_COLUMNS if table == EXPERTS else _LAYER_COLUMNS)}
