@@ -300,6 +300,37 @@ def test_recovery_warns_then_clears():
     assert not any(a.ongoing for a in warn) and max(a.last_step for a in warn) < 2600
 
 
+
+def _live(sc: syn.Scenario, config: DetectorConfig, chunk: int = 13) -> list[Alert]:
+    layers, experts = syn.simulate(sc).frames()
+    tracker = AlertTracker(config)
+    return [a for lch, ech in _chunks(layers, experts, chunk) for a in tracker.update(lch, ech)]
+
+
+def _keys(alerts: list[Alert]) -> list[tuple]:
+    return sorted((a.kind, a.severity, a.layer, a.first_step, a.detected_step) for a in alerts)
+
+
+def test_warmup_grace_drops_an_early_imbalance_that_resolves_itself():
+    # The router starts badly unbalanced and sorts itself out by step ~60: the normal start of training.
+    sc = syn.Scenario("start", "recovery", "healthy", steps=600, onset=0, ramp=30, strength=0.9, seed=3)
+    without = DetectorConfig(warmup_steps=0)
+    assert kinds(alerts_for(sc, without), "critical"), "the transient must be visible without the grace"
+    assert alerts_for(sc) == [] and _live(sc, DetectorConfig()) == []
+    assert _keys(_live(sc, without)) == _keys(alerts_for(sc, without))
+
+
+def test_warmup_grace_keeps_a_collapse_that_outlasts_it_with_its_true_onset():
+    sc = syn.Scenario("early", "sudden", "collapse", steps=600, onset=0, ramp=10, strength=0.95, seed=2)
+    config = DetectorConfig(warmup_steps=200)
+    crit = [a for a in alerts_for(sc, config) if a.kind == "imbalance" and a.severity == "critical"]
+    assert crit and crit[0].first_step < 60  # the onset the grace does not hide
+    assert 200 <= crit[0].detected_step < 260  # raised with the first window past the warm-up
+    assert _keys(_live(sc, config)) == _keys(alerts_for(sc, config))
+    # A run shorter than its warm-up still reports what it saw.
+    short = syn.Scenario("short", "sudden", "collapse", steps=150, onset=0, ramp=10, strength=0.95, seed=2)
+    assert kinds(alerts_for(short, config), "critical")
+
 # ---------------------------------------------------------------------------------------- frames path
 
 

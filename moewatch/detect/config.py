@@ -32,6 +32,8 @@ class DetectorConfig:
     max_window_steps: int = 1000
     fire_windows: int = 2
     clear_windows: int = 3
+    # --- warm-up grace: a router starts unbalanced; an alert that begins and ends before this step is dropped
+    warmup_steps: int = 100
     # --- load balance (CV of per-expert loads over a window, sampling noise removed)
     cv_warning: float = 0.5
     cv_critical: float = 1.0
@@ -41,6 +43,7 @@ class DetectorConfig:
     dominant_critical: float = 0.0
     # --- dead experts: below this fraction of the fair share over a window
     dead_share: float = 0.1
+    dead_warning_windows: int = 5
     dead_critical_fraction: float = 0.25
     # --- router entropy (mean per-token entropy / ln E)
     entropy_warning: float = 0.2
@@ -77,7 +80,9 @@ class DetectorConfig:
                 raise ValueError(f"DetectorConfig.{f.name} must be an integer, got {value!r}")
             if f.type == "float" and (not isinstance(value, float) or not math.isfinite(value)):
                 raise ValueError(f"DetectorConfig.{f.name} must be a finite number, got {value!r}")
-        positive_ints = ("window_steps", "max_window_steps", "fire_windows", "clear_windows")
+        if self.warmup_steps < 0:
+            raise ValueError(f"DetectorConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        positive_ints = ("window_steps", "max_window_steps", "fire_windows", "clear_windows", "dead_warning_windows")
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ValueError(f"DetectorConfig.{name} must be >= 1, got {getattr(self, name)}")

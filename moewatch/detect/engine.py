@@ -56,12 +56,14 @@ class LayerDetector:
         self.windows_seen = 0
         self._hyst: dict[str, Hysteresis] = {}
         self._dead = Hysteresis.new((num_experts,))
+        self._dead_run = np.zeros(num_experts, np.int64)
         # Trend fits need m points at the coarsest scale, plus one block of slack for alignment.
         self._hist_len = config.trend_windows * max(config.trend_scales) + max(config.trend_scales)
         self._hist: dict[str, np.ndarray] = {k: np.zeros(0) for k in ("x", *TREND_SERIES)}
         self._back = max(config.fire_windows, config.clear_windows) + 1
         self._first_hist = np.zeros(0, np.int64)
         self._open: dict[str, Episode] = {}
+        self._deferred: list[Episode] = []
         self.episodes: list[Episode] = []
         self.series: dict[str, list[np.ndarray]] = {k: [] for k in (*SERIES, "share")}
 
@@ -79,7 +81,7 @@ class LayerDetector:
         dead_active, _ = hysteresis(m["dead"], self._dead, cfg.fire_windows, cfg.clear_windows)
         tracks = [
             *level_tracks(m, th, cfg, self.num_experts),
-            *dead_tracks(dead_active, th, cfg),
+            *dead_tracks(dead_active, self._dead_run, th, cfg),
             *trend_tracks(hist, g0, n, th, cfg, m),
         ]
         firsts = np.concatenate([self._first_hist, win.first])
@@ -87,6 +89,8 @@ class LayerDetector:
         started: list[Episode] = []
         for track in tracks:
             started.extend(self._run_track(track, win, firsts, offset))
+        if cfg.warmup_steps:
+            started = self._warmup_grace(started, win)
 
         self.windows_seen += n
         self._hist = {k: v[-self._hist_len :] for k, v in hist.items()}
@@ -146,6 +150,29 @@ class LayerDetector:
                 if self.keep:
                     self.episodes.append(ep)
         return started
+
+    def _warmup_grace(self, started: list[Episode], win: Windows) -> list[Episode]:
+        """Hold back episodes raised before ``warmup_steps``: dropped if they end there, raised once they outlast it.
+
+        A released episode keeps its true onset (``first_step``); its ``detected_step`` becomes the end of the first
+        window past the warm-up, which is when a live run raises it. An episode still held when the run ends (a run
+        shorter than its warm-up) stays in the batch report but is never raised live.
+        """
+        warm = self.config.warmup_steps
+        held = self._deferred + [ep for ep in started if ep.detected_step < warm]
+        out = [ep for ep in started if ep.detected_step >= warm]
+        past = np.flatnonzero(win.last >= warm)
+        self._deferred = []
+        for ep in held:
+            if not ep.ongoing and ep.last_step < warm:
+                if self.keep:
+                    self.episodes = [e for e in self.episodes if e is not ep]
+            elif len(past):
+                ep.detected_step = int(win.last[past[0]])
+                out.append(ep)
+            else:
+                self._deferred.append(ep)
+        return out
 
     def _keep_series(self, win: Windows, m: dict, dead_active: np.ndarray) -> None:
         values = {

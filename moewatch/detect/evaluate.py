@@ -1,9 +1,13 @@
 """The detector's evaluation set and its scores: precision, recall and lead time before collapse completes.
 
 Cases are synthetic scenarios (:func:`scenario_set`) and, optionally, real run directories whose run.json carries a
-label in the user ``meta`` (:func:`labeled_runs`): ``{"label": "healthy"|"collapse"|"degraded",
+label in the user ``meta`` (:func:`labeled_runs`): ``{"label": "healthy"|"collapse"|"collapse_at_start"|"degraded",
 "collapse_step": int (collapse runs), "affected_layers": [names] (optional)}``. A run counts as flagged when it gets a
 warning or critical alert; lead time is ``collapse_step`` minus the step where the first one was raised.
+
+``collapse_at_start`` is a run whose router collapses within its first steps (no balancing at all): faster than any
+window can lead, so it is scored on its verdict (a critical alert whose onset is at or before the collapse), not on
+lead time. For real runs, :func:`observed_collapse_step` gives the ground truth from the recorded counts alone.
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .alerts import CRITICAL, WARNING, Alert
 from .config import DetectorConfig
 from .engine import analyze, analyze_frames
 from .synthetic import Scenario, simulate
+
+LABELS = ("healthy", "collapse", "collapse_at_start", "degraded")
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ class Case:
 
     @property
     def lead(self) -> int | None:
-        if self.collapse_step is None or self.detected_step is None:
+        if self.label != "collapse" or self.collapse_step is None or self.detected_step is None:
             return None
         return self.collapse_step - self.detected_step
 
@@ -58,6 +65,12 @@ class Case:
     @property
     def critical(self) -> bool:
         return any(a.severity == CRITICAL for a in self.alerts)
+
+    @property
+    def onset_found(self) -> bool:
+        """A critical alert on an affected layer dates its onset at or before the observed collapse."""
+        return any(a.severity == CRITICAL and a.first_step <= (self.collapse_step or 0)
+                   and (not self.affected or a.layer in self.affected) for a in self.alerts)
 
 
 @dataclass(frozen=True)
@@ -96,7 +109,10 @@ class Scores:
 
     @property
     def missed(self) -> list[Case]:
-        return [c for c in self._of("collapse") if c.lead is None or c.lead <= 0 or not c.critical]
+        """Collapse runs not flagged before their collapse or never called critical; start-of-run collapses not
+        called critical from (at the latest) the step they collapsed."""
+        late = [c for c in self._of("collapse") if c.lead is None or c.lead <= 0 or not c.critical]
+        return late + [c for c in self._of("collapse_at_start") if not c.onset_found]
 
     @property
     def overcalled(self) -> list[Case]:
@@ -122,11 +138,11 @@ class Scores:
         return out
 
     def table(self) -> str:
-        lines = [f"{'case':34s} {'label':9s} {'collapse':>8s} {'detected':>8s} {'lead':>6s}  verdict"]
+        lines = [f"{'case':34s} {'label':17s} {'collapse':>8s} {'detected':>8s} {'lead':>6s}  verdict"]
         for c in self.cases:
             verdict = "critical" if c.critical else ("warning" if c.flagged else "quiet")
             lines.append(
-                f"{c.name:34s} {c.label:9s} {_fmt(c.collapse_step):>8s} {_fmt(c.detected_step):>8s} "
+                f"{c.name:34s} {c.label:17s} {_fmt(c.collapse_step):>8s} {_fmt(c.detected_step):>8s} "
                 f"{_fmt(c.lead):>6s}  {verdict}{' STRAY' if c.stray else ''}"
             )
         lines.append(
@@ -135,6 +151,10 @@ class Scores:
             f"{len(self._of('collapse'))} collapse, {len(self._of('degraded'))} degraded, "
             f"{len(self._of('healthy'))} healthy)"
         )
+        at_start = self._of("collapse_at_start")
+        if at_start:
+            found = sum(c.onset_found for c in at_start)
+            lines.append(f"collapse at start: {found} of {len(at_start)} called critical from their onset")
         est = self.trend_estimates
         if est:
             err = np.abs(np.array([p - o for p, o in est]))
@@ -198,7 +218,7 @@ def labeled_runs(root: str | Path, config: DetectorConfig | None = None) -> list
     cases = []
     for manifest in sorted(Path(root).rglob("run.json")):
         user = json.loads(manifest.read_text()).get("meta") or {}
-        if user.get("label") not in ("healthy", "collapse", "degraded"):
+        if user.get("label") not in LABELS:
             continue
         run = moewatch.load(manifest.parent)
         view = run.global_view()
@@ -207,6 +227,39 @@ def labeled_runs(root: str | Path, config: DetectorConfig | None = None) -> list
         cases.append(Case(str(manifest.parent), user["label"], None if step is None else int(step),
                           tuple(user.get("affected_layers") or ()), tuple(alerts)))
     return cases
+
+
+def observed_collapse_step(layers: pd.DataFrame, experts: pd.DataFrame, after: int = 0, window: int = 10, max_share: float = 0.8,
+                           starved: float = 0.5, fair: float = 0.1) -> int | None:
+    """Where a recorded run's routing had collapsed, judged from its token counts alone (never the detector).
+
+    Over a trailing window of ``window`` recorded steps, a layer has collapsed when one expert takes at least
+    ``max_share`` of its top-k share (``max_share / k`` of all assignments) or at least ``starved`` of its experts
+    get under ``fair`` of their fair share. Returns the first step at or after ``after`` where some layer has, or
+    None. ``layers`` and ``experts`` are a run's global-view tables (``moewatch.load(path).global_view()``).
+    """
+    if experts.empty:
+        return None
+    top_k = layers.groupby("layer", sort=False)["top_k"].max() if len(layers) else pd.Series(dtype=int)
+    out = None
+    for name, df in experts.groupby("layer", sort=False):
+        tokens = df.pivot_table(index="step", columns="expert", values="tokens", aggfunc="sum").fillna(0.0)
+        steps = tokens.index.to_numpy()
+        counts = tokens.to_numpy(np.float64)
+        csum = np.cumsum(np.vstack([np.zeros((1, counts.shape[1])), counts]), axis=0)
+        lo = np.maximum(np.arange(1, len(counts) + 1) - window, 0)
+        load = csum[1:] - csum[lo]  # trailing-window load per expert
+        total = load.sum(axis=1)
+        e = counts.shape[1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = load / total[:, None]
+        k = max(int(top_k.get(name, 1)), 1)
+        hit = (share.max(axis=1) >= max_share / k) | ((share < fair / e).sum(axis=1) >= starved * e)
+        hit &= (total > 0) & (steps >= after)
+        idx = np.flatnonzero(hit)
+        if len(idx):
+            out = int(steps[idx[0]]) if out is None else min(out, int(steps[idx[0]]))
+    return out
 
 
 def evaluate(config: DetectorConfig | None = None, seeds: Iterable[int] = (0, 1, 2),

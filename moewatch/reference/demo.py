@@ -44,6 +44,7 @@ DEFAULT_LR = 1e-2
 # 16 windows of 32 bytes rather than 8 of 64: the same 512 tokens a step, but from twice as many places in the
 # corpus, so one step's expert load is less dominated by what a few windows happen to contain.
 DEFAULT_BATCH_SIZE = 16
+LABELS = ("healthy", "degraded", "collapse", "collapse_at_start")  # as moewatch.detect.evaluate reads them
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,13 @@ class Scenario:
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     warmup_steps: int = 0  # linear learning-rate warmup from lr / warmup_steps, then constant
+    # (start, end) as fractions of the run's steps: the aux-loss coefficient holds at config.aux_loss_coef until
+    # start, falls linearly to zero at end and stays there: balancing annealed away (or lost on a resume) mid-run.
+    aux_decay: tuple[float, float] | None = None
     # What the detector should say about this run (its evaluation reads it from run.json meta): "healthy" (no
-    # warning or critical), "degraded" (warnings are fair, a critical is not), or None (not evaluated).
+    # warning or critical), "degraded" (warnings are fair, a critical is not), "collapse" (flag it before the
+    # collapse, which the recorded counts date after the balancing is annealed away), "collapse_at_start" (collapses
+    # in its first steps: called critical from then), or None (not evaluated).
     label: str | None = None
 
     def __post_init__(self) -> None:
@@ -73,15 +79,36 @@ class Scenario:
             raise ValueError(f"Scenario.grad_clip must be None or > 0, got {self.grad_clip!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"Scenario.warmup_steps must be >= 0, got {self.warmup_steps!r}")
-        if self.label not in (None, "healthy", "degraded", "collapse"):
-            raise ValueError(f"Scenario.label must be None, 'healthy', 'degraded' or 'collapse', got {self.label!r}")
+        if self.aux_decay is not None:
+            start, end = self.aux_decay
+            if not 0.0 <= start < end <= 1.0:
+                raise ValueError(
+                    f"Scenario.aux_decay must be (start, end) fractions of the run, 0 <= start < end <= 1, "
+                    f"got {self.aux_decay!r}"
+                )
+            if self.config.aux_loss_coef <= 0:
+                raise ValueError("Scenario.aux_decay needs a config with aux_loss_coef > 0 to decay from")
+        if self.label not in (None, *LABELS):
+            raise ValueError(f"Scenario.label must be None or one of {', '.join(LABELS)}, got {self.label!r}")
+
+    def collapse_after(self, steps: int) -> int:
+        """The step from which a collapse counts as this scenario's: where its balancing starts to go."""
+        return int(self.aux_decay[0] * steps) if self.aux_decay is not None else 0
+
+    def aux_coef_at(self, step: int, steps: int) -> float:
+        """The aux-loss coefficient in effect at ``step`` (0-based) of a ``steps``-step run."""
+        coef = self.config.aux_loss_coef
+        if self.aux_decay is None:
+            return coef
+        start, end = (f * steps for f in self.aux_decay)
+        return coef * min(1.0, max(0.0, (end - step) / (end - start)))
 
 
 def default_scenarios(base: MoEConfig = BASE_CONFIG) -> dict[str, Scenario]:
     """The demo's scenarios, built on ``base`` (pass a smaller base for a quicker run)."""
     r = dataclasses.replace
     scenarios = [
-        Scenario("collapse", "no balancing at all: the router is free to collapse", base),
+        Scenario("collapse", "no balancing at all: the router is free to collapse", base, label="collapse_at_start"),
         Scenario("aux-loss", "Switch/GShard load-balancing loss, coef 0.1", r(base, aux_loss_coef=0.1),
                  label="healthy"),
         Scenario(
@@ -96,6 +123,13 @@ def default_scenarios(base: MoEConfig = BASE_CONFIG) -> dict[str, Scenario]:
             r(base, bias_update_rate=0.1),
             # the bias starts at zero and needs ~150 steps to catch up with the router: imbalanced until then
             label="degraded",
+        ),
+        Scenario(
+            "aux-annealed",
+            "load-balancing loss (coef 0.1) annealed to zero from 25% to 50% of the run: a slow collapse",
+            r(base, aux_loss_coef=0.1),
+            aux_decay=(0.25, 0.5),
+            label="collapse",
         ),
         Scenario(
             "capacity-1.0",
@@ -217,6 +251,7 @@ def _train(
                 "grad_clip": scenario.grad_clip,
                 "warmup_steps": scenario.warmup_steps,
             },
+            **({"aux_decay": list(scenario.aux_decay)} if scenario.aux_decay else {}),
             "batch_size": scenario.batch_size,
             "steps": steps,
             "seed": seed,
@@ -246,7 +281,11 @@ def _train(
             x_BS, y_BS = batches.next()
             with autocast:
                 out = model(x_BS, y_BS)
-            out.loss.backward()
+            loss = out.loss
+            if scenario.aux_decay is not None:
+                coef = scenario.aux_coef_at(step, steps)
+                loss = out.lm_loss + coef * out.aux_loss + config.z_loss_coef * out.z_loss
+            loss.backward()
             if scenario.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), scenario.grad_clip)
             optimizer.step()
@@ -272,6 +311,8 @@ def _train(
         bar.close()
         if watch is not None:
             watch.close()
+    if watch is not None and scenario.label in ("collapse", "collapse_at_start"):
+        _record_collapse_step(Path(run_dir), scenario.collapse_after(steps))
     return ScenarioSummary(
         name=scenario.name,
         steps=steps,
@@ -284,6 +325,26 @@ def _train(
         seconds=time.perf_counter() - start,
         run_dir=None if run_dir is None else str(run_dir),
     )
+
+
+def _record_collapse_step(run_dir: Path, after: int) -> None:
+    """Write the observed collapse step (the evaluation's ground truth) into the finished run's run.json meta.
+
+    Judged from the recorded counts alone (``observed_collapse_step``), never from the detector. A collapse
+    scenario whose router held on this time is relabelled "degraded": the label says what happened.
+    """
+    import moewatch
+    from moewatch.detect.evaluate import observed_collapse_step
+    from moewatch.store.manifest import read_manifest, write_manifest
+
+    view = moewatch.load(run_dir).global_view()
+    step = observed_collapse_step(view.layers, view.experts, after=after)
+    manifest = read_manifest(run_dir)
+    meta = manifest.setdefault("meta", {})
+    meta["collapse_step"] = step
+    if step is None:
+        meta["label"] = "degraded"
+    write_manifest(run_dir, manifest)
 
 
 def run_demo(
