@@ -10,12 +10,14 @@ import pytest
 import torch
 
 import moewatch
+from moewatch.detect import synthetic as syn
 from moewatch.reference.data import build_corpus
 from moewatch.reference.demo import (
     BASE_CONFIG,
     SCENARIOS,
     Scenario,
     ScenarioSummary,
+    _record_collapse_step,
     default_scenarios,
     format_summary_table,
     routing_stats,
@@ -46,7 +48,7 @@ def small(name: str) -> Scenario:
 
 
 def test_default_scenarios_differ_only_in_balancing() -> None:
-    assert list(SCENARIOS) == ["collapse", "aux-loss", "z-loss+aux", "aux-free-bias", "capacity-1.0"]
+    assert list(SCENARIOS) == ["collapse", "aux-loss", "z-loss+aux", "aux-free-bias", "aux-annealed", "capacity-1.0"]
     balancing = {
         "aux_loss_coef",
         "z_loss_coef",
@@ -69,6 +71,9 @@ def test_default_scenarios_differ_only_in_balancing() -> None:
     assert SCENARIOS["z-loss+aux"].config.z_loss_coef > 0 and SCENARIOS["z-loss+aux"].config.aux_loss_coef > 0
     assert SCENARIOS["aux-free-bias"].config.bias_update_rate > 0
     assert SCENARIOS["capacity-1.0"].config.capacity_factor == 1.0
+    annealed = SCENARIOS["aux-annealed"]
+    assert annealed.config == SCENARIOS["aux-loss"].config and annealed.aux_decay is not None
+    assert [s.aux_decay for s in SCENARIOS.values()].count(None) == len(SCENARIOS) - 1
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -201,6 +206,34 @@ def test_collapse_criterion() -> None:
     assert "collapsed" not in next(line for line in lines if line.startswith("good"))
     bad = next(line for line in lines if line.startswith("bad"))
     assert "collapsed" in bad and "6,7" in bad and "25.0%" in bad
+
+
+def test_aux_decay_schedule() -> None:
+    s = SCENARIOS["aux-annealed"]
+    start, end = s.aux_decay
+    coef = s.config.aux_loss_coef
+    assert [s.aux_coef_at(t, 400) for t in (0, int(start * 400))] == [coef, coef]
+    mid = int((start + end) / 2 * 400)
+    assert s.aux_coef_at(mid, 400) == pytest.approx(coef / 2)
+    assert s.aux_coef_at(int(end * 400), 400) == 0.0 and s.aux_coef_at(399, 400) == 0.0
+    assert SCENARIOS["aux-loss"].aux_coef_at(399, 400) == coef
+    with pytest.raises(ValueError, match="Scenario.aux_decay"):
+        dataclasses.replace(s, aux_decay=(0.6, 0.5))
+    with pytest.raises(ValueError, match="aux_loss_coef > 0"):
+        dataclasses.replace(SCENARIOS["collapse"], aux_decay=(0.1, 0.2))
+
+
+def test_collapse_scenarios_record_their_observed_collapse_step(tmp_path, corpus) -> None:
+    """The ground truth the detector's evaluation uses comes from the recorded counts, written after the run."""
+    train_scenario(small("collapse"), steps=60, device="cpu", seed=0, run_dir=tmp_path / "c", corpus=corpus,
+                   progress=False)
+    meta = moewatch.load(tmp_path / "c").meta["meta"]
+    assert meta["label"] == "collapse_at_start" and 0 < meta["collapse_step"] < 40
+    # A collapse scenario whose router held on: no collapse to record, so no label either.
+    syn.simulate(syn.Scenario("held", "healthy", "healthy", steps=200)).write(tmp_path / "held")
+    _record_collapse_step(tmp_path / "held", after=50)
+    meta = moewatch.load(tmp_path / "held").meta["meta"]
+    assert meta["label"] is None and meta["collapse_step"] is None and "not evaluated" in meta["label_note"]
 
 
 @pytest.mark.parametrize(

@@ -331,7 +331,7 @@ def _record_collapse_step(run_dir: Path, after: int) -> None:
     """Write the observed collapse step (the evaluation's ground truth) into the finished run's run.json meta.
 
     Judged from the recorded counts alone (``observed_collapse_step``), never from the detector. A collapse
-    scenario whose router held on this time is relabelled "degraded": the label says what happened.
+    scenario whose router held on this time loses its label (not evaluated): the label says what happened.
     """
     import moewatch
     from moewatch.detect.evaluate import observed_collapse_step
@@ -343,7 +343,8 @@ def _record_collapse_step(run_dir: Path, after: int) -> None:
     meta = manifest.setdefault("meta", {})
     meta["collapse_step"] = step
     if step is None:
-        meta["label"] = "degraded"
+        meta["label"] = None
+        meta["label_note"] = "a collapse scenario whose collapse did not complete in this run: not evaluated"
     write_manifest(run_dir, manifest)
 
 
