@@ -114,14 +114,18 @@ def build_report(path: Path, config: DetectorConfig, progress: bool = False) -> 
 
 
 def fold_covered_warnings(alerts: list[Alert]) -> list[Alert]:
-    """Drop a warning whose episode a critical alert of the same kind and layer covers: it says nothing new.
+    """Drop a warning (or info) whose episode a more severe alert of the same kind and layer covers: it says
+    nothing new.
 
-    A warning that began earlier than the critical one stays: it is the early warning the report exists for.
+    One that began earlier than the more severe one stays: it is the early warning the report exists for.
     """
-    critical = [a for a in alerts if a.severity == "critical"]
-    return [a for a in alerts if a.severity != "warning" or not any(
-        c.kind == a.kind and c.layer == a.layer and c.first_step <= a.first_step and c.last_step >= a.last_step
-        for c in critical)]
+    rank = SEVERITY_RANK
+    by_track: dict[tuple[str, str], list[Alert]] = {}
+    for a in alerts:
+        by_track.setdefault((a.kind, a.layer), []).append(a)
+    return [a for a in alerts if not any(
+        rank[c.severity] > rank[a.severity] and c.first_step <= a.first_step and c.last_step >= a.last_step
+        for c in by_track[(a.kind, a.layer)])]
 
 
 def report_paths(paths: list[Path], fmt: str = "text", config: DetectorConfig | None = None,

@@ -200,3 +200,7 @@ def test_a_warning_covered_by_a_critical_of_the_same_kind_is_folded_but_an_earli
     other_layer = alert("imbalance", "warning", 10, 100, layer="l1")
     kept = fold_covered_warnings([crit, covered, earlier, other_kind, other_layer])
     assert kept == [crit, earlier, other_kind, other_layer]
+    # An info (a briefly starved expert) inside a warning of its kind is folded too; one that began first stays.
+    info_in = alert("dead_expert", "info", 20, 90)
+    info_first = alert("dead_expert", "info", 5, 90)
+    assert fold_covered_warnings([other_kind, info_in, info_first]) == [other_kind, info_first]
