@@ -327,6 +327,11 @@ def test_warmup_grace_keeps_a_collapse_that_outlasts_it_with_its_true_onset():
     assert crit and crit[0].first_step < 60  # the onset the grace does not hide
     assert 200 <= crit[0].detected_step < 260  # raised with the first window past the warm-up
     assert _keys(_live(sc, config)) == _keys(alerts_for(sc, config))
+    # NaN/inf logits are never held back: a bug at step 30 is reported at step 39, like one at step 3,000.
+    nan = syn.Scenario("nan", "nonfinite", "degraded", steps=300, onset=20, seed=1)
+    early_nan = [a for a in alerts_for(nan, config) if a.kind == "nonfinite"]
+    assert early_nan and min(a.detected_step for a in early_nan) < 200
+    assert _keys([a for a in _live(nan, config) if a.kind == "nonfinite"]) == _keys(early_nan)
     # A run shorter than its warm-up still reports what it saw.
     short = syn.Scenario("short", "sudden", "collapse", steps=150, onset=0, ramp=10, strength=0.95, seed=2)
     assert kinds(alerts_for(short, config), "critical")

@@ -21,6 +21,9 @@ from .rules import TREND_SERIES, Track, dead_tracks, describe, level_tracks, tre
 from .series import Hysteresis, hysteresis
 from .windows import LayerData, Windows, bias_moves, layer_data_from_frames, make_windows, window_size
 
+# Kinds the warm-up grace never holds back: NaN/inf logits are a bug at any step, not a start-of-training phase.
+GRACE_EXEMPT = frozenset({"nonfinite"})
+
 # Window series kept for the report's charts and layer summary.
 SERIES = ("first", "last", "cv", "max_share", "entropy_norm", "drop_rate", "z_loss", "logit_abs_max", "dead")
 
@@ -154,13 +157,15 @@ class LayerDetector:
     def _warmup_grace(self, started: list[Episode], win: Windows) -> list[Episode]:
         """Hold back episodes raised before ``warmup_steps``: dropped if they end there, raised once they outlast it.
 
+        Non-finite logits (``GRACE_EXEMPT``) are raised at once whenever they happen.
         A released episode keeps its true onset (``first_step``); its ``detected_step`` becomes the end of the first
         window past the warm-up, which is when a live run raises it. An episode still held when the run ends (a run
         shorter than its warm-up) stays in the batch report but is never raised live.
         """
         warm = self.config.warmup_steps
-        held = self._deferred + [ep for ep in started if ep.detected_step < warm]
-        out = [ep for ep in started if ep.detected_step >= warm]
+        early = [ep for ep in started if ep.detected_step < warm and ep.kind not in GRACE_EXEMPT]
+        held = self._deferred + early
+        out = [ep for ep in started if ep not in early]
         past = np.flatnonzero(win.last >= warm)
         self._deferred = []
         for ep in held:
