@@ -28,7 +28,7 @@ GRACE_EXEMPT = frozenset({"nonfinite"})
 SERIES = ("first", "last", "cv", "max_share", "entropy_norm", "drop_rate", "z_loss", "logit_abs_max", "dead")
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: episodes hold arrays, and two are never the same episode
 class Episode:
     """A stretch of windows where one track was active; becomes an :class:`Alert`."""
 
@@ -163,9 +163,9 @@ class LayerDetector:
         shorter than its warm-up) stays in the batch report but is never raised live.
         """
         warm = self.config.warmup_steps
-        early = [ep for ep in started if ep.detected_step < warm and ep.kind not in GRACE_EXEMPT]
-        held = self._deferred + early
-        out = [ep for ep in started if ep not in early]
+        is_early = [ep.detected_step < warm and ep.kind not in GRACE_EXEMPT for ep in started]
+        held = self._deferred + [ep for ep, e in zip(started, is_early, strict=True) if e]
+        out = [ep for ep, e in zip(started, is_early, strict=True) if not e]
         past = np.flatnonzero(win.last >= warm)
         self._deferred = []
         for ep in held:
