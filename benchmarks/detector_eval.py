@@ -5,8 +5,8 @@
     python benchmarks/detector_eval.py --demo-seeds 0-4      # plus the reference model's demo, trained per seed
     python benchmarks/detector_eval.py --set cv_warning=0.4  # score other thresholds
 
-A real run joins the set when its run.json user meta has "label" (healthy | collapse | degraded) and, for
-collapse runs, "collapse_step"; see moewatch/detect/evaluate.py. Figures go to docs/detector.md.
+A real run joins the set when its run.json user meta has "label" (healthy | collapse | collapse_at_start |
+degraded) and, for the collapse labels, "collapse_step"; see moewatch/detect/evaluate.py. Figures go to docs/detector.md.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def main() -> int:
         scores = Scores(scores.cases + demo.cases)
         print("all runs:")
     table = scores.table().splitlines()
-    print("\n".join(table[-3:] if args.quiet else table))
+    summary = next(i for i, line in enumerate(table) if line.startswith("precision"))
+    print("\n".join(table[summary:] if args.quiet else table))
     for title, cases in (("false alarms", scores.false_alarms), ("missed", scores.missed),
                          ("degraded runs called critical", scores.overcalled)):
         if cases:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from moewatch import load
 from moewatch.detect import (
     Alert,
     AlertTracker,
@@ -318,6 +321,45 @@ def test_warmup_grace_drops_an_early_imbalance_that_resolves_itself():
     assert kinds(alerts_for(sc, without), "critical"), "the transient must be visible without the grace"
     assert alerts_for(sc) == [] and _live(sc, DetectorConfig()) == []
     assert _keys(_live(sc, without)) == _keys(alerts_for(sc, without))
+
+
+@pytest.mark.parametrize("name", ["aux-free-bias", "aux-annealed", "collapse"])
+def test_live_and_report_agree_on_recorded_demo_runs_whatever_the_warmup_and_chunks(name):
+    """Real router traces: start-up imbalance ending near the warm-up's end, dead experts dated many windows back."""
+    root = Path(__file__).resolve().parents[1] / "sample_runs" / name
+    if not root.is_dir():
+        pytest.skip("sample_runs/ is not in this checkout")
+    view = load(root).global_view()
+    layers, experts = view.layers, view.experts
+    for warm in (0, 60, 100):
+        config = DetectorConfig(warmup_steps=warm)
+        batch = _keys(detect_frames(layers, experts, config))
+        for chunk in (10, 25):
+            tracker = AlertTracker(config)
+            live = [a for lch, ech in _chunks(layers, experts, chunk) for a in tracker.update(lch, ech)]
+            assert _keys(live) == batch, (warm, chunk)
+
+
+def _starve(data: list[LayerData], expert: int, start: int, stop: int) -> list[LayerData]:
+    tokens = data[0].tokens.copy()
+    tokens[start:stop, expert] = 0
+    return [replace(data[0], tokens=tokens), *data[1:]]
+
+
+def test_a_briefly_starved_expert_is_an_info_and_a_dead_one_a_warning():
+    data = syn.simulate(syn.Scenario("h", "healthy", "healthy", steps=800, seed=4)).layer_data()
+    assert serious(analyze(data).alerts) == []
+    brief = [a for a in analyze(_starve(data, 3, 300, 380)).alerts if a.kind == "dead_expert"]  # 4 windows
+    assert [(a.severity, a.experts) for a in brief] == [("info", (3,))]
+    dead = [a for a in analyze(_starve(data, 3, 300, 800)).alerts if a.kind == "dead_expert"]
+    warn = [a for a in dead if a.severity == "warning"]
+    assert len(warn) == 1 and warn[0].experts == (3,) and warn[0].ongoing
+    assert warn[0].first_step == 300  # dated from the first starved window, not from when it turned into a warning
+    assert warn[0].detected_step == 399  # five 20-step windows starved in a row
+    assert DetectorConfig(dead_warning_windows=2).dead_warning_windows == 2
+    quick = [a for a in analyze(_starve(data, 3, 300, 380), DetectorConfig(dead_warning_windows=2)).alerts
+             if a.kind == "dead_expert" and a.severity == "warning"]
+    assert quick and quick[0].first_step == 300
 
 
 def test_warmup_grace_keeps_a_collapse_that_outlasts_it_with_its_true_onset():

@@ -5,10 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from moewatch.detect import synthetic as syn
-from moewatch.detect.evaluate import Scores, evaluate, evaluate_scenarios, labeled_runs, scenario_set
+from moewatch.detect.evaluate import (
+    Scores,
+    evaluate,
+    evaluate_scenarios,
+    labeled_runs,
+    observed_collapse_step,
+    scenario_set,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,4 +100,57 @@ def test_reference_model_demo_runs_on_more_seeds(tmp_path):
     scores = Scores(tuple(labeled_runs(tmp_path)))
     assert len(scores.cases) == 2 * len(labelled) and len(scores.leads) == 2, scores.table()
     check_demo(scores)
-    assert scores.median_lead >= 20, scores.table()  # 38 and 34 steps when measured
+    assert scores.median_lead >= 20, scores.table()  # 38 and 46 steps when measured
+
+
+def _frames(counts_SE: np.ndarray, top_k: int = 1, layer: str = "l0", steps: np.ndarray | None = None):
+    s, e = counts_SE.shape
+    steps = np.arange(s) if steps is None else steps
+    experts = pd.DataFrame({"step": np.repeat(steps, e), "layer": layer, "expert": np.tile(np.arange(e), s),
+                            "tokens": counts_SE.reshape(-1)})
+    layers = pd.DataFrame({"step": steps, "layer": layer, "top_k": top_k})
+    return layers, experts
+
+
+def test_observed_collapse_step_needs_a_collapse_that_lasts():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(32, size=(200, 16)).astype(float)  # balanced top-1, 512 tokens a step
+    assert observed_collapse_step(*_frames(counts)) is None
+    blip = counts.copy()
+    blip[40:52, 1:] = 0  # one expert takes everything for 12 steps, then balance returns: a transient
+    assert observed_collapse_step(*_frames(blip)) is None
+    assert observed_collapse_step(*_frames(blip), hold=1) is not None
+    late = counts.copy()
+    late[120:, 8:] = 0  # half the experts starve from step 120 on
+    # The starved half falls under 10% of its fair share once the trailing 10-step window is mostly past step 120.
+    step = observed_collapse_step(*_frames(late))
+    assert step is not None and 120 < step <= 129
+    assert observed_collapse_step(*_frames(late), after=150) == 150  # only what happens from `after` on
+    # Recorded every 5th step: steps are the recorded ones, windows count rows.
+    sparse = observed_collapse_step(*_frames(late, steps=np.arange(200) * 5))
+    assert sparse == step * 5
+    assert observed_collapse_step(*_frames(counts[:0])) is None
+
+
+def test_observed_collapse_step_reads_top_k_and_any_layer():
+    rng = np.random.default_rng(1)
+    counts = rng.poisson(64, size=(100, 8)).astype(float)
+    hot = counts.copy()
+    rest = hot[30:, 1:].sum(axis=1)
+    hot[30:, 0] = rest * 0.45 / 0.55  # 45% of a top-2 layer's assignments: 90% of what one expert can get
+    l0, e0 = _frames(counts, top_k=2, layer="a")
+    l1, e1 = _frames(hot, top_k=2, layer="b")
+    layers, experts = pd.concat([l0, l1]), pd.concat([e0, e1])
+    step = observed_collapse_step(layers, experts)
+    assert step is not None and 30 < step <= 39  # once the trailing 10-step window is mostly past step 30
+    l1k, e1k = _frames(hot, top_k=1, layer="b")  # read as top-1, 45% is no collapse
+    assert observed_collapse_step(pd.concat([l0, l1k]), pd.concat([e0, e1k])) is None
+
+
+def test_a_collapse_label_without_its_step_is_skipped_with_a_warning(tmp_path):
+    sc = syn.Scenario("c", "sudden", "collapse", onset=1500, ramp=150, steps=1800)
+    syn.simulate(sc).write(tmp_path / "c")
+    manifest = tmp_path / "c" / "run.json"
+    manifest.write_text(manifest.read_text().replace('"collapse_step": 1650', '"collapse_step": null'))
+    with pytest.warns(UserWarning, match="without a collapse_step"):
+        assert labeled_runs(tmp_path) == []

@@ -44,6 +44,7 @@ class Episode:
     experts: np.ndarray | None
     collapse_step: float | None
     ongoing: bool = True
+    late_step: int | None = None  # first breaching window end at or past the warm-up (see _warmup_grace)
 
 
 class LayerDetector:
@@ -59,11 +60,11 @@ class LayerDetector:
         self.windows_seen = 0
         self._hyst: dict[str, Hysteresis] = {}
         self._dead = Hysteresis.new((num_experts,))
-        self._dead_run = np.zeros(num_experts, np.int64)
         # Trend fits need m points at the coarsest scale, plus one block of slack for alignment.
         self._hist_len = config.trend_windows * max(config.trend_scales) + max(config.trend_scales)
         self._hist: dict[str, np.ndarray] = {k: np.zeros(0) for k in ("x", *TREND_SERIES)}
-        self._back = max(config.fire_windows, config.clear_windows) + 1
+        # Window starts kept for dating an onset that lies before the current batch: as far back as any track reaches.
+        self._back = max(config.fire_windows, config.clear_windows, config.dead_warning_windows) + 1
         self._first_hist = np.zeros(0, np.int64)
         self._open: dict[str, Episode] = {}
         self._deferred: list[Episode] = []
@@ -81,10 +82,10 @@ class LayerDetector:
         m = window_metrics(win, self.num_experts, self.top_k, th, cfg)
         g0 = self.windows_seen - len(self._hist["x"])
         hist = {k: np.concatenate([self._hist[k], m[k]]) for k in self._hist}
-        dead_active, _ = hysteresis(m["dead"], self._dead, cfg.fire_windows, cfg.clear_windows)
+        dead_active, dead_run = hysteresis(m["dead"], self._dead, cfg.fire_windows, cfg.clear_windows)
         tracks = [
             *level_tracks(m, th, cfg, self.num_experts),
-            *dead_tracks(dead_active, self._dead_run, th, cfg),
+            *dead_tracks(dead_active, dead_run, th, cfg),
             *trend_tracks(hist, g0, n, th, cfg, m),
         ]
         firsts = np.concatenate([self._first_hist, win.first])
@@ -141,6 +142,9 @@ class LayerDetector:
                     ep.value = peak if not math.isfinite(ep.value) else (
                         max(ep.value, peak) if t.worse > 0 else min(ep.value, peak))
                 ep.last_step = int(win.last[hit[-1]])
+                if ep.late_step is None:
+                    late = win.last[hit][win.last[hit] >= self.config.warmup_steps]
+                    ep.late_step = int(late[0]) if len(late) else None
                 if t.experts is not None and ep.experts is not None:
                     ep.experts |= t.experts[hit].any(axis=0)
             if e < n:
@@ -155,26 +159,26 @@ class LayerDetector:
         return started
 
     def _warmup_grace(self, started: list[Episode], win: Windows) -> list[Episode]:
-        """Hold back episodes raised before ``warmup_steps``: dropped if they end there, raised once they outlast it.
+        """Hold back episodes raised before ``warmup_steps``: dropped if they end without breaching past it, raised
+        at the first window past it where they still breach.
 
-        Non-finite logits (``GRACE_EXEMPT``) are raised at once whenever they happen.
-        A released episode keeps its true onset (``first_step``); its ``detected_step`` becomes the end of the first
-        window past the warm-up, which is when a live run raises it. An episode still held when the run ends (a run
-        shorter than its warm-up) stays in the batch report but is never raised live.
+        The decision rests on breaching windows only (never on an episode still counting down to clear), so a live
+        tracker fed any chunks decides exactly as the report does. A released episode keeps its true onset
+        (``first_step``); its ``detected_step`` becomes that window's end. An episode still held when the run ends
+        stays in the batch report but is never raised live. Non-finite logits (``GRACE_EXEMPT``) are raised at once.
         """
         warm = self.config.warmup_steps
         is_early = [ep.detected_step < warm and ep.kind not in GRACE_EXEMPT for ep in started]
         held = self._deferred + [ep for ep, e in zip(started, is_early, strict=True) if e]
         out = [ep for ep, e in zip(started, is_early, strict=True) if not e]
-        past = np.flatnonzero(win.last >= warm)
         self._deferred = []
         for ep in held:
-            if not ep.ongoing and ep.last_step < warm:
+            if ep.late_step is not None:
+                ep.detected_step = ep.late_step
+                out.append(ep)
+            elif not ep.ongoing:
                 if self.keep:
                     self.episodes = [e for e in self.episodes if e is not ep]
-            elif len(past):
-                ep.detected_step = int(win.last[past[0]])
-                out.append(ep)
             else:
                 self._deferred.append(ep)
         return out

@@ -24,6 +24,7 @@ import pandas as pd
 from .alerts import CRITICAL, WARNING, Alert
 from .config import DetectorConfig
 from .engine import analyze, analyze_frames
+from .series import run_lengths
 from .synthetic import Scenario, simulate
 
 LABELS = ("healthy", "collapse", "collapse_at_start", "degraded")
@@ -69,7 +70,9 @@ class Case:
     @property
     def onset_found(self) -> bool:
         """A critical alert on an affected layer dates its onset at or before the observed collapse."""
-        return any(a.severity == CRITICAL and a.first_step <= (self.collapse_step or 0)
+        if self.collapse_step is None:
+            return False
+        return any(a.severity == CRITICAL and a.first_step <= self.collapse_step
                    and (not self.affected or a.layer in self.affected) for a in self.alerts)
 
 
@@ -212,13 +215,22 @@ def evaluate_scenarios(scenarios: Iterable[Scenario], config: DetectorConfig | N
 
 
 def labeled_runs(root: str | Path, config: DetectorConfig | None = None) -> list[Case]:
-    """Cases from real run directories under ``root`` whose run.json ``meta`` has a ``label`` (others skipped)."""
+    """Cases from real run directories under ``root`` whose run.json ``meta`` has a ``label`` (others skipped).
+
+    A collapse label without a ``collapse_step`` cannot be scored: such a run is skipped with a warning.
+    """
+    import warnings
+
     import moewatch
 
     cases = []
     for manifest in sorted(Path(root).rglob("run.json")):
         user = json.loads(manifest.read_text()).get("meta") or {}
         if user.get("label") not in LABELS:
+            continue
+        if user["label"] in ("collapse", "collapse_at_start") and user.get("collapse_step") is None:
+            warnings.warn(f"{manifest.parent}: label {user['label']!r} without a collapse_step; not evaluated "
+                          "(add one, e.g. from moewatch.detect.evaluate.observed_collapse_step)", stacklevel=2)
             continue
         run = moewatch.load(manifest.parent)
         view = run.global_view()
@@ -229,14 +241,17 @@ def labeled_runs(root: str | Path, config: DetectorConfig | None = None) -> list
     return cases
 
 
-def observed_collapse_step(layers: pd.DataFrame, experts: pd.DataFrame, after: int = 0, window: int = 10, max_share: float = 0.8,
-                           starved: float = 0.5, fair: float = 0.1) -> int | None:
-    """Where a recorded run's routing had collapsed, judged from its token counts alone (never the detector).
+def observed_collapse_step(layers: pd.DataFrame, experts: pd.DataFrame, after: int = 0, window: int = 10,
+                           hold: int = 20, max_share: float = 0.8, starved: float = 0.5,
+                           fair: float = 0.1) -> int | None:
+    """Where a recorded run's routing collapsed, judged from its token counts alone (never the detector).
 
-    Over a trailing window of ``window`` recorded steps, a layer has collapsed when one expert takes at least
-    ``max_share`` of its top-k share (``max_share / k`` of all assignments) or at least ``starved`` of its experts
-    get under ``fair`` of their fair share. Returns the first step at or after ``after`` where some layer has, or
-    None. ``layers`` and ``experts`` are a run's global-view tables (``moewatch.load(path).global_view()``).
+    Over a trailing window of ``window`` recorded steps (full windows only), a layer is collapsed when one expert
+    takes at least ``max_share`` of what a top-k router can give one expert (``max_share / k`` of all assignments;
+    80% for top-1) or at least ``starved`` of its experts get under ``fair`` of their fair share. The collapse step
+    is the first step at or after ``after`` from which some layer stays collapsed for ``hold`` recorded steps in a
+    row, so a start-up transient or a flicker across the line is not a collapse. None if there is none.
+    ``layers`` and ``experts`` are a run's global-view tables (``moewatch.load(path).global_view()``).
     """
     if experts.empty:
         return None
@@ -255,10 +270,11 @@ def observed_collapse_step(layers: pd.DataFrame, experts: pd.DataFrame, after: i
             share = load / total[:, None]
         k = max(int(top_k.get(name, 1)), 1)
         hit = (share.max(axis=1) >= max_share / k) | ((share < fair / e).sum(axis=1) >= starved * e)
-        hit &= (total > 0) & (steps >= after)
-        idx = np.flatnonzero(hit)
-        if len(idx):
-            out = int(steps[idx[0]]) if out is None else min(out, int(steps[idx[0]]))
+        hit &= (total > 0) & (steps >= after) & (np.arange(len(steps)) >= window - 1)
+        held = np.flatnonzero(run_lengths(hit, 0) >= hold)
+        if len(held):
+            step = int(steps[held[0] - hold + 1])
+            out = step if out is None else min(out, step)
     return out
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from .alerts import CRITICAL, INFO, WARNING
 from .config import DetectorConfig, LayerThresholds
-from .series import Fit, forward_fill, run_lengths, theil_sen
+from .series import Fit, forward_fill, theil_sen
 from .windows import Windows
 
 # Scalar window series kept as history for the trend fits (besides "x", the window's last step).
@@ -113,25 +113,22 @@ def level_tracks(m: dict, th: LayerThresholds, config: DetectorConfig, num_exper
         ]
 
 
-def dead_tracks(active: np.ndarray, carry: np.ndarray, th: LayerThresholds, config: DetectorConfig) -> list[Track]:
+def dead_tracks(active: np.ndarray, starved_run: np.ndarray, th: LayerThresholds, config: DetectorConfig) -> list[Track]:
     """Layer-level dead-expert tracks from the per-expert hysteresis state (already debounced, so fire at once).
 
-    A starved expert is an info until it stays starved for ``dead_warning_windows`` windows in a row: balancing
-    pulls an expert back after a dip, a dead one stays dead. ``carry`` is each expert's run of starved windows before
-    this batch; it is advanced in place.
+    A starved expert is an info until it has been starved ``dead_warning_windows`` windows in a row
+    (``starved_run``: each expert's run of starved windows, carried across batches by the hysteresis state):
+    balancing pulls an expert back after a dip, a dead one stays dead.
     """
     count = active.sum(axis=1).astype(np.float64)
     back = config.fire_windows - 1
-    runs = run_lengths(active, carry)
-    if len(runs):
-        carry[:] = runs[-1]
-    stuck = runs >= config.dead_warning_windows
+    stuck = active & (starved_run >= config.dead_warning_windows)
     stuck_count = stuck.sum(axis=1).astype(np.float64)
     return [
         Track("dead/i", "dead_expert", INFO, count >= 1, count, 1.0, experts=active, fire=1, clear=1,
               onset_back=back),
         Track("dead/w", "dead_expert", WARNING, stuck_count >= 1, stuck_count, 1.0, experts=stuck, fire=1, clear=1,
-              onset_back=back + config.dead_warning_windows - 1),
+              onset_back=config.dead_warning_windows - 1),
         Track("dead/c", "dead_expert", CRITICAL, count >= th.dead_critical, count, float(th.dead_critical),
               experts=active, fire=1, clear=1, onset_back=back),
     ]

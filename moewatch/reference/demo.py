@@ -345,7 +345,7 @@ def _record_collapse_step(run_dir: Path, after: int) -> None:
     if step is None:
         meta["label"] = None
         meta["label_note"] = "a collapse scenario whose collapse did not complete in this run: not evaluated"
-    write_manifest(run_dir, manifest)
+    write_manifest(run_dir, manifest, heartbeat=False)
 
 
 def run_demo(

@@ -53,9 +53,11 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     return data
 
 
-def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(run_dir: Path, manifest: dict[str, Any], heartbeat: bool = True) -> None:
+    """Atomically replace run.json; ``heartbeat=False`` keeps its heartbeat (an edit after the run, not a sign of life)."""
     manifest = dict(manifest)
-    manifest["heartbeat"] = time.time()
+    if heartbeat or "heartbeat" not in manifest:
+        manifest["heartbeat"] = time.time()
     atomic_write_bytes(Path(run_dir) / MANIFEST, json.dumps(manifest, indent=2, default=str).encode("utf-8"))
 
 
