@@ -26,6 +26,7 @@ from .config import DetectorConfig
 from .engine import analyze, analyze_frames
 from .series import run_lengths
 from .synthetic import Scenario, simulate
+from .windows import layer_data_from_frames
 
 LABELS = ("healthy", "collapse", "collapse_at_start", "degraded")
 
@@ -253,14 +254,10 @@ def observed_collapse_step(layers: pd.DataFrame, experts: pd.DataFrame, after: i
     row, so a start-up transient or a flicker across the line is not a collapse. None if there is none.
     ``layers`` and ``experts`` are a run's global-view tables (``moewatch.load(path).global_view()``).
     """
-    if experts.empty:
-        return None
-    top_k = layers.groupby("layer", sort=False)["top_k"].max() if len(layers) else pd.Series(dtype=int)
     out = None
-    for name, df in experts.groupby("layer", sort=False):
-        tokens = df.pivot_table(index="step", columns="expert", values="tokens", aggfunc="sum").fillna(0.0)
-        steps = tokens.index.to_numpy()
-        counts = tokens.to_numpy(np.float64)
+    for data in layer_data_from_frames(layers, experts):
+        counts = data.tokens.astype(np.float64)
+        steps = data.steps
         csum = np.cumsum(np.vstack([np.zeros((1, counts.shape[1])), counts]), axis=0)
         lo = np.maximum(np.arange(1, len(counts) + 1) - window, 0)
         load = csum[1:] - csum[lo]  # trailing-window load per expert
@@ -268,7 +265,7 @@ def observed_collapse_step(layers: pd.DataFrame, experts: pd.DataFrame, after: i
         e = counts.shape[1]
         with np.errstate(divide="ignore", invalid="ignore"):
             share = load / total[:, None]
-        k = max(int(top_k.get(name, 1)), 1)
+        k = max(data.top_k, 1)
         hit = (share.max(axis=1) >= max_share / k) | ((share < fair / e).sum(axis=1) >= starved * e)
         hit &= (total > 0) & (steps >= after) & (np.arange(len(steps)) >= window - 1)
         held = np.flatnonzero(run_lengths(hit, 0) >= hold)
