@@ -29,6 +29,7 @@ from .synthetic import Scenario, simulate
 from .windows import layer_data_from_frames
 
 LABELS = ("healthy", "collapse", "collapse_at_start", "degraded")
+COLLAPSE_LABELS = ("collapse", "collapse_at_start")  # the labels that need a collapse_step
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,7 @@ def labeled_runs(root: str | Path, config: DetectorConfig | None = None) -> list
         user = json.loads(manifest.read_text()).get("meta") or {}
         if user.get("label") not in LABELS:
             continue
-        if user["label"] in ("collapse", "collapse_at_start") and user.get("collapse_step") is None:
+        if user["label"] in COLLAPSE_LABELS and user.get("collapse_step") is None:
             warnings.warn(f"{manifest.parent}: label {user['label']!r} without a collapse_step; not evaluated "
                           "(add one, e.g. from moewatch.detect.evaluate.observed_collapse_step)", stacklevel=2)
             continue

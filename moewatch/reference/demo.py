@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from moewatch.detect.evaluate import COLLAPSE_LABELS, LABELS, observed_collapse_step
 from moewatch.reference.data import BatchSampler, Corpus, build_corpus
 from moewatch.reference.model import MoEConfig, MoEGPT
 
@@ -44,7 +45,6 @@ DEFAULT_LR = 1e-2
 # 16 windows of 32 bytes rather than 8 of 64: the same 512 tokens a step, but from twice as many places in the
 # corpus, so one step's expert load is less dominated by what a few windows happen to contain.
 DEFAULT_BATCH_SIZE = 16
-LABELS = ("healthy", "degraded", "collapse", "collapse_at_start")  # as moewatch.detect.evaluate reads them
 
 
 @dataclass(frozen=True)
@@ -311,7 +311,7 @@ def _train(
         bar.close()
         if watch is not None:
             watch.close()
-    if watch is not None and scenario.label in ("collapse", "collapse_at_start"):
+    if watch is not None and scenario.label in COLLAPSE_LABELS:
         _record_collapse_step(Path(run_dir), scenario.collapse_after(steps))
     return ScenarioSummary(
         name=scenario.name,
@@ -334,7 +334,6 @@ def _record_collapse_step(run_dir: Path, after: int) -> None:
     scenario whose router held on this time loses its label (not evaluated): the label says what happened.
     """
     import moewatch
-    from moewatch.detect.evaluate import observed_collapse_step
     from moewatch.store.manifest import read_manifest, write_manifest
 
     view = moewatch.load(run_dir).global_view()
