@@ -283,8 +283,7 @@ def _train(
                 out = model(x_BS, y_BS)
             loss = out.loss
             if scenario.aux_decay is not None:
-                coef = scenario.aux_coef_at(step, steps)
-                loss = out.lm_loss + coef * out.aux_loss + config.z_loss_coef * out.z_loss
+                loss = model.total_loss(out.lm_loss, out.aux_loss, out.z_loss, scenario.aux_coef_at(step, steps))
             loss.backward()
             if scenario.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), scenario.grad_clip)

@@ -460,12 +460,19 @@ class MoEGPT(nn.Module):
         if targets_BS is None:
             return MoEOutput(logits_BSV, None, None, aux_loss, z_loss)
         lm_loss = F.cross_entropy(logits_BSV.float().view(B * S, -1), targets_BS.reshape(B * S))
+        return MoEOutput(logits_BSV, self.total_loss(lm_loss, aux_loss, z_loss), lm_loss, aux_loss, z_loss)
+
+    def total_loss(self, lm_loss: torch.Tensor, aux_loss: torch.Tensor, z_loss: torch.Tensor,
+                   aux_loss_coef: float | None = None) -> torch.Tensor:
+        """lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss, with the config's coefficients unless
+        ``aux_loss_coef`` overrides it (a schedule); a term whose coefficient is 0 is left out."""
+        aux_coef = self.config.aux_loss_coef if aux_loss_coef is None else aux_loss_coef
         loss = lm_loss
-        if self.config.aux_loss_coef > 0:
-            loss = loss + self.config.aux_loss_coef * aux_loss
+        if aux_coef > 0:
+            loss = loss + aux_coef * aux_loss
         if self.config.z_loss_coef > 0:
             loss = loss + self.config.z_loss_coef * z_loss
-        return MoEOutput(logits_BSV, loss, lm_loss, aux_loss, z_loss)
+        return loss
 
     def routers(self) -> list[Router]:
         return [block.moe.router for block in self.blocks]
