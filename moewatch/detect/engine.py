@@ -94,7 +94,7 @@ class LayerDetector:
         for track in tracks:
             started.extend(self._run_track(track, win, firsts, offset))
         if cfg.warmup_steps:
-            started = self._warmup_grace(started, win)
+            started = self._warmup_grace(started)
 
         self.windows_seen += n
         self._hist = {k: v[-self._hist_len :] for k, v in hist.items()}
@@ -143,7 +143,8 @@ class LayerDetector:
                         max(ep.value, peak) if t.worse > 0 else min(ep.value, peak))
                 ep.last_step = int(win.last[hit[-1]])
                 if ep.late_step is None:
-                    late = win.last[hit][win.last[hit] >= self.config.warmup_steps]
+                    ends = win.last[hit]
+                    late = ends[ends >= self.config.warmup_steps]
                     ep.late_step = int(late[0]) if len(late) else None
                 if t.experts is not None and ep.experts is not None:
                     ep.experts |= t.experts[hit].any(axis=0)
@@ -158,7 +159,7 @@ class LayerDetector:
                     self.episodes.append(ep)
         return started
 
-    def _warmup_grace(self, started: list[Episode], win: Windows) -> list[Episode]:
+    def _warmup_grace(self, started: list[Episode]) -> list[Episode]:
         """Hold back episodes raised before ``warmup_steps``: dropped if they end without breaching past it, raised
         at the first window past it where they still breach.
 
@@ -168,9 +169,9 @@ class LayerDetector:
         stays in the batch report but is never raised live. Non-finite logits (``GRACE_EXEMPT``) are raised at once.
         """
         warm = self.config.warmup_steps
-        is_early = [ep.detected_step < warm and ep.kind not in GRACE_EXEMPT for ep in started]
-        held = self._deferred + [ep for ep, e in zip(started, is_early, strict=True) if e]
-        out = [ep for ep, e in zip(started, is_early, strict=True) if not e]
+        held, out = self._deferred, []
+        for ep in started:
+            (held if ep.detected_step < warm and ep.kind not in GRACE_EXEMPT else out).append(ep)
         self._deferred = []
         for ep in held:
             if ep.late_step is not None:
