@@ -8,7 +8,6 @@ import re
 import runpy
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +19,9 @@ import moewatch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it
 from transformers import MixtralConfig, MixtralForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
-from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter  # noqa: E402
 
 from moewatch.integrations.hf import MoEWatchCallback  # noqa: E402
+from tests.router_truth import RouterCounts, assert_run_matches  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 8
@@ -42,29 +41,11 @@ def dataset(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": row, "labels": row.clone()} for row in ids]
 
 
-class Truth(TrainerCallback):
-    """Independent counts: each router's own top-k indices, cut into steps at every on_step_end."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.current: dict[str, list] = {}
-        self.steps: dict[int, dict[str, list]] = {}
-        self.eval_calls = 0
-        for name, module in model.named_modules():
-            if isinstance(module, MixtralTopKRouter):
-                module.register_forward_hook(partial(self._hook, name))
-
-    def _hook(self, name, module, args, output):
-        if not (module.training and torch.is_grad_enabled()):
-            self.eval_calls += 1
-            return
-        logits, _, indices = output
-        counts, tokens, calls = self.current.get(name, (np.zeros(4, np.int64), 0, 0))
-        counts = counts + torch.bincount(indices.flatten(), minlength=4).numpy()
-        self.current[name] = (counts, tokens + logits.shape[0], calls + 1)
+class Truth(RouterCounts, TrainerCallback):
+    """Independent counts (tests/router_truth.py), cut into steps at every on_step_end."""
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.steps[state.global_step] = self.current
-        self.current = {}
+        self.cut(state.global_step)
 
 
 def make_trainer(tmp_path: Path, callback: MoEWatchCallback, max_steps: int = 3, **extra) -> tuple[Trainer, Truth]:
@@ -93,15 +74,8 @@ def test_trainer_run_records_each_optimizer_step(tmp_path):
     assert sorted(truth.steps) == [1, 2, 3]
     assert sorted(run.layers.step.unique()) == [1, 2, 3]  # numbered as HF numbers them
     assert sorted(run.layers.layer.unique()) == LAYERS
-    for layer in LAYERS:
-        rows = run.layers[run.layers.layer == layer].sort_values("step")
-        # micro-batches of 2 x 8 tokens, summed per optimizer step; eval forwards in between are not counted
-        assert rows.tokens.tolist() == [32, 32, 16]
-        assert rows.tokens.tolist() == [truth.steps[s][layer][1] for s in (1, 2, 3)]
-        assert rows.calls.tolist() == [2, 2, 1]
-        for step in (1, 2, 3):
-            got = run.experts[(run.experts.layer == layer) & (run.experts.step == step)].sort_values("expert")
-            np.testing.assert_array_equal(got.tokens.to_numpy(), truth.steps[step][layer][0])
+    # micro-batches of 2 x 8 tokens, summed per optimizer step; eval forwards in between are not counted
+    assert_run_matches(run, truth, LAYERS, steps=[1, 2, 3], tokens=[32, 32, 16], calls=[2, 2, 1])
 
     meta = run.meta["meta"]
     assert meta["integration"] == "transformers.Trainer"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import runpy
 import sys
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,9 @@ import moewatch
 L = pytest.importorskip("lightning")
 pytest.importorskip("transformers")
 from transformers import MixtralConfig, MixtralForCausalLM  # noqa: E402
-from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter  # noqa: E402
 
 from moewatch.integrations.lightning import MoEWatchCallback  # noqa: E402
+from tests.router_truth import RouterCounts, assert_run_matches  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 8
@@ -47,29 +46,11 @@ class LitMoE(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class Truth(L.Callback):
-    """Independent counts: each router's own top-k indices, cut into steps right before each optimizer step."""
-
-    def __init__(self, module: torch.nn.Module, prefix: str):
-        self.current: dict[str, tuple] = {}
-        self.steps: dict[int, dict[str, tuple]] = {}
-        self.eval_calls = 0
-        for name, m in module.named_modules():
-            if isinstance(m, MixtralTopKRouter):
-                m.register_forward_hook(partial(self._hook, prefix + name))
-
-    def _hook(self, name, module, args, output):
-        if not (module.training and torch.is_grad_enabled()):
-            self.eval_calls += 1
-            return
-        _, _, indices = output
-        counts, tokens, calls = self.current.get(name, (np.zeros(4, np.int64), 0, 0))
-        self.current[name] = (counts + torch.bincount(indices.flatten(), minlength=4).numpy(),
-                              tokens + indices.shape[0], calls + 1)
+class Truth(RouterCounts, L.Callback):
+    """Independent counts (tests/router_truth.py), cut into steps right before each optimizer step."""
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.steps[trainer.global_step + 1] = self.current  # global_step counts optimizer steps done
-        self.current = {}
+        self.cut(trainer.global_step + 1)  # global_step counts optimizer steps done
 
 
 def loader(n: int = 10, seed: int = 0) -> torch.utils.data.DataLoader:
@@ -87,7 +68,7 @@ def trainer_for(tmp_path: Path, callbacks: list, **extra) -> L.Trainer:
 
 def test_fit_records_one_step_per_optimizer_step(tmp_path):
     lit = LitMoE()
-    truth = Truth(lit, prefix="")
+    truth = Truth(lit)
     callback = MoEWatchCallback()
     # 10 samples in batches of 2, accumulating 2: optimizer steps of 2, 2 and 1 batches (the epoch's remainder);
     # validation every 2 batches plus the sanity check run forwards that must not count.
@@ -102,14 +83,7 @@ def test_fit_records_one_step_per_optimizer_step(tmp_path):
     layers = ["model.model.layers.0.mlp.gate", "model.model.layers.1.mlp.gate"]  # attached to the LightningModule
     assert sorted(run.layers.layer.unique()) == layers
     assert sorted(run.layers.step.unique()) == [1, 2, 3]  # trainer.global_step after each optimizer step
-    for layer in layers:
-        rows = run.layers[run.layers.layer == layer].sort_values("step")
-        assert rows.tokens.tolist() == [32, 32, 16]
-        assert rows.tokens.tolist() == [truth.steps[s][layer][1] for s in (1, 2, 3)]
-        assert rows.calls.tolist() == [2, 2, 1]
-        for step in (1, 2, 3):
-            got = run.experts[(run.experts.layer == layer) & (run.experts.step == step)].sort_values("expert")
-            np.testing.assert_array_equal(got.tokens.to_numpy(), truth.steps[step][layer][0])
+    assert_run_matches(run, truth, layers, steps=[1, 2, 3], tokens=[32, 32, 16], calls=[2, 2, 1])
     meta = run.meta["meta"]
     assert meta["integration"] == "lightning.Trainer"
     assert meta["trainer"]["accumulate_grad_batches"] == 2 and meta["trainer"]["max_steps"] == 3
