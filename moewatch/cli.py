@@ -33,6 +33,12 @@ class Format(str, Enum):
     html = "html"
 
 
+class FailOn(str, Enum):
+    warning = "warning"
+    recovered = "recovered"
+    critical = "critical"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -73,13 +79,19 @@ def report(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override one threshold: key=value (repeatable).")]
     = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file.")] = None,
+    fail_on: Annotated[FailOn, typer.Option("--fail-on", help="Exit 1 when a run's status is this or worse.")]
+    = FailOn.critical,
 ) -> None:
-    """Print a collapse report; exit 1 when routing collapsed (a CI gate), 2 on bad input."""
+    """Print a collapse report. Statuses: healthy, warning, recovered, critical, collapsed.
+
+    Exit 1 when a run is critical or collapsed at its end (a CI gate; --fail-on recovered or warning tightens it),
+    0 otherwise, 2 on bad input.
+    """
     from moewatch.report import ReportInputError, build_config, report_paths
 
     try:
         detector_config = build_config(config, set_ or [])
-        code = report_paths([path], format.value, detector_config, out=output)
+        code = report_paths([path], format.value, detector_config, out=output, fail_on=fail_on.value)
     except ReportInputError as e:
         fail(str(e))
     raise typer.Exit(code)

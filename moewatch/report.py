@@ -1,8 +1,9 @@
 """`moewatch report`: judge one run or a folder of runs and render the verdict as text, markdown, JSON or HTML.
 
 Owns finding runs under a path, running the detector on each run's global view, the four renderings and the exit
-code (0 healthy or warnings only, 1 when any critical alert, bad input raises :class:`ReportInputError`, which the CLI
-turns into exit 2 with its one-line message). The JSON layout is a contract documented in docs/format.md.
+code: 0 for healthy, warning and recovered runs, 1 when a run is critical or collapsed (``fail_on`` lowers the bar to
+recovered or warning); bad input raises :class:`ReportInputError`, which the CLI turns into exit 2 with its one-line
+message. The JSON layout is a contract documented in docs/format.md.
 """
 
 from __future__ import annotations
@@ -18,11 +19,21 @@ from typing import Any
 
 import numpy as np
 
-from moewatch.detect import Alert, Analysis, DetectorConfig, analyze_frames, parse_pairs, worst
-from moewatch.detect.alerts import SEVERITY_RANK
+from moewatch.detect import (
+    STATUS_RANK,
+    STATUSES,
+    Alert,
+    Analysis,
+    DetectorConfig,
+    analyze_frames,
+    fails,
+    parse_pairs,
+)
+from moewatch.detect.alerts import FAILING, SEVERITY_RANK, worst_status
+from moewatch.detect.verdict import verdict
 
 FORMATS = ("text", "markdown", "json", "html")
-STATUS_RANK = {"healthy": 0, "warning": 1, "collapsed": 2}
+FAIL_ON = ("warning", "recovered", "critical")
 # Expert rows above which reading a run gets a per-layer progress bar too.
 _BIG_RUN_ROWS = 5_000_000
 
@@ -43,12 +54,17 @@ class RunReport:
 
     @property
     def status(self) -> str:
-        return worst(self.analysis.alerts)
+        return self.analysis.status
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.analysis)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": str(self.path),
             "status": self.status,
+            "verdict": self.verdict,
             "run_status": self.run_status,
             "model_class": self.meta.get("model_class"),
             "steps": self.steps,
@@ -109,30 +125,18 @@ def build_report(path: Path, config: DetectorConfig, progress: bool = False) -> 
         analysis = analyze_frames(view.layers, view.experts, config, progress=wrap)
     except ValueError as exc:
         raise ReportInputError(f"{path}: {exc}") from None
-    analysis.alerts = fold_covered_warnings(analysis.alerts)
+    analysis.alerts = analysis.shown_alerts()
     return RunReport(path, run.meta, run.status, run.steps, analysis)
 
 
-def fold_covered_warnings(alerts: list[Alert]) -> list[Alert]:
-    """Drop a warning (or info) whose episode a more severe alert of the same kind and layer covers: it says
-    nothing new.
-
-    One that began earlier than the more severe one stays: it is the early warning the report exists for.
-    """
-    rank = SEVERITY_RANK
-    by_track: dict[tuple[str, str], list[Alert]] = {}
-    for a in alerts:
-        by_track.setdefault((a.kind, a.layer), []).append(a)
-    return [a for a in alerts if not any(
-        rank[c.severity] > rank[a.severity] and c.first_step <= a.first_step and c.last_step >= a.last_step
-        for c in by_track[(a.kind, a.layer)])]
-
-
 def report_paths(paths: list[Path], fmt: str = "text", config: DetectorConfig | None = None,
-                 out: Path | None = None) -> int:
-    """Report every run under ``paths`` in ``fmt`` to ``out`` (stdout when None); returns the exit code."""
+                 out: Path | None = None, fail_on: str = FAILING) -> int:
+    """Report every run under ``paths`` in ``fmt`` to ``out`` (stdout when None); returns the exit code, 1 when a
+    run's status is ``fail_on`` or worse."""
     if fmt not in FORMATS:
         raise ReportInputError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fail_on not in FAIL_ON:
+        raise ReportInputError(f"unknown --fail-on {fail_on!r}: choose one of {', '.join(FAIL_ON)}")
     config = config or DetectorConfig()
     run_dirs = find_run_dirs(paths)
     from tqdm.auto import tqdm
@@ -149,15 +153,16 @@ def report_paths(paths: list[Path], fmt: str = "text", config: DetectorConfig | 
             Path(out).write_text(text, encoding="utf-8")
         except OSError as exc:
             raise ReportInputError(f"cannot write the report to {out}: {exc}") from None
-    return exit_code(reports)
+    return exit_code(reports, fail_on)
 
 
-def exit_code(reports: list[RunReport]) -> int:
-    return 1 if any(r.status == "collapsed" for r in reports) else 0
+def exit_code(reports: list[RunReport], fail_on: str = FAILING) -> int:
+    """1 when any run is ``fail_on`` or worse (default: critical or collapsed), else 0."""
+    return 1 if any(fails(r.status, fail_on) for r in reports) else 0
 
 
 def overall_status(reports: list[RunReport]) -> str:
-    return max((r.status for r in reports), key=STATUS_RANK.__getitem__, default="healthy")
+    return worst_status([r.status for r in reports])
 
 
 def render(reports: list[RunReport], fmt: str, config: DetectorConfig | None = None) -> str:
@@ -242,27 +247,6 @@ def _groups(alerts: list[Alert]) -> list[_Group]:
     return sorted(groups, key=lambda g: (-SEVERITY_RANK[g.alerts[0].severity], g.first.first_step, g.alerts[0].layer))
 
 
-def _verdict(report: RunReport) -> str:
-    alerts = report.analysis.alerts
-    n_layers = len(report.analysis.layers)
-    crit = [a for a in alerts if a.severity == "critical"]
-    warn = [a for a in alerts if a.severity == "warning"]
-    if crit:
-        layers = sorted({a.layer for a in crit})
-        ongoing = sorted({a.layer for a in crit if a.ongoing})
-        # A run that collapsed and came back still failed (exit 1), but say so: the cure may already be working.
-        now = (f"still collapsed at the end on {len(ongoing)} layer{'s' if len(ongoing) > 1 else ''}" if ongoing
-               else "no critical alert still holds at the end")
-        return (f"COLLAPSED: critical alerts on {len(layers)} of {n_layers} layers, first from step "
-                f"{min(a.first_step for a in crit)} ({', '.join(layers[:4])}{'...' if len(layers) > 4 else ''}); "
-                f"{now}.")
-    if warn:
-        layers = sorted({a.layer for a in warn})
-        return (f"WARNING: routing is degrading on {len(layers)} of {n_layers} layers, first from step "
-                f"{min(a.first_step for a in warn)}; no collapse yet.")
-    return f"HEALTHY: no warning on any of {n_layers} layers."
-
-
 def _header(report: RunReport) -> str:
     windows = sorted({layer.window for layer in report.analysis.layers})
     win = f"{windows[0]}" if len(windows) == 1 else f"{windows[0]}-{windows[-1]}"
@@ -295,12 +279,16 @@ def render_text(reports: list[RunReport]) -> str:
             lines.append(f"  {a.severity.upper():8s} {a.kind:16s} {a.layer}: {g.span()}")
             lines.append(f"           {a.message}")
             lines.append(f"           lever: {a.lever}")
-        lines += ["", f"Verdict: {_verdict(rep)}", ""]
+        lines += ["", f"Verdict: {rep.verdict}", ""]
     if len(reports) > 1:
-        n = {s: sum(1 for r in reports if r.status == s) for s in STATUS_RANK}
-        lines.append(f"Overall: {overall_status(reports).upper()} ({n['collapsed']} collapsed, {n['warning']} warning, "
-                     f"{n['healthy']} healthy of {len(reports)} runs)")
+        lines.append(f"Overall: {overall_status(reports).upper()} ({_tally(reports)} of {len(reports)} runs)")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _tally(reports: list[RunReport]) -> str:
+    """'1 collapsed, 1 recovered, 2 healthy', most severe first, statuses with no run left out."""
+    n = {s: sum(1 for r in reports if r.status == s) for s in STATUSES}
+    return ", ".join(f"{n[s]} {s}" for s in reversed(STATUSES) if n[s])
 
 
 def _md(text: str) -> str:
@@ -310,7 +298,7 @@ def _md(text: str) -> str:
 def render_markdown(reports: list[RunReport]) -> str:
     lines: list[str] = ["# moewatch report", ""]
     if len(reports) > 1:
-        lines += [f"**Overall: {overall_status(reports)}** over {len(reports)} runs.", ""]
+        lines += [f"**Overall: {overall_status(reports)}** ({_tally(reports)} of {len(reports)} runs).", ""]
     for rep in reports:
         lines += [f"## `{rep.path}` — {rep.status}", "", _md(_header(rep)), ""]
         lines.append("| " + " | ".join(_COLUMNS) + " |")
@@ -326,7 +314,7 @@ def render_markdown(reports: list[RunReport]) -> str:
                              f"{_md(a.lever)} |")
         else:
             lines.append("No alerts.")
-        lines += ["", f"**Verdict:** {_md(_verdict(rep))}", ""]
+        lines += ["", f"**Verdict:** {_md(rep.verdict)}", ""]
     return "\n".join(lines)
 
 
@@ -354,15 +342,15 @@ def render_html(reports: list[RunReport], config: DetectorConfig) -> str:
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>moewatch report</title><style>",
         "body{font-family:system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0}"
         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#f3f3f3}"
-        ".collapsed{color:#b00020;font-weight:bold}.warning{color:#b36b00;font-weight:bold}.healthy{color:#2e7d32}"
-        ".critical{color:#b00020}.num{text-align:right}",
+        ".collapsed,.critical{color:#b00020;font-weight:bold}.warning{color:#b36b00;font-weight:bold}"
+        ".recovered{color:#1565c0;font-weight:bold}.healthy{color:#2e7d32}.num{text-align:right}",
         "</style></head><body>",
         f"<h1>moewatch report: <span class='{overall_status(reports)}'>{overall_status(reports)}</span></h1>",
     ]
     first_chart = True
     for rep in reports:
         parts.append(f"<h2>{html.escape(str(rep.path))}: <span class='{rep.status}'>{rep.status}</span></h2>")
-        parts.append(f"<p>{html.escape(_header(rep))}</p><p><b>Verdict:</b> {html.escape(_verdict(rep))}</p>")
+        parts.append(f"<p>{html.escape(_header(rep))}</p><p><b>Verdict:</b> {html.escape(rep.verdict)}</p>")
         parts.append(_html_table(_COLUMNS, _layer_rows(rep)))
         groups = _groups(rep.analysis.alerts)
         if groups:
@@ -379,7 +367,7 @@ def render_html(reports: list[RunReport], config: DetectorConfig) -> str:
 def _html_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
-        "<tr>" + "".join(f"<td class='{html.escape(c) if c in STATUS_RANK or c == 'critical' else ''}'>"
+        "<tr>" + "".join(f"<td class='{html.escape(c) if c in STATUS_RANK else ''}'>"
                          f"{html.escape(c)}</td>" for c in row) + "</tr>"
         for row in rows
     )
@@ -408,7 +396,7 @@ def _figures(rep: RunReport) -> list:
         fig.update_layout(title=title, xaxis_title="step", height=360, margin=dict(l=50, r=20, t=50, b=40))
         figs.append(fig)
     # Heatmaps of each expert's load relative to its fair share, for the layers most worth a look.
-    ranked = sorted(layers, key=lambda r: (-STATUS_RANK[r.summary()["status"]], -_nan0(r.summary()["cv"])))
+    ranked = sorted(layers, key=lambda r: (-STATUS_RANK[r.status], -_nan0(r.summary()["cv"])))
     for layer in ranked[:_MAX_HEATMAPS]:
         s = layer.series
         if not len(s["last"]):
@@ -417,7 +405,7 @@ def _figures(rep: RunReport) -> list:
         fig = go.Figure(go.Heatmap(z=z.T, x=_downsample(s["last"].astype(float)), y=list(range(layer.num_experts)),
                                    colorscale="Viridis", zmin=0, zmax=max(3.0, float(np.nanmax(z)) if z.size else 3.0),
                                    colorbar=dict(title="x fair")))
-        fig.update_layout(title=f"{layer.layer}: expert load / fair share ({layer.summary()['status']})",
+        fig.update_layout(title=f"{layer.layer}: expert load / fair share ({layer.status})",
                           xaxis_title="step", yaxis_title="expert", height=320, margin=dict(l=50, r=20, t=50, b=40))
         figs.append(fig)
     return figs

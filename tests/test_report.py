@@ -187,7 +187,7 @@ def test_default_config_is_used_when_none_given(runs, capsys):
 
 def test_a_warning_covered_by_a_critical_of_the_same_kind_is_folded_but_an_earlier_one_stays():
     from moewatch.detect import Alert
-    from moewatch.report import fold_covered_warnings
+    from moewatch.detect.alerts import fold_covered as fold_covered_warnings
 
     def alert(kind, severity, first, last, layer="l0"):
         return Alert(kind=kind, severity=severity, layer=layer, experts=(), first_step=first, last_step=last,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .alerts import Alert, lever_for, sort_alerts, worst
+from .alerts import Alert, fold_covered, lever_for, sort_alerts, status_of
 from .config import DetectorConfig, LayerThresholds
 from .rules import TREND_SERIES, Track, dead_tracks, describe, level_tracks, trend_tracks, window_metrics
 from .series import Hysteresis, hysteresis
@@ -25,7 +25,8 @@ from .windows import LayerData, Windows, bias_moves, layer_data_from_frames, mak
 GRACE_EXEMPT = frozenset({"nonfinite"})
 
 # Window series kept for the report's charts and layer summary.
-SERIES = ("first", "last", "cv", "max_share", "entropy_norm", "drop_rate", "z_loss", "logit_abs_max", "dead")
+SERIES = ("first", "last", "cv", "max_share", "entropy_norm", "drop_rate", "z_loss", "logit_abs_max", "dead",
+          "nonfinite")
 
 
 @dataclass(eq=False)  # compared by identity: episodes hold arrays, and two are never the same episode
@@ -45,6 +46,14 @@ class Episode:
     collapse_step: float | None
     ongoing: bool = True
     late_step: int | None = None  # first breaching window end at or past the warm-up (see _warmup_grace)
+    peak_step: int | None = None  # window end where ``value`` (the peak) was seen
+    hit_value: float = math.nan  # value in the last breaching window
+    tail_value: float = math.nan  # value in the latest window while the episode is active
+
+    @property
+    def latest(self) -> float:
+        """The value now while ongoing (even if counting down to clear), else in its last breaching window."""
+        return self.tail_value if self.ongoing and math.isfinite(self.tail_value) else self.hit_value
 
 
 class LayerDetector:
@@ -136,11 +145,14 @@ class LayerDetector:
             hit = np.flatnonzero(breach[lo:e]) + lo
             if len(hit):
                 vals = t.value[hit]
-                vals = vals[np.isfinite(vals)]
-                if len(vals):
-                    peak = float(vals.max() if t.worse > 0 else vals.min())
-                    ep.value = peak if not math.isfinite(ep.value) else (
-                        max(ep.value, peak) if t.worse > 0 else min(ep.value, peak))
+                ok = np.isfinite(vals)
+                if ok.any():
+                    fv, fs = vals[ok], win.last[hit[ok]]
+                    j = int(fv.argmax() if t.worse > 0 else fv.argmin())
+                    peak = float(fv[j])
+                    if not math.isfinite(ep.value) or ep.peak_step is None or t.worse * (peak - ep.value) > 0:
+                        ep.value, ep.peak_step = peak, int(fs[j])
+                    ep.hit_value = float(fv[-1])
                 ep.last_step = int(win.last[hit[-1]])
                 if ep.late_step is None:
                     ends = win.last[hit]
@@ -152,6 +164,9 @@ class LayerDetector:
                 ep.ongoing = False
                 self._open.pop(t.key, None)
             else:
+                now = float(t.value[n - 1])
+                if math.isfinite(now):
+                    ep.tail_value = now
                 self._open[t.key] = ep
             if is_new:
                 started.append(ep)
@@ -188,7 +203,8 @@ class LayerDetector:
         values = {
             "first": win.first, "last": win.last, "cv": m["cv"], "max_share": m["max_share"],
             "entropy_norm": m["entropy_norm"], "drop_rate": m["drop_rate"], "z_loss": m["z_loss"],
-            "logit_abs_max": m["logit_abs_max"], "dead": m["dead"].sum(axis=1), "share": m["share"].astype(np.float32),
+            "logit_abs_max": m["logit_abs_max"], "dead": m["dead"].sum(axis=1), "nonfinite": m["nonfinite"],
+            "share": m["share"].astype(np.float32),
         }
         for k, v in values.items():
             self.series[k].append(v)
@@ -200,9 +216,10 @@ class LayerDetector:
             kind=ep.kind, severity=ep.severity, layer=self.layer, experts=experts, first_step=ep.first_step,
             last_step=ep.last_step, value=ep.value, threshold=ep.threshold,
             message=describe(ep.kind, self.layer, experts, ep.value, ep.threshold, ep.first_step, collapse,
-                             self.num_experts, self.config),
+                             self.num_experts, self.config, latest=ep.latest, peak_step=ep.peak_step,
+                             ongoing=ep.ongoing, last_step=ep.last_step),
             lever=lever_for(ep.kind, self.has_bias), detected_step=ep.detected_step, collapse_step=collapse,
-            ongoing=ep.ongoing,
+            ongoing=ep.ongoing, latest=ep.latest, peak_step=ep.peak_step,
         )
 
     def alerts(self) -> list[Alert]:
@@ -225,6 +242,11 @@ class LayerResult:
     alerts: list[Alert]
     series: dict[str, np.ndarray] = field(repr=False)
 
+    @property
+    def status(self) -> str:
+        """healthy | warning | recovered | critical | collapsed: see moewatch.detect.alerts.STATUSES."""
+        return status_of(self.alerts)
+
     def summary(self) -> dict:
         """Final-window numbers for the report table (NaN where the run has no window yet)."""
         s = self.series
@@ -244,14 +266,35 @@ class LayerResult:
             "dead": int(s["dead"][last]) if last >= 0 else 0,
             "drop_rate": at("drop_rate"),
             "z_loss": at("z_loss"),
-            "status": worst(self.alerts),
+            "status": self.status,
         }
 
 
 @dataclass
 class Analysis:
+    """A run's judgement: per-layer results (alerts and window series) and every alert, most severe first."""
+
     layers: list[LayerResult]
     alerts: list[Alert]
+    config: DetectorConfig = field(default_factory=DetectorConfig)
+
+    @property
+    def status(self) -> str:
+        """The run's status: healthy | warning | recovered | critical | collapsed (the worst of its layers')."""
+        return status_of(self.alerts)
+
+    def shown_alerts(self) -> list[Alert]:
+        """The alerts to show a person: every episode except warnings a more severe alert covers (``fold_covered``).
+
+        ``alerts`` keeps them all, as the live tracker raised them; statuses and health are the same either way.
+        """
+        return sort_alerts(fold_covered(self.alerts))
+
+    def health(self) -> pd.DataFrame:
+        """Per layer and detector window: level 0/1/2 and the signals behind it (see moewatch.detect.health)."""
+        from .health import health_frame
+
+        return health_frame(self)
 
 
 def analyze_layer(data: LayerData, config: DetectorConfig) -> LayerResult:
@@ -271,7 +314,7 @@ def analyze(layers: Iterable[LayerData], config: DetectorConfig | None = None,
     config = config or DetectorConfig()
     items = list(layers)
     results = [analyze_layer(d, config) for d in (progress(items) if progress else items)]
-    return Analysis(results, sort_alerts([a for r in results for a in r.alerts]))
+    return Analysis(results, sort_alerts([a for r in results for a in r.alerts]), config)
 
 
 def analyze_frames(layers: pd.DataFrame, experts: pd.DataFrame, config: DetectorConfig | None = None,

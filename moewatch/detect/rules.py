@@ -297,41 +297,55 @@ def _multiscale_bias(hist, g0, n_new, th: LayerThresholds, config: DetectorConfi
 
 
 def describe(kind: str, layer: str, experts: tuple[int, ...], value: float, threshold: float, first_step: int,
-             collapse_step: int | None, num_experts: int, config: DetectorConfig) -> str:
-    """The alert's one-sentence message."""
+             collapse_step: int | None, num_experts: int, config: DetectorConfig, *, latest: float = math.nan,
+             peak_step: int | None = None, ongoing: bool = False, last_step: int | None = None) -> str:
+    """The alert's one-sentence message: what, where, since when, its latest value and its peak (each named)."""
     who = _experts_text(experts)
     fair = 1.0 / max(num_experts, 1)
+
+    def vals(fmt: str, worst: str = "peak") -> str:
+        # "27.8% now, peak 81.3% at step 40": the latest window's value first, named, then the episode's worst.
+        peak = f"{worst} {fmt.format(value)}" + (f" at step {peak_step}" if peak_step is not None else "")
+        if not math.isfinite(latest):
+            return peak
+        now = fmt.format(latest) + (" now" if ongoing else
+                                    f" when it ended at step {last_step}" if last_step is not None else " at its end")
+        return now + (f" (its {worst})" if fmt.format(latest) == fmt.format(value) else f", {peak}")
+
     if kind == "dead_expert":
-        return (f"Up to {int(value)} of {num_experts} experts at a time in {layer} got under {config.dead_share:.0%} "
-                f"of their fair share of tokens from step {first_step} ({who} over the episode).")
+        peak = f"peak {int(value)} of {num_experts} at once" + (f" at step {peak_step}" if peak_step is not None else "")
+        if ongoing and math.isfinite(latest):
+            return (f"{int(latest)} of {num_experts} experts in {layer} get under {config.dead_share:.0%} of their fair "
+                    f"share of tokens now, since step {first_step} ({peak}; {who} over the episode).")
+        return (f"Experts in {layer} got under {config.dead_share:.0%} of their fair share of tokens from step "
+                f"{first_step} to {last_step} ({peak}; {who} over the episode).")
     if kind == "dominant_expert":
-        if len(experts) > 1:
-            return (f"{who.capitalize()} in {layer} took turns at the top with up to {value:.1%} of assignments "
-                    f"({value / fair:.1f}x a fair share of {fair:.1%}; threshold {threshold:.1%}) from step "
-                    f"{first_step}.")
-        return (f"{who.capitalize()} in {layer} took {value:.1%} of assignments ({value / fair:.1f}x its fair share "
-                f"{fair:.1%}; threshold {threshold:.1%}) from step {first_step}.")
+        lead = (f"{who.capitalize()} in {layer} took turns at the top" if len(experts) > 1
+                else f"{who.capitalize()} in {layer} takes the largest share")
+        return (f"{lead} of assignments from step {first_step} (fair share {fair:.1%}, threshold "
+                f"{threshold:.1%}): {vals('{:.1%}')}.")
     if kind == "imbalance":
-        return f"Expert load in {layer} is imbalanced: CV {value:.2f} >= {threshold:.2f} from step {first_step}."
+        return (f"Expert load in {layer} is imbalanced from step {first_step} (threshold CV {threshold:.2f}): "
+                f"CV {vals('{:.2f}')}.")
     if kind == "imbalance_trend":
         when = f"around step {collapse_step}" if collapse_step is not None else "soon"
-        return (f"Load imbalance in {layer} has been rising steadily since step {first_step} (CV up to {value:.2f}) "
-                f"and projects to cross the collapse threshold {threshold:.2f} {when}.")
+        return (f"Load imbalance in {layer} has been rising steadily since step {first_step} (CV "
+                f"{vals('{:.2f}')}) and projects to cross the collapse threshold {threshold:.2f} {when}.")
     if kind == "entropy_collapse":
-        trend = f" and projects to reach collapse around step {collapse_step}" if collapse_step is not None else ""
-        return (f"Router entropy in {layer} fell to {value:.3f} of its maximum from step {first_step} (alert level "
-                f"{threshold:.3f}){trend}.")
+        trend = f"; projected to reach collapse around step {collapse_step}" if collapse_step is not None else ""
+        return (f"Router entropy in {layer} (as a fraction of its maximum) is low from step {first_step} (alert "
+                f"level {threshold:.3f}): {vals('{:.3f}', 'lowest')}{trend}.")
     if kind == "drops":
-        return (f"{layer} drops {value:.1%} of assignments at capacity (threshold {threshold:.1%}) "
-                f"from step {first_step}" + (f", mostly at {who}." if experts else "."))
+        return (f"{layer} drops assignments at capacity from step {first_step} (threshold {threshold:.1%} of "
+                f"assignments): {vals('{:.1%}')}" + (f"; mostly at {who}." if experts else "."))
     if kind == "logit_drift":
-        return (f"Router logits in {layer} keep growing (max |logit| {value:.3g}, warning level {threshold:.3g}) "
-                f"from step {first_step}.")
+        return (f"Router logits in {layer} keep growing from step {first_step} (warning level {threshold:.3g}): "
+                f"max |logit| {vals('{:.3g}')}.")
     if kind == "nonfinite":
-        return f"{int(value)} non-finite (NaN/inf) router logits in {layer} from step {first_step}."
+        return f"Non-finite (NaN/inf) router logits in {layer} from step {first_step}: {vals('{:.0f}')} per window."
     if kind == "bias_runaway":
-        return (f"The spread of the balancing bias in {layer} keeps growing (+{value:.0%} over the trend fit) while "
-                f"the load imbalance does not fall, from step {first_step}.")
+        return (f"The spread of the balancing bias in {layer} keeps growing ({vals('+{:.0%}')} over the trend fit) "
+                f"while the load imbalance does not fall, from step {first_step}.")
     raise ValueError(f"no message for alert kind {kind!r}")
 
 
