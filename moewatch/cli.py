@@ -164,11 +164,26 @@ def version() -> None:
     typer.echo(__version__)
 
 
+# typer vendors click; its ClickException is the base of the public typer.BadParameter.
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main() -> None:
     try:
-        app()
+        code = app(standalone_mode=False)
     except KeyboardInterrupt:
         sys.exit(130)
+    except typer.Abort:
+        sys.exit(130)
+    except _ClickException as e:
+        # Bad arguments: one line that says what is wrong and where to look (exit 2), not a usage box.
+        ctx = getattr(e, "ctx", None)
+        where = f"{ctx.command_path} --help" if ctx is not None else "moewatch --help"
+        text = e.format_message().replace("Value error, ", "")
+        if text:  # empty when the help was shown for a bare `moewatch`
+            typer.echo(f"moewatch: error: {text} (see `{where}`)", err=True)
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

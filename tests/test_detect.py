@@ -536,8 +536,11 @@ def test_live_sink_logs_each_alert_once_and_calls_back(caplog):
     batch = detect_frames(layers, experts)
     assert sorted((a.kind, a.severity, a.first_step) for a in seen) == sorted(
         (a.kind, a.severity, a.first_step) for a in batch)
-    lines = [r for r in caplog.records if r.getMessage().startswith("moewatch critical")]
+    lines = [r for r in caplog.records if r.getMessage().startswith(("moewatch collapsed", "moewatch critical"))]
     assert len(lines) == sum(a.severity == "critical" for a in batch) and lines[0].levelno == logging.ERROR
+    # The live line speaks the report's status vocabulary: a critical imbalance is a collapse.
+    assert all(a.status == "collapsed" for a in seen if a.severity == "critical" and a.kind == "imbalance")
+    assert any(r.getMessage().startswith("moewatch collapsed (imbalance critical") for r in lines)
     assert "Lever: raise the aux-loss coefficient" in lines[0].getMessage()
     assert sum("on_alert raised RuntimeError" in r.getMessage() for r in caplog.records) == 1
 

@@ -263,3 +263,21 @@ def test_fail_on_tightens_the_gate_for_every_status(capsys):
             code = report_paths([SAMPLES / name], "json", fail_on=fail_on)
             assert code == int(fails(status, fail_on)), (name, fail_on)
             assert json.loads(capsys.readouterr().out)["status"] == status
+
+
+def test_bad_cli_arguments_get_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "moewatch.cli", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    for args, needle in ((["report", str(tmp_path), "--fail-on", "sometimes"], "'--fail-on'"),
+                         (["report"], "Missing argument"), (["nosuch"], "No such command"),
+                         (["report", str(tmp_path / "nope")], "does not exist")):
+        done = cli(*args)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, (args, done.stderr)
+        assert lines[0].startswith("moewatch: error: ") and needle in lines[0], (args, lines)
+    assert cli("version").returncode == 0

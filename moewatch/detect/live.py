@@ -22,8 +22,10 @@ _LEVELS = {CRITICAL: logging.ERROR, WARNING: logging.WARNING}
 
 
 def format_alert(alert: Alert) -> str:
-    """The one log line for an alert."""
-    return f"moewatch {alert.severity} ({alert.kind}, step {alert.detected_step}): {alert.message} Lever: {alert.lever}."
+    """The one log line for an alert, led by the status it puts its layer in (collapsed, critical, warning)."""
+    status = alert.status if alert.status != "healthy" else alert.severity
+    return (f"moewatch {status} ({alert.kind} {alert.severity}, step {alert.detected_step}): {alert.message} "
+            f"Lever: {alert.lever}.")
 
 
 def live_alerts(config: DetectorConfig | None = None,
