@@ -1,5 +1,6 @@
 """moewatch: a training-health monitor for Mixture-of-Experts routers.
 
+    print(moewatch.inspect(model))                 # the routers it would record, and what each can measure
     watch = moewatch.attach(model, "runs/exp1")   # finds every router, starts recording
     ...; watch.step()                              # after each optimizer step
     watch.close()
@@ -8,6 +9,7 @@
 
 __version__ = "0.1.0"
 
+from moewatch.capture.summary import inspect  # noqa: E402
 from moewatch.capture.types import Probe, RouterSpec, Routing  # noqa: E402
 from moewatch.capture.watch import Watch, WatchConfig, attach  # noqa: E402
 from moewatch.store.reader import Run, RunError, load  # noqa: E402
@@ -15,6 +17,7 @@ from moewatch.store.reader import Run, RunError, load  # noqa: E402
 __all__ = [
     "__version__",
     "attach",
+    "inspect",
     "load",
     "Watch",
     "WatchConfig",

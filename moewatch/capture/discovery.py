@@ -17,6 +17,11 @@ routing logits. Strategies, tried together on every module (the innermost router
 
 Routers whose output does not show their choice (DBRX returns bare logits) get a second probe on the sibling
 experts module, which receives ``top_k_index`` (see `readers.ExpertsInputReader`). `routers=` replaces all of this.
+
+Before all of these, the routers of training stacks (torchtitan, DeepSpeed, OLMo-core, NeMo Automodel, LitGPT,
+lucidrains' MoE code, Megatron-Core) are recognised by class (`moewatch.capture.stacks`); their MoE blocks are then
+closed to the strategies above. `moe_looking_modules` names the modules that look like MoE blocks but hold no router
+found, for the warning at attach.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from moewatch.capture import hf
+from moewatch.capture import hf, stacks
 from moewatch.capture.readers import (
     ExpertsInputReader,
     IndicesInputReader,
@@ -49,8 +54,16 @@ EXPERT_ATTRS = ("num_router_classes", "n_routed_experts", "num_experts", "num_lo
                 "n_experts")
 TOPK_ATTRS = ("top_k", "num_experts_per_tok", "moe_top_k", "moe_topk", "moe_k", "top_k_experts", "k",
               "num_experts_per_token", "num_selected_experts")
-BIAS_ATTRS = ("e_score_correction_bias", "expert_bias", "balancing_biases", "score_correction_bias")
+BIAS_ATTRS = ("e_score_correction_bias", "expert_bias", "balancing_biases", "score_correction_bias", "expert_bias_E",
+              "score_bias")
 GATE_NAMES = ("gate", "router", "wg")
+# Further spellings, used only to infer E and K of a module already known to be a router (found, or registered by
+# hand), never to decide that a module is one: research code and training stacks (lucidrains' `num_gates`/`top_n`,
+# NeMo's `n_experts`/`topk`, LitGPT's config `n_expert`/`n_expert_per_token`, Megatron's `num_moe_experts`).
+MORE_EXPERT_ATTRS = (*EXPERT_ATTRS, "num_gates", "n_expert", "num_moe_experts", "n_routed_experts")
+MORE_TOPK_ATTRS = (*TOPK_ATTRS, "topk", "top_n", "n_expert_per_token", "n_activated_experts", "moe_router_topk")
+# Class names of MoE blocks (for the "MoE-looking but no router" warning).
+MOE_CLASS = re.compile(r"(MoE|Moe|MixtureOfExperts|MoELayer|MoeLayer|SparseMoeBlock|SparseMLP)$")
 
 
 class NoRouterFoundError(RuntimeError):
@@ -102,17 +115,18 @@ def _projection_width(module: nn.Module) -> int | None:
 
 
 def _num_experts(module: nn.Module) -> int | None:
-    return _int_attr(module, EXPERT_ATTRS) or _projection_width(module)
+    return (_int_attr(module, MORE_EXPERT_ATTRS) or _projection_width(module)
+            or _int_attr(getattr(module, "config", None), MORE_EXPERT_ATTRS))
 
 
 def _top_k(module: nn.Module, parent: nn.Module | None, model: nn.Module | None) -> int | None:
     for owner in (module, getattr(module, "config", None), parent, getattr(parent, "config", None)):
-        if owner is not None and (k := _int_attr(owner, TOPK_ATTRS)):
+        if owner is not None and (k := _int_attr(owner, MORE_TOPK_ATTRS)):
             return k
     if m := re.search(r"Top(\d+)", type(module).__name__):  # Switch's Top1Router, NLLB's Top2Router
         return int(m.group(1))
     cfg = getattr(model, "config", None)
-    return _int_attr(cfg, TOPK_ATTRS) if cfg is not None else None
+    return _int_attr(cfg, MORE_TOPK_ATTRS) if cfg is not None else None
 
 
 def find_bias(module: nn.Module, parent: nn.Module | None, num_experts: int) -> Callable[[], torch.Tensor] | None:
@@ -208,9 +222,15 @@ def router_spec(
         assert experts is not None
         probes.append(Probe(experts, ExpertsInputReader(reader)))
     capacity, factor = _capacity(module)
+    bias = find_bias(module, parent, num_experts)
+    kind = kind or _kind(module)
+    # Only a router returning bare logits with no experts probe has its choice recomputed (top-k of the logits).
+    guessed = not watch_experts and hf.returns_single(type(module)) is True and kind != "moewatch"
+    counts = "counts_topk" if guessed else "counts"
+    drops = ("drops",) if capacity is not None or factor is not None else ()
     return RouterSpec(name=name, num_experts=num_experts, top_k=top_k, probes=probes, capacity=capacity,
-                      capacity_factor=factor, bias=find_bias(module, parent, num_experts),
-                      kind=kind or _kind(module))
+                      capacity_factor=factor, bias=bias, kind=kind,
+                      measures=(counts, *drops, "distribution", "logits") + (("bias",) if bias is not None else ()))
 
 
 def _product_key_spec(name: str, block: nn.Module) -> RouterSpec | None:
@@ -226,13 +246,15 @@ def _product_key_spec(name: str, block: nn.Module) -> RouterSpec | None:
 
 
 def _classic_spec(name: str, linear: nn.Linear, parent: nn.Module) -> RouterSpec | None:
-    k = _int_attr(parent, TOPK_ATTRS)
+    k = _int_attr(parent, TOPK_ATTRS) or _int_attr(getattr(parent, "config", None), MORE_TOPK_ATTRS)
     E = linear.out_features
     if k is None or not 1 <= k <= E:
         return None
     reader = RouterReader(E, k, scoring=hf.infer_scoring(parent)[0], guess_choice=True)
-    return RouterSpec(name=name, num_experts=E, top_k=k, probes=[Probe(linear, reader)],
-                      bias=find_bias(linear, parent, E), kind="classic")
+    bias = find_bias(linear, parent, E)
+    return RouterSpec(name=name, num_experts=E, top_k=k, probes=[Probe(linear, reader)], bias=bias, kind="classic",
+                      measures=("counts_topk", "distribution", "logits") + (("bias",) if bias is not None else ()),
+                      note="the block hides its choice: counts are top-k of the logits")
 
 
 # ---------------------------------------------------------------------------------------------- discovery
@@ -247,12 +269,18 @@ def _inside(name: str, owners: list[str]) -> bool:
     return any(name == o or _contains(o, name) for o in owners)
 
 
-def _router_candidates(model: nn.Module, tree: dict[str, tuple[nn.Module, nn.Module | None]]) -> Iterator[RouterSpec]:
+def _closed(name: str, blocks: list[str]) -> bool:
+    """Whether `name` lies in (or around) a training-stack MoE block, where only the stack's router counts."""
+    return any(name == b or _contains(b, name) or _contains(name, b) for b in blocks)
+
+
+def _router_candidates(model: nn.Module, tree: dict[str, tuple[nn.Module, nn.Module | None]],
+                       closed: list[str]) -> Iterator[RouterSpec]:
     hints = hf.recorder_hints(model)
     found: dict[str, tuple[nn.Module, nn.Module | None, int | None]] = {}
     product_keys: dict[str, nn.Module] = {}
     for name, (m, parent) in tree.items():
-        if not name:  # the model itself is never one of its routers
+        if not name or _closed(name, closed):  # the model itself is never one of its routers
             continue
         if (isinstance(m, ProductKeyBlock) and isinstance(m.router_gate, nn.Linear)
                 and isinstance(m.down_embed, nn.Embedding)):
@@ -301,6 +329,10 @@ def _explicit(model: nn.Module, routers: Mapping[str, nn.Module | RouterSpec]) -
         if not isinstance(value, nn.Module):
             raise TypeError(f"routers[{name!r}] must be an nn.Module or a RouterSpec, got {type(value).__name__}")
         parent = by_id.get(id(value), (None, None))[1]
+        match = stacks.stack_spec(name, value, parent)
+        if match is not None:
+            specs.append(match.spec)
+            continue
         E = _num_experts(value)
         K = _top_k(value, parent, model)
         if E is None or K is None:
@@ -330,25 +362,58 @@ def discover(model: nn.Module, routers: Mapping[str, nn.Module | RouterSpec] | N
     if routers is not None:
         return _explicit(model, routers)
     tree = _parents(model)
-    specs = list(_router_candidates(model, tree))
-    taken = [s.name for s in specs] + [n for n, (m, _) in tree.items() if any(p.module is m for s in specs
-                                                                           for p in s.probes)]
+    matches = stacks.stack_routers(tree)
+    closed = [m.block for m in matches]
+    specs = [m.spec for m in matches] + list(_router_candidates(model, tree, closed))
+    taken = [s.name for s in specs] + closed + [n for n, (m, _) in tree.items() if any(p.module is m for s in specs
+                                                                                    for p in s.probes)]
     specs += list(_classic_candidates(tree, taken))
     if not specs:
-        raise NoRouterFoundError(_not_found_message(model))
+        raise NoRouterFoundError(_not_found_message(model, moe_looking_modules(model, [])))
     order = {n: i for i, n in enumerate(tree)}
     return sorted(specs, key=lambda s: order.get(s.name, len(order)))
 
 
-def _not_found_message(model: nn.Module) -> str:
+def moe_looking_modules(model: nn.Module, specs: list[RouterSpec]) -> list[str]:
+    """Modules that look like MoE blocks (a child named ``experts``, or a class name ending in ``MoE``/``Moe``/
+    ``MoELayer``/``SparseMoeBlock``/...) but hold none of `specs`' probed modules: routers discovery missed.
+
+    Only the outermost such module is named; one nested in a block that holds a router is part of that block."""
+    probed = {id(p.module) for s in specs for p in s.probes}
+    named = dict(model.named_modules())
+    holds = [n for n, m in named.items() if id(m) in probed]
+    routed = [n for n, m in named.items() if _looks_moe(m) and any(h == n or _contains(n, h) for h in holds)]
+    out: list[str] = []
+    for name, m in named.items():
+        if not name or not _looks_moe(m):
+            continue
+        if any(h == name or _contains(name, h) for h in holds) or any(_contains(b, name) for b in routed):
+            continue
+        if not any(_contains(o, name) for o in out):
+            out.append(name)
+    return out
+
+
+def _looks_moe(m: nn.Module) -> bool:
+    return _expert_container(m) or bool(MOE_CLASS.search(type(m).__name__))
+
+
+def _not_found_message(model: nn.Module, moe_like: list[str] | None = None) -> str:
+    where = ""
+    if moe_like:
+        shown = ", ".join(f"`{n}` ({type(dict(model.named_modules())[n]).__name__})" for n in moe_like[:5])
+        more = f" and {len(moe_like) - 5} more" if len(moe_like) > 5 else ""
+        where = f"These modules look like MoE blocks but hold no router it can read: {shown}{more}.\n"
     return (
-        f"moewatch found no MoE router in {type(model).__name__}. It searched for:\n"
+        f"moewatch found no MoE router in {type(model).__name__}. {where}It searched for:\n"
         f"  - routers of transformers MoE models (classes named in `_can_record_outputs['router_logits']`, or modules "
         f"returning (router_logits, weights, indices));\n"
         f"  - the moewatch router protocol: a module with int attributes `num_experts` and `top_k` whose forward "
         f"returns an object with `logits` and `indices` (optionally `probs`, `dropped`);\n"
         f"  - classic MoE blocks: an nn.Linear named {' / '.join(repr(g) for g in GATE_NAMES)} inside a block that "
-        f"holds `experts` and a top-k attribute ({', '.join(TOPK_ATTRS[:3])} or `k`).\n"
+        f"holds `experts` and a top-k attribute ({', '.join(TOPK_ATTRS[:3])} or `k`);\n"
+        f"  - the routers of torchtitan, DeepSpeed, OLMo-core, NeMo Automodel, LitGPT, st-moe-pytorch, "
+        f"mixture-of-experts and Megatron-Core.\n"
         f"Register routers by hand with moewatch.attach(model, run_dir, routers={{'name': module}}) (a module or a "
         f"moewatch.RouterSpec per router), or record fused routers yourself with "
         f"watch.record(layer, logits=..., indices=..., dropped=...)."

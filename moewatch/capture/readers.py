@@ -30,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from moewatch.capture.types import Routing
+from moewatch.capture.types import Routing, UnreadableOutput
 
 
 @runtime_checkable
@@ -44,6 +44,15 @@ class RouterOutput(Protocol):
 
     logits: torch.Tensor
     indices: torch.Tensor
+
+
+def _describe(output: Any) -> str:
+    """A short structural description of an output (types, shapes, dtypes) for error messages."""
+    if isinstance(output, torch.Tensor):
+        return f"Tensor{tuple(output.shape)}:{str(output.dtype).removeprefix('torch.')}"
+    if isinstance(output, (tuple, list)):
+        return "(" + ", ".join(_describe(x) for x in output) + ")"
+    return type(output).__name__
 
 
 def _is_int(t: torch.Tensor) -> bool:
@@ -178,7 +187,9 @@ class RouterReader:
         p = parse_roles(items, self.num_experts, self.top_k, logits_index=self.logits_index, names=self.names)
         self.has_choice = p.has_choice
         if p.logits is None and p.indices is None:
-            return None
+            raise UnreadableOutput(
+                f"no float [.., {self.num_experts}] logits and no integer [.., {self.top_k}] indices in its output "
+                f"({_describe(output)})")
         E, K = self.num_experts, self.top_k
         r = Routing(scoring=self.scoring)
         if self.padding_arg is not None and p.logits is not None:

@@ -8,9 +8,9 @@ Shape legend used across moewatch's tensor code:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -40,10 +40,27 @@ class Routing:
     token_mask_T: torch.Tensor | None = None
 
 
-# A reader turns a hooked module's forward call into an observation (or None to ignore the call).
-# Arguments: (module, args, kwargs, output). Readers must not sync the host: no .item(), .tolist(), .cpu(),
-# no data-dependent shapes (boolean indexing, nonzero, unique).
-Reader = Callable[[nn.Module, tuple, dict, Any], "Routing | None"]
+# A reader turns a hooked module's forward call into an observation (or None to ignore the call). It may return
+# several observations of the same call (e.g. the choice from one source and the distribution from another); each
+# is added to the layer's step. Arguments: (module, args, kwargs, output). Readers must not sync the host: no
+# .item(), .tolist(), .cpu(), no data-dependent shapes (boolean indexing, nonzero, unique). A reader that cannot
+# make sense of an output raises `UnreadableOutput`: the watch warns once and records the problem in run.json.
+Reader = Callable[[nn.Module, tuple, dict, Any], Union["Routing", Sequence["Routing"], None]]
+
+
+class UnreadableOutput(ValueError):
+    """A reader could not find the routing in a module's output; the message says what it saw."""
+
+
+# What a router's spec can measure (`RouterSpec.measures`), in the order listed by `moewatch.inspect`.
+MEASURES = {
+    "counts": "tokens per expert from the router's actual choice",
+    "counts_topk": "tokens per expert from top-k of the logits (the router's choice is not visible)",
+    "drops": "capacity drops per expert",
+    "distribution": "the router's distribution over experts (entropy, prob_mean, aux_loss)",
+    "logits": "raw logits (logit_abs_max, logit_std, z_loss, nonfinite)",
+    "bias": "the router's selection bias",
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,9 @@ class RouterSpec:
     ``name`` is the qualified name of the module that computes the routing logits. ``probes`` are the hooks that
     observe it: usually one on the router itself; two when the choice is only visible elsewhere (e.g. on the experts
     module's input). ``bias`` returns the router's correction bias (shape E) or None; it is read once per step.
+    ``kind`` names the family (``transformers``, ``torchtitan``, ``deepspeed``, ...); ``measures`` lists what its
+    probes can measure (keys of `MEASURES`; ``bias`` is added when ``bias`` is set) and ``note`` says what they
+    cannot, for `moewatch.inspect` and run.json.
     """
 
     name: str
@@ -71,6 +91,8 @@ class RouterSpec:
     capacity_factor: float | None = None
     bias: Callable[[], torch.Tensor | None] | None = None
     kind: str = "custom"
+    measures: tuple[str, ...] = ("counts", "distribution", "logits")
+    note: str = ""
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -3,6 +3,11 @@
 The training thread only ever launches small device ops (moewatch.metrics.observe into per-layer accumulators,
 one cat + zero per device at `step()`, one non-blocking device->host copy at a flush). Everything that needs the
 values — metrics, Arrow, Parquet, the heartbeat — runs in the writer thread (moewatch.store.writer.FlushWorker).
+
+Never silent: `attach` logs one line saying what it found (`moewatch.capture.summary`) and warns about modules that
+look like MoE blocks but hold no router; during training a router that records nothing in its first
+``silent_steps`` training steps, a reader that cannot parse an output, and a hook that fails each warn once. Every
+such problem is also kept in run.json under ``problems`` (see `PROBLEM_KINDS`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import torch
 from torch import nn
 
 from moewatch import metrics
-from moewatch.capture.types import Probe, RouterSpec, Routing
+from moewatch.capture.summary import RouterInfo, summary_line
+from moewatch.capture.types import Probe, RouterSpec, Routing, UnreadableOutput
 from moewatch.store.manifest import new_manifest, read_manifest, write_manifest
 from moewatch.store.schema import LAYERS, MANIFEST, TABLES
 from moewatch.store.writer import Chunk, FlushWorker, LayerSlot, PartWriter
@@ -32,6 +38,15 @@ from moewatch.store.writer import Chunk, FlushWorker, LayerSlot, PartWriter
 log = logging.getLogger("moewatch")
 
 PHASES = ("train", "eval")
+
+# run.json ``problems``: a list of {"kind", "router", "message", "step", "session", "time"}, one per problem, in the
+# order they happened. "router" is the layer name (null for a model-level problem); "step" the step being recorded.
+PROBLEM_KINDS = {
+    "unrouted_moe": "a module looks like an MoE block but moewatch found no router in it (at attach)",
+    "silent_router": "a router recorded nothing in the first training steps",
+    "unreadable_output": "a router's reader could not find the routing in its output",
+    "hook_error": "a router's hook raised; recording of that router stopped",
+}
 
 
 @dataclass(frozen=True)
@@ -41,10 +56,13 @@ class WatchConfig:
     flush_steps: int = 100
     flush_seconds: float = 30.0
     record_eval: bool = False
+    silent_steps: int = 3  # warn about a router that recorded nothing in this many training steps (0: never)
 
     def __post_init__(self) -> None:
         if not isinstance(self.flush_steps, int) or self.flush_steps < 1:
             raise ValueError(f"flush_steps must be an integer >= 1, got {self.flush_steps!r}")
+        if not isinstance(self.silent_steps, int) or self.silent_steps < 0:
+            raise ValueError(f"silent_steps must be an integer >= 0, got {self.silent_steps!r}")
         if not self.flush_seconds > 0:
             raise ValueError(f"flush_seconds must be > 0, got {self.flush_seconds!r}")
 
@@ -64,7 +82,7 @@ def _dist_rank_world() -> tuple[int, int]:
 
 
 class _LayerState:
-    __slots__ = ("spec", "tensors", "calls", "disabled", "handles")
+    __slots__ = ("spec", "tensors", "calls", "disabled", "handles", "recorded", "warned")
 
     def __init__(self, spec: RouterSpec):
         self.spec = spec
@@ -72,6 +90,8 @@ class _LayerState:
         self.calls = {p: 0 for p in PHASES}
         self.disabled = False
         self.handles: list[Any] = []
+        self.recorded = False  # whether a training call was ever observed
+        self.warned: set[str] = set()  # problem kinds already warned about
 
 
 class Watch:
@@ -85,6 +105,7 @@ class Watch:
         config: WatchConfig,
         meta: Mapping[str, Any] | None = None,
         on_tables: Callable | None = None,
+        problems: list[dict[str, Any]] | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.config = config
@@ -101,12 +122,17 @@ class Watch:
         self._seq = 0
         self._since_flush = 0
         self._last_flush = time.monotonic()
+        self._trained = False  # a training forward of the model ran since the last step()
+        self._train_steps = 0  # steps that had a training forward
 
         self._prepare_dir()
         self._next_step = self._resume_step()
         self._manifest = self._initial_manifest(model, meta)
         for spec in specs:
             self._add_layer(spec)
+        for problem in problems or []:
+            extra = {k: v for k, v in problem.items() if k not in ("kind", "router", "message")}
+            self._problem(problem["kind"], problem.get("router"), problem["message"], warn=False, **extra)
         self._write_manifest_now()
         self._worker = FlushWorker(
             PartWriter(self.run_dir, self.rank, self._session),
@@ -178,6 +204,7 @@ class Watch:
         else:
             manifest = new_manifest(**fields, routers=[])
             manifest["sessions"] = self._session
+        manifest["problems"] = list(manifest.get("problems") or [])
         if meta:
             manifest["meta"] = {**manifest.get("meta", {}), **dict(meta)}
         manifest.setdefault("meta", {})
@@ -190,21 +217,35 @@ class Watch:
         self._layers[spec.name] = state
         for probe in spec.probes:
             state.handles.append(probe.module.register_forward_hook(self._make_hook(state, probe), with_kwargs=True))
-        entry = {"name": spec.name, "num_experts": spec.num_experts, "top_k": spec.top_k, "capacity": spec.capacity,
-                 "capacity_factor": spec.capacity_factor, "kind": spec.kind}
         routers = [r for r in self._manifest["routers"] if r.get("name") != spec.name]
-        self._manifest["routers"] = [*routers, entry]
+        self._manifest["routers"] = [*routers, RouterInfo(spec).as_dict()]
         return state
 
     @property
-    def routers(self) -> list[str]:
-        """Names of the routers being recorded."""
-        return list(self._layers)
+    def routers(self) -> list[RouterInfo]:
+        """The routers being recorded: each a `RouterInfo`, i.e. its layer name (a str) with ``kind``,
+        ``num_experts``, ``top_k``, ``measures`` and ``note`` (see `moewatch.inspect`)."""
+        return [RouterInfo(s.spec) for s in self._layers.values()]
+
+    @property
+    def problems(self) -> list[dict[str, Any]]:
+        """Problems found so far (also in run.json under ``problems``); see `PROBLEM_KINDS`."""
+        return list(self._manifest["problems"])
+
+    def _problem(self, kind: str, router: str | None, message: str, *, warn: bool = True, **extra: Any) -> None:
+        """Record a problem in run.json (written at the next heartbeat, step or close) and warn once."""
+        self._manifest["problems"] = [*self._manifest["problems"], {
+            "kind": kind, "router": router, "message": message, "step": self._next_step, "session": self._session,
+            "time": time.time(), **extra}]
+        if warn:
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ hooks (training thread, no host sync)
     def _root_pre(self, module: nn.Module, args: tuple) -> None:
         if self._root_depth == 0:
             self._root_mode = (module.training, torch.is_grad_enabled())
+            if module.training and torch.is_grad_enabled() and not _in_backward():
+                self._trained = True
         self._root_depth += 1
 
     def _root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -227,20 +268,34 @@ class Watch:
                 return
             try:
                 with torch.no_grad():
-                    routing = probe.read(module, args, kwargs, output)
-                    if routing is not None:
+                    result = probe.read(module, args, kwargs, output)
+                    for routing in (result,) if isinstance(result, Routing) else result or ():
                         self._observe(state, phase, routing)
+            except UnreadableOutput as e:
+                self._unreadable(state, module, e)
             except Exception as e:
                 self._disable(state, e)
 
         return hook
 
+    def _unreadable(self, state: _LayerState, module: nn.Module, error: UnreadableOutput) -> None:
+        if "unreadable_output" in state.warned:
+            return
+        state.warned.add("unreadable_output")
+        name = state.spec.name
+        self._problem("unreadable_output", name, (
+            f"moewatch: cannot read the routing of router {name!r} ({type(module).__name__}, kind "
+            f"{state.spec.kind!r}): {error}. Nothing is recorded for its calls like this one. Register it by hand "
+            f"with attach(model, run_dir, routers={{{name!r}: RouterSpec(name={name!r}, num_experts=..., top_k=..., "
+            f"probes=[Probe(module, reader)]) }}) or record it with watch.record({name!r}, logits=..., indices=...)"))
+
     def _disable(self, state: _LayerState, error: Exception) -> None:
         state.disabled = True
         for h in state.handles:
             h.remove()
-        warnings.warn(f"moewatch: stopped recording router {state.spec.name!r} after an error in its hook "
-                      f"({type(error).__name__}: {error}); training continues", RuntimeWarning, stacklevel=3)
+        self._problem("hook_error", state.spec.name, (
+            f"moewatch: stopped recording router {state.spec.name!r} after an error in its hook "
+            f"({type(error).__name__}: {error}); training continues"))
 
     def _observe(self, state: _LayerState, phase: str, r: Routing) -> None:
         acc = state.tensors.get(phase)
@@ -252,6 +307,8 @@ class Watch:
                         indices_TK=r.indices_TK, dropped_TK=r.dropped_TK, scoring=r.scoring,
                         token_mask_T=r.token_mask_T)
         state.calls[phase] += 1
+        if phase == "train":
+            state.recorded = True
 
     # ------------------------------------------------------------------ public API
     def record(
@@ -299,12 +356,33 @@ class Watch:
         now = time.time()
         for phase in PHASES:
             self._snapshot(phase, number, now)
+        if self._trained:
+            self._trained = False
+            self._train_steps += 1
+            if self._train_steps == self.config.silent_steps:
+                self._check_silent()
         self._seq += 1
         self._since_flush += 1
         if (self._since_flush >= self.config.flush_steps
                 or time.monotonic() - self._last_flush >= self.config.flush_seconds):
             self.flush()
         return number
+
+    def _check_silent(self) -> None:
+        """Warn once about each router that recorded nothing in the first `silent_steps` training steps."""
+        n = self.config.silent_steps
+        for name, s in self._layers.items():
+            if s.recorded or s.disabled or s.spec.kind == "manual" or "silent_router" in s.warned:
+                continue
+            s.warned.add("silent_router")
+            modules = ", ".join(sorted({type(p.module).__name__ for p in s.spec.probes})) or "no probe"
+            self._problem("silent_router", name, (
+                f"moewatch: router {name!r} ({s.spec.kind}, hooked on {modules}) recorded nothing in the first {n} "
+                f"training steps: the module was not called in a training forward, or its output showed no routing. "
+                f"If it is a router, register it by hand: attach(model, run_dir, routers={{{name!r}: "
+                f"RouterSpec(name={name!r}, num_experts=..., top_k=..., probes=[Probe(module, reader)])}}) or "
+                f"watch.record({name!r}, logits=..., indices=...) in your training step"))
+        self._write_manifest_now()
 
     def _snapshot(self, phase: str, number: int, now: float) -> None:
         calls = {name: s.calls[phase] for name, s in self._layers.items() if s.calls[phase] and phase in s.tensors}
@@ -454,6 +532,7 @@ def attach(
     flush_steps: int = 100,
     flush_seconds: float = 30.0,
     record_eval: bool = False,
+    silent_steps: int = 3,
     meta: Mapping[str, Any] | None = None,
     alerts: bool = False,
     on_alert: Callable[[Any], None] | None = None,
@@ -467,20 +546,51 @@ def attach(
     `record_eval=True` records the others into the eval tables. `alerts=True` evaluates the collapse detector at
     each flush in the writer thread, logs each new alert once and calls `on_alert(alert)`. `on_tables(experts, layers)`
     is called in the writer thread with each flushed block of rows as pyarrow Tables (e.g. the TensorBoard bridge).
+
+    Never silent: logs one line (logger ``moewatch``, INFO) naming what it found; warns about modules that look like
+    MoE blocks but hold no router, and, during training, about a router that recorded nothing in its first
+    `silent_steps` training steps (0 turns that off) or whose output cannot be read. Each problem also goes to
+    run.json under ``problems``. `moewatch.inspect(model)` lists the routers without attaching.
     """
     from moewatch.capture.discovery import discover
 
-    config = WatchConfig(flush_steps=flush_steps, flush_seconds=flush_seconds, record_eval=record_eval)
+    config = WatchConfig(flush_steps=flush_steps, flush_seconds=flush_seconds, record_eval=record_eval,
+                         silent_steps=silent_steps)
+    problems: list[dict[str, Any]] = []
     if model is None:
         specs = list(discover(nn.Module(), routers)) if routers else []
     else:
         specs = discover(model, routers)
+        if routers is None or routers:
+            problems = _unrouted_problems(model, specs)
+    log.info("%s; recording into %s", summary_line([RouterInfo(s) for s in specs],
+                                                   type(model).__name__ if model is not None else None), run_dir)
+    for problem in problems:
+        warnings.warn(problem["message"], RuntimeWarning, stacklevel=2)
     sinks = [on_tables] if on_tables is not None else []
     if alerts or on_alert is not None:
         from moewatch.detect.live import live_alerts
 
         sinks.append(live_alerts(detector_config, on_alert))
-    return Watch(model, run_dir, specs, config, meta=meta, on_tables=_fan_out(sinks) if sinks else None)
+    return Watch(model, run_dir, specs, config, meta=meta, on_tables=_fan_out(sinks) if sinks else None,
+                 problems=problems)
+
+
+def _unrouted_problems(model: nn.Module, specs: list[RouterSpec]) -> list[dict[str, Any]]:
+    from moewatch.capture.discovery import moe_looking_modules
+
+    unrouted = moe_looking_modules(model, specs)
+    if not unrouted:
+        return []
+    named = dict(model.named_modules())
+    shown = ", ".join(f"{n!r} ({type(named[n]).__name__})" for n in unrouted[:8])
+    more = f" and {len(unrouted) - 8} more" if len(unrouted) > 8 else ""
+    first = unrouted[0]
+    message = (f"moewatch: {len(unrouted)} module(s) look like MoE blocks but hold no router moewatch can read: "
+               f"{shown}{more}. Their routing is NOT recorded. Register each router by hand: attach(model, run_dir, "
+               f"routers={{'{first}.gate': module_or_RouterSpec, ...}}) (with every other router too), or record it "
+               f"with watch.record(layer, logits=..., indices=...); moewatch.inspect(model) lists what was found")
+    return [{"kind": "unrouted_moe", "router": None, "message": message, "modules": unrouted}]
 
 
 def _fan_out(sinks: list[Callable[[Any, Any], None]]) -> Callable[[Any, Any], None]:
