@@ -365,15 +365,21 @@ class Top2GatingReader:
 
 
 def megatron_logits(router: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """Megatron-Core ``TopKRouter.gating`` re-run on the same input (without its one-time move of CPU weights to CUDA:
-    None when the weights are not on the input's device)."""
-    from megatron.core.transformer.moe.moe_utils import router_gating_linear
+    """Megatron-Core ``TopKRouter.gating`` re-run on the same input: its ``router_gating_linear`` (Transformer
+    Engine's GEMM when installed, else the same ``mm``/``addmm`` in the router dtype that function falls back to),
+    without gating's one-time move of CPU weights to CUDA (None when the weights are not on the input's device)."""
+    from megatron.core.transformer.moe import moe_utils
 
     if router.weight.device != x.device:
         return None
     dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(getattr(router.config, "moe_router_dtype", None),
                                                               x.dtype)
-    return router_gating_linear(x, router.weight, router.bias, dtype)
+    if getattr(moe_utils, "te_general_gemm", None) is not None:
+        return moe_utils.router_gating_linear(x, router.weight, router.bias, dtype)
+    x_TD = x.reshape(-1, x.shape[-1]).to(dtype)
+    w_ED = router.weight.to(dtype)
+    out_TE = x_TD @ w_ED.t() if router.bias is None else torch.addmm(router.bias.to(dtype), x_TD, w_ED.t())
+    return out_TE.view(*x.shape[:-1], -1)
 
 
 class MegatronRouterReader:
