@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 import moewatch
+from tests.stack_import import import_stack
 from tests.stack_truth import StackTruth, assert_run_matches, bincount
 
-pytest.importorskip("deepspeed.moe.layer", reason="DeepSpeed is not installed (pip install 'moewatch[stacks]')")
+import_stack("deepspeed.moe.layer", "DeepSpeed")
 
 from deepspeed.moe import sharded_moe  # noqa: E402
 from deepspeed.moe.layer import MoE  # noqa: E402

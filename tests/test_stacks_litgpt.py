@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 import moewatch
+from tests.stack_import import import_stack
 from tests.stack_truth import StackTruth, assert_run_matches
 
-pytest.importorskip("litgpt.model", reason="LitGPT is not installed (pip install --no-deps litgpt)")
+import_stack("litgpt.model", "LitGPT")
 
 from litgpt.config import Config  # noqa: E402
 from litgpt.model import GPT, GroupedTopkRouter, LLaMAMoE  # noqa: E402

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 import moewatch
+from tests.stack_import import import_stack
 from tests.stack_truth import StackTruth, assert_run_matches
 
-pytest.importorskip("st_moe_pytorch", reason="st-moe-pytorch is not installed (pip install 'moewatch[stacks]')")
-pytest.importorskip("mixture_of_experts", reason="mixture-of-experts is not installed (pip install 'moewatch[stacks]')")
+import_stack("st_moe_pytorch", "st-moe-pytorch")
+import_stack("mixture_of_experts", "mixture-of-experts")
 
 import mixture_of_experts  # noqa: E402
 import st_moe_pytorch  # noqa: E402

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 import moewatch
+from tests.stack_import import import_stack
 from tests.stack_truth import StackTruth, assert_run_matches, bincount
 
-pytest.importorskip("megatron.core.transformer.moe.router",
-                    reason="Megatron-Core is not installed (pip install 'moewatch[stacks]')")
+import_stack("megatron.core.transformer.moe.router", "Megatron-Core")
 
 import torch.distributed as dist  # noqa: E402
 from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402

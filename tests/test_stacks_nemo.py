@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 import moewatch
+from tests.stack_import import import_stack
 from tests.stack_truth import StackTruth, assert_run_matches, bincount
 
-pytest.importorskip("nemo_automodel.components.moe.layers",
-                    reason="NeMo Automodel is not installed (pip install --no-deps nemo-automodel)")
+import_stack("nemo_automodel.components.moe.layers", "NeMo Automodel")
 
 from nemo_automodel.components.models.common.utils import BackendConfig  # noqa: E402
 from nemo_automodel.components.moe.config import MoEConfig  # noqa: E402

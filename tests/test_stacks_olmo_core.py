@@ -16,9 +16,10 @@ from torch import nn
 
 import moewatch
 from tests import olmo_cpu_ops
+from tests.stack_import import import_stack
 from tests.stack_truth import StackTruth, assert_run_matches, bincount
 
-pytest.importorskip("olmo_core.nn.moe", reason="OLMo-core is not installed (pip install 'moewatch[stacks]')")
+import_stack("olmo_core.nn.moe", "OLMo-core")
 
 from olmo_core.nn.moe import MoEConfig, MoERouterConfig, MoEType  # noqa: E402
 from olmo_core.nn.moe.router import MoERouter, MoERouterGatingFunction  # noqa: E402

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 import moewatch
+from tests.stack_import import import_stack
 from tests.stack_truth import StackTruth, assert_run_matches, bincount
 
-pytest.importorskip("torchtitan.models.common.moe", reason="torchtitan is not installed (pip install 'moewatch[stacks]')")
+import_stack("torchtitan.models.common.moe", "torchtitan")
 
 from torchtitan.models.common.config_utils import (  # noqa: E402
     make_moe_config,
