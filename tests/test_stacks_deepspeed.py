@@ -134,3 +134,38 @@ def test_deepspeed_dense_dispatch_output(tmp_path, captured_logits, k):
     run = moewatch.load(tmp_path)
     assert_run_matches(run, truth, tokens_per_step={0: 24, 1: 24})
     assert run.layers.dropped.sum() > 0
+
+
+class UsedTokenGate(nn.Module):
+    """Calls a top-1 gate with DeepSpeed's ``used_token`` mask and sparse routes, as MOELayer does."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = sharded_moe.TopKGate(D, E, k=1, capacity_factor=1.0, min_capacity=1)
+
+    def forward(self, x_SD, used_S):
+        out = self.gate(x_SD, used_S, True)
+        return out[5].sum() + out[0]
+
+
+def test_deepspeed_used_token_leaves_unused_tokens_out(tmp_path, captured_logits):
+    torch.manual_seed(2)
+    model = UsedTokenGate().train()
+    truth = StackTruth(E)
+
+    def on_gate(mod, args, out):
+        logits, used = captured_logits.pop(), args[1].bool()
+        kept = bincount(out[3], E)
+        truth.add("gate", kept_E=kept, dropped_E=out[-1].numpy() - kept, dist_TE=logits.softmax(-1),
+                  logits_TE=logits, token_mask_T=used)
+
+    model.gate.register_forward_hook(on_gate)
+    used = torch.ones(24)
+    used[::3] = 0  # a third of the tokens are padding
+    with moewatch.attach(model, tmp_path) as watch:
+        for step in range(2):
+            model(torch.randn(24, D), used).backward()
+            truth.cut(step)
+            watch.step()
+    run = moewatch.load(tmp_path)
+    assert_run_matches(run, truth, tokens_per_step={0: 16, 1: 16})

@@ -414,7 +414,7 @@ class MegatronRouterReader:
         if getattr(cfg, "moe_expert_capacity_factor", None) is not None:
             pre_TE = self._pre_drop(module, logits_TE)
         if pre_TE is not None:
-            r.indices_TK = torch.topk(pre_TE.to(torch.uint8), K, dim=-1).indices
+            r.indices_TK = torch.topk(pre_TE.float(), K, dim=-1).indices  # its K chosen experts
             r.dropped_TK = ~map_TE.gather(1, r.indices_TK)
             return r
         # The pre-drop choice cannot be recomputed (randomized or replayed routing): record the kept assignments.

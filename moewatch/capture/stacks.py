@@ -12,6 +12,7 @@ routers), the probes reading it (`moewatch.capture.stack_readers`), what they ca
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from torch import nn
 
 from moewatch.capture import stack_readers as sr
 from moewatch.capture.types import Probe, RouterSpec
+
+log = logging.getLogger(__name__)
 
 Tree = dict[str, tuple[nn.Module, "nn.Module | None"]]
 
@@ -204,7 +207,12 @@ def stack_spec(name: str, module: nn.Module, parent: nn.Module | None) -> StackM
     if not any(c.__module__.split(".")[0] in PACKAGES for c in type(module).__mro__ + type(parent).__mro__):
         return None
     for build in BUILDERS:
-        match = build(name, module, parent)
+        try:
+            match = build(name, module, parent)
+        except (AttributeError, TypeError, ValueError) as e:  # a class of that name that is not the router we know
+            log.debug("moewatch: %s (%s) looks like a %s router but is not readable as one: %s", name,
+                      type(module).__name__, build.__name__.strip("_"), e)
+            continue
         if match is not None:
             return match
     return None
