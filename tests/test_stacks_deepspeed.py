@@ -80,6 +80,7 @@ def test_deepspeed_moe_exact_counts_drops_and_distribution(tmp_path, captured_lo
     info = moewatch.inspect(model)
     assert [str(i) for i in info] == ["moes.0.deepspeed_moe.gate", "moes.1.deepspeed_moe.gate"] and not info.unrouted
     assert info[0].kind == "deepspeed" and (info[0].num_experts, info[0].top_k) == (E, k)
+    assert [i.kind for i in moewatch.inspect(model, routers={"mine": model.moes[0].deepspeed_moe.gate})] == ["deepspeed"]  # by hand
 
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     with moewatch.attach(model, tmp_path) as watch:

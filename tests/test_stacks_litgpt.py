@@ -66,6 +66,7 @@ def test_litgpt_moe_exact_counts_and_distribution(tmp_path, grouped):
     assert [str(i) for i in info] == ["transformer.h.0.mlp.gate", "transformer.h.1.mlp.gate"] and not info.unrouted
     assert info[0].kind == "litgpt" and (info[0].num_experts, info[0].top_k) == (E, K)
     assert ("bias" in info[0].measures) == grouped
+    assert [i.kind for i in moewatch.inspect(model, routers={"mine": blocks['transformer.h.0.mlp'].gate})] == ["litgpt"]  # by hand
 
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     with moewatch.attach(model, tmp_path) as watch:

@@ -142,6 +142,7 @@ def test_mixture_of_experts_top2_gating(tmp_path, policy):
     info = moewatch.inspect(model)
     assert [str(i) for i in info] == ["moes.0.gate", "moes.1.gate"] and not info.unrouted
     assert info[0].kind == "mixture_of_experts" and (info[0].num_experts, info[0].top_k) == (E, 2)
+    assert [i.kind for i in moewatch.inspect(model, routers={"mine": model.moes[0].gate})] == ["mixture_of_experts"]  # by hand
 
     run = train(model, tmp_path, truth)
     assert_run_matches(run, truth)

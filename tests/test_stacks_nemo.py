@@ -85,6 +85,7 @@ def test_nemo_automodel_moe_exact_counts_and_distribution(tmp_path, monkeypatch,
     assert [str(i) for i in info] == ["moes.0.gate", "moes.1.gate"] and not info.unrouted
     assert info[0].kind == "nemo_automodel" and (info[0].num_experts, info[0].top_k) == (E, K)
     assert ("bias" in info[0].measures) == (score_func == "sigmoid_with_bias")
+    assert [i.kind for i in moewatch.inspect(model, routers={"mine": model.moes[0].gate})] == ["nemo_automodel"]  # by hand
 
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     biases = {}

@@ -142,7 +142,7 @@ def _litgpt(name: str, m: nn.Module, parent: nn.Module | None) -> StackMatch | N
                                      measures=_measures("counts", "distribution", "logits", bias=bias),
                                      note="grouped top-k (sigmoid); logits re-run on the router's input"),
                           _block_of(name))
-    if (isinstance(m, nn.Linear) and parent is not None and name.rpartition(".")[2] == "gate"
+    if (isinstance(m, nn.Linear) and parent is not None and getattr(parent, "gate", None) is m
             and _is(parent, "litgpt", "LLaMAMoE")):
         E, K = int(m.out_features), int(parent.config.n_expert_per_token)
         return StackMatch(RouterSpec(name=name, num_experts=E, top_k=K, probes=[Probe(m, sr.LitGPTGateReader(E, K))],
