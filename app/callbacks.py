@@ -2,9 +2,11 @@
 
 The functions take what triggered them as an argument (instead of reading `dash.ctx`), so tests call them
 directly. Every view catches its own failures and answers with a message in the page: a broken run shows what is
-wrong with it, never a stack trace. Live updates (the `tick` interval) append only the new steps through a dash
-`Patch` while a figure still shows every step one point per step; otherwise the figure is rebuilt, at most
-`LINE_POINTS` points per trace.
+wrong with it, never a stack trace. Run pages are addressed by the run's path under the root (/run/team/exp%201).
+The verdict, the alerts and the health strip all come from the detector's one `Analysis` of the run
+(moewatch.app.detection); the layer view counts in the detector's windows unless the user asks for raw per-step
+counts. Live updates (the `tick` interval) append only the new steps through a dash `Patch` while a raw figure still
+shows every step one point per step; otherwise the figure is rebuilt, at most `LINE_POINTS` points per trace.
 """
 
 from __future__ import annotations
@@ -15,17 +17,19 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import unquote
 
+import numpy as np
 from dash import ALL, Dash, Input, Output, State, ctx, no_update
 from dash.exceptions import PreventUpdate
 
 from . import figures
 from .arrays import human_bytes
-from .catalog import Catalog, UnknownRun
-from .detection import OK
+from .catalog import Catalog, UnknownRun, run_href
+from .detection import OK, PENDING
 from .downsample import columns_for
 from .layout import HIDDEN, SHOWN, alerts_panel, message, run_header, run_list
+from .windows import detector_window
 
 log = logging.getLogger("moewatch.app")
 
@@ -61,12 +65,15 @@ MEMO = FigureMemo()
 
 
 def route(catalog: Catalog, pathname: str | None) -> tuple[Any, ...]:
-    """(runs style, run style, compare style, run id, page message) for a URL."""
+    """(runs style, run style, compare style, run id, page message) for a URL.
+
+    A run page is /run/<the run's path under the root, URL-quoted>; the path only ever selects one of the runs found
+    under the root (never a file to open), so ../ and absolute paths are just unknown runs."""
     path = (pathname or "/").rstrip("/") or "/"
     if path == "/":
         return SHOWN, HIDDEN, HIDDEN, None, None
     if path.startswith("/run/"):
-        run_id = path[len("/run/"):]
+        run_id = unquote(path[len("/run/"):])
         try:
             catalog.entry(run_id)
         except UnknownRun as e:
@@ -124,34 +131,46 @@ def header_view(catalog: Catalog, run_id: str | None, refresh_seconds: float) ->
         notices = [("warning", s) for s in run.skipped]
         if run.meta_error:
             notices.append(("error", run.meta_error))
-    if det.state not in (OK, "pending"):
+        generation = run.generation
+    if det.state not in (OK, PENDING):
         notices.append(("info", det.message))
+    sentence = det.sentence if det.state == OK else (det.message if det.state == PENDING else "")
+    if det.state == OK and det.generation != generation:
+        sentence += " (updating with the newest steps…)"
     live = f"live · refreshing every {refresh_seconds:g} s" if run.status == "running" else ""
-    return run_header(entry.name, run.status, det.verdict, details, notices, live, f"/compare?runs={run_id}")
+    return run_header(entry.name, run.status, det.status, details, notices, live,
+                      "/compare?runs=" + run_href(run_id)[len("/run/"):], sentence)
 
 
 def default_layer(catalog: Catalog, run_id: str) -> str | None:
-    """The layer of the most severe alert if the detector has answered, else the one with the worst health."""
+    """The layer that needs attention: the worst layer status once the detector has answered (its most severe
+    alert's layer among equals), else the layer whose load over its recent steps is most uneven."""
     run = catalog.run(run_id)
     names = run.layer_names
     if not names:
         return None
     det = catalog.detector.get(run, wait=0.25)  # a large run's verdict comes later: do not hold the first paint
-    if det.state == OK and det.alerts and det.alerts[0].layer in names:
-        return det.alerts[0].layer
-    from .downsample import bin_edges
-    from .health import score
+    if det.state == OK and det.analysis is not None:
+        from moewatch.detect import STATUS_RANK
 
+        first_alert = {}
+        for i, a in enumerate(det.alerts):
+            first_alert.setdefault(a.layer, i)
+        judged = [r for r in det.analysis.layers if r.layer in names]
+        if judged:
+            worst = min(judged, key=lambda r: (-STATUS_RANK.get(r.status, 0), first_alert.get(r.layer, 1 << 30),
+                                               names.index(r.layer)))
+            return worst.layer
     with run.lock:
         if run.n == 0:
             return names[0]
         lo = max(0, run.n - 500)
-        b = run.binned(bin_edges(run.n - lo, 1), lo)  # the recent steps as one bin
-        E = [layer.num_experts for layer in run.layers]
-        k = [layer.top_k for layer in run.layers]
-    value, _ = score(b, E, k)
-    recent = [float(v) if v == v else -1.0 for v in value[0]]
-    return names[max(range(len(names)), key=lambda i: recent[i])]
+        spread = []
+        for name in names:
+            load = run.tokens(name, lo).sum(axis=0, dtype=np.int64).astype(np.float64)
+            mean = load.mean() if load.size else 0.0
+            spread.append(float(load.std() / mean) if mean > 0 else -1.0)
+    return names[max(range(len(names)), key=lambda i: spread[i])]
 
 
 def select_layer(catalog: Catalog, trigger: Any, run_id: str | None, alert_clicks: list | None,
@@ -202,31 +221,28 @@ def xrange_from_relayout(relayout: dict | None) -> Any:
 
 
 def overview_view(catalog: Catalog, trigger: Any, run_id: str | None, marker: dict | None, width: float | None,
-                  state: dict | None) -> tuple[Any, Any]:
+                  state: dict | None, wait: float = 1.0) -> tuple[Any, Any]:
+    """The health strip, drawn from the detector's health frame; "checking…" until the detector has answered,
+    redrawn when it answers for newer steps."""
     if not run_id:
         raise PreventUpdate
     try:
         run = catalog.run(run_id)
+        det = catalog.detector.get(run, wait=0.0 if trigger == "tick" else wait)
         cols = columns_for(width)
-        key = json.dumps([run_id, marker, cols, len(run.layer_names)])
-        if trigger == "tick" and state and state.get("key") == key:
-            dirty = run.dirty_since(state["gen"])
-            if dirty is None:
-                raise PreventUpdate
-            n_new = run.n
-            if state["raw"] and dirty >= state["n"] and n_new <= cols \
-                    and figures.is_uniform(run.steps[:n_new]) != state["explicit_x"]:
-                tail, info = figures.overview_figure(run, width, lo=state["n"], hi=n_new,
-                                                     explicit_x=state["explicit_x"])
-                if info.traces == 1 and info.raw:
-                    return figures.extend_patch(tail), {**state, "gen": run.generation, "n": n_new}
-        gen = run.generation
-        fig, info = MEMO.get(("overview", run.instance, gen, cols),
-                             lambda: figures.overview_figure(run, width))
+        key = json.dumps([run_id, marker, cols, det.state, det.generation, det.seconds])
+        if state and state.get("key") == key:
+            raise PreventUpdate
+        if det.state != OK:
+            text = "checking the run for collapse…" if det.state == PENDING else det.message
+            return figures.empty_figure(text, 200), {"key": key}
         names = run.layer_names
-        row = names.index(marker["layer"]) if marker and marker.get("layer") in names else None
-        return figures.with_marker(fig, marker, row), {"key": key, "gen": gen, "n": info.n, "raw": info.raw,
-                                                      "explicit_x": info.explicit_x}
+        fig, info = MEMO.get(("overview", run.instance, det.generation, det.seconds, cols),
+                             lambda: figures.overview_figure(names, det.health, width,
+                                                             uirevision=f"overview:{run_id}"))
+        shown = fig["data"][0]["y"] if fig["data"] else []
+        row = list(shown).index(marker["layer"]) if marker and marker.get("layer") in shown else None
+        return figures.with_marker(fig, marker, row), {"key": key}
     except PreventUpdate:
         raise
     except UnknownRun as e:
@@ -242,25 +258,34 @@ def _range(run, xrange: list | None) -> tuple[int, int]:
     return run.index_range(xrange[0], xrange[1])
 
 
-def _build(kind: str, run, layer: str, lo: int, hi: int, width, sort: bool, marker, explicit_x: bool | None = None
-           ) -> tuple[dict, Any]:
+def _build(kind: str, run, layer: str, lo: int, hi: int, width, sort: bool, marker, explicit_x: bool | None = None,
+           window: int | None = None) -> tuple[dict, Any]:
     def build() -> tuple[dict, Any]:
         if kind == "heatmap":
-            return figures.heatmap_figure(run, layer, lo, hi, width, sort, explicit_x=explicit_x)
+            return figures.heatmap_figure(run, layer, lo, hi, width, sort, explicit_x=explicit_x, window=window)
         if kind == "shares":
-            return figures.shares_figure(run, layer, lo, hi, sort)
-        return figures.metrics_figure(run, layer, lo, hi)
+            return figures.shares_figure(run, layer, lo, hi, sort, window=window)
+        return figures.metrics_figure(run, layer, lo, hi, window=window)
 
     key = (kind, run.instance, run.generation, layer, lo, hi, columns_for(width) if kind == "heatmap" else 0,
-           sort and kind != "metrics", explicit_x)
+           sort and kind != "metrics", explicit_x, window)
     fig, info = MEMO.get(key, build)
     return figures.with_marker(fig, marker), info
 
 
+def chart_window(catalog: Catalog, run, layer: str, raw: list | None) -> int | None:
+    """The window the layer view bins by: the detector's for this layer (None: raw per-step counts, when the user
+    asked for them or the detector is not installed)."""
+    if raw:
+        return None
+    return detector_window(run, layer, catalog.detector.get(run))
+
+
 def layer_view(catalog: Catalog, trigger: Any, run_id: str | None, layer: str | None, sort: list | None,
-               xrange: list | None, marker: dict | None, width: float | None, state: dict | None
-               ) -> tuple[Any, Any, Any, Any, Any]:
-    """(heatmap, shares, metrics, view state, note) for the selected layer, zoom range, sort and marker."""
+               xrange: list | None, marker: dict | None, width: float | None, state: dict | None,
+               raw: list | None = None) -> tuple[Any, Any, Any, Any, Any]:
+    """(heatmap, shares, metrics, view state, note) for the selected layer, zoom range, sort, marker and counting
+    (the detector's windows by default; `raw` truthy: raw per-step counts)."""
     if not run_id or not layer:
         raise PreventUpdate
     sorting = bool(sort)
@@ -270,14 +295,15 @@ def layer_view(catalog: Catalog, trigger: Any, run_id: str | None, layer: str | 
             msg = figures.empty_figure(f"this run has no layer {layer!r}")
             return msg, msg, msg, None, ""
         cols = columns_for(width)
+        window = chart_window(catalog, run, layer, raw)
         mark = marker if marker and marker.get("layer") == layer else None
-        base = json.dumps([run_id, layer, xrange, mark, cols])
+        base = json.dumps([run_id, layer, xrange, mark, cols, window])
         key = json.dumps([base, sorting])
         if trigger == "tick":
             if xrange:
                 raise PreventUpdate  # a zoomed view stays still; zooming out resumes live updates
             if state and state.get("key") == key:
-                return _live_update(run, layer, cols, width, sorting, mark, state)
+                return _live_update(run, layer, cols, width, sorting, mark, state, window)
         lo, hi = _range(run, xrange)
         gen = run.generation
         out, figs = {}, {}
@@ -287,7 +313,7 @@ def layer_view(catalog: Catalog, trigger: Any, run_id: str | None, layer: str | 
                 out[kind] = no_update  # sorting experts does not change the metric panels
                 figs[kind] = state["figs"][kind]
                 continue
-            fig, info = _build(kind, run, layer, lo, hi, width, sorting, mark)
+            fig, info = _build(kind, run, layer, lo, hi, width, sorting, mark, window=window)
             out[kind] = fig
             figs[kind] = {"raw": info.raw, "n": info.n, "traces": info.traces, "explicit_x": info.explicit_x}
         note = f"{hi - lo:,} steps shown" + (" (zoomed: double-click a chart to zoom out)" if xrange else "")
@@ -304,7 +330,10 @@ def layer_view(catalog: Catalog, trigger: Any, run_id: str | None, layer: str | 
         return msg, msg, msg, None, ""
 
 
-def _live_update(run, layer: str, cols: int, width, sorting: bool, mark, state: dict) -> tuple[Any, ...]:
+def _live_update(run, layer: str, cols: int, width, sorting: bool, mark, state: dict, window: int | None
+                 ) -> tuple[Any, ...]:
+    """New steps on a live tick: appended (a dash Patch) to raw per-step figures that still show every step,
+    else the figure is rebuilt (windowed figures always are: their last window grows)."""
     dirty = run.dirty_since(state["gen"])
     if dirty is None:
         raise PreventUpdate
@@ -316,13 +345,13 @@ def _live_update(run, layer: str, cols: int, width, sorting: bool, mark, state: 
         budget = cols if kind == "heatmap" else figures.lines_budget(prev["traces"])
         # x0 + dx heatmap columns can only be appended to while the steps stay evenly spaced.
         same_x = kind != "heatmap" or figures.is_uniform(run.steps[:n_new]) != prev["explicit_x"]
-        if prev["raw"] and dirty >= n_old and n_new <= budget and same_x:
+        if window is None and prev["raw"] and dirty >= n_old and n_new <= budget and same_x:
             tail, info = _build(kind, run, layer, n_old, n_new, width, sorting, None, prev.get("explicit_x"))
             if info.raw and info.traces == prev["traces"]:
                 out[kind] = figures.extend_patch(tail)
                 figs[kind] = {**prev, "n": n_new}
                 continue
-        fig, info = _build(kind, run, layer, 0, n_new, width, sorting, mark)
+        fig, info = _build(kind, run, layer, 0, n_new, width, sorting, mark, window=window)
         out[kind] = fig
         figs[kind] = {"raw": info.raw, "n": info.n, "traces": info.traces, "explicit_x": info.explicit_x}
     new_state = {**state, "gen": gen, "n": n_new, "figs": figs}
@@ -351,15 +380,26 @@ def alerts_view(catalog: Catalog, run_id: str | None, marker: dict | None, state
 
 
 def compare_runs(catalog: Catalog, trigger: Any, pathname: str | None, search: str | None) -> tuple[Any, Any]:
-    """(options, selection) of the compare page's run picker; `?runs=id,id` preselects (ids the server gave)."""
+    """(options, selection) of the compare page's run picker; `?runs=a,team/exp%201` preselects runs by their
+    quoted paths under the root (only runs found there)."""
     if (pathname or "").rstrip("/") != "/compare":
         raise PreventUpdate
     options = [{"label": e.name, "value": e.run_id} for e in catalog.entries()]
     if trigger == "tick":
         return options, no_update
-    wanted = parse_qs((search or "").lstrip("?")).get("runs", [""])[0].split(",")
+    wanted = wanted_runs(search)
     known = {o["value"] for o in options}
     return options, [r for r in wanted if r in known]
+
+
+def wanted_runs(search: str | None) -> list[str]:
+    """The run paths of a ?runs= query: comma-separated, each URL-quoted (a comma inside a name is %2C)."""
+    out: list[str] = []
+    for part in (search or "").lstrip("?").split("&"):
+        name, _, value = part.partition("=")
+        if name == "runs":
+            out.extend(unquote(v) for v in value.split(",") if v)
+    return out
 
 
 def compare_layers(catalog: Catalog, run_ids: list[str] | None, current: str | None) -> tuple[Any, Any]:
@@ -374,8 +414,8 @@ def compare_layers(catalog: Catalog, run_ids: list[str] | None, current: str | N
     return options, current if current in names else (names[0] if names else None)
 
 
-def compare_view(catalog: Catalog, run_ids: list[str] | None, layer: str | None, width: float | None
-                 ) -> tuple[Any, Any, Any]:
+def compare_view(catalog: Catalog, run_ids: list[str] | None, layer: str | None, width: float | None,
+                 raw: list | None = None) -> tuple[Any, Any, Any]:
     ids = [r for r in (run_ids or []) if r]
     if len(ids) < 2 or not layer:
         msg = figures.empty_figure("pick two or more runs to compare")
@@ -394,7 +434,7 @@ def compare_view(catalog: Catalog, run_ids: list[str] | None, layer: str | None,
             if matched != layer:
                 notes.append(f"{entry.name}: compared on {matched} (no layer {layer})")
             items.append((entry.name, run, matched))
-        metrics, heat = figures.compare_figures(items, width)
+        metrics, heat = figures.compare_figures(items, width, bool(raw))
         return metrics, heat, "; ".join(notes)
     except UnknownRun as e:
         msg = figures.empty_figure(str(e))
@@ -461,9 +501,9 @@ def register(app: Dash, catalog: Catalog, refresh_seconds: float) -> None:
                   Output("view-state", "data"), Output("layer-note", "children"),
                   Input("run-id", "data"), Input("layer", "value"), Input("sort", "value"), Input("xrange", "data"),
                   Input("marker", "data"), Input("width", "data"), Input("tick", "n_intervals"),
-                  State("view-state", "data"))
-    def _layer_view(run_id, layer, sort, xrange, marker, width, _n, state):
-        return layer_view(catalog, _trigger(), run_id, layer, sort, xrange, marker, width, state)
+                  Input("raw", "value"), State("view-state", "data"))
+    def _layer_view(run_id, layer, sort, xrange, marker, width, _n, raw, state):
+        return layer_view(catalog, _trigger(), run_id, layer, sort, xrange, marker, width, state, raw)
 
     @app.callback(Output("alerts", "children"), Output("alerts-state", "data"), Input("run-id", "data"),
                   Input("tick", "n_intervals"), Input("marker", "data"), State("alerts-state", "data"))
@@ -482,7 +522,7 @@ def register(app: Dash, catalog: Catalog, refresh_seconds: float) -> None:
 
     @app.callback(Output("compare-metrics", "figure"), Output("compare-heatmaps", "figure"),
                   Output("compare-note", "children"), Input("compare-runs", "value"),
-                  Input("compare-layer", "value"), Input("width", "data"))
-    def _compare(run_ids, layer, width):
-        return compare_view(catalog, run_ids, layer, width)
+                  Input("compare-layer", "value"), Input("width", "data"), Input("compare-raw", "value"))
+    def _compare(run_ids, layer, width, raw):
+        return compare_view(catalog, run_ids, layer, width, raw)
 

@@ -1,16 +1,17 @@
-"""The runs under the served root: discovery, the ids the server assigns, and the cache of loaded runs.
+"""The runs under the served root: discovery, their ids (their paths under the root), and the cache of loaded runs.
 
-Security: the browser only ever sends an id that this module handed out (a hash of the run's path relative to the
-root); an id maps to a run directory found under the root by its run.json, so no path from the browser is opened.
+A run's id is its path relative to the served root ("team/exp 1"; the root's own name when the root is a run), so
+its page has a readable, bookmarkable URL: /run/team/exp%201 (`run_href`). Security: an id from the browser is only
+ever looked up among the run directories found under the root by their run.json; it is never opened as a path, so
+"../x", an absolute path or a folder that is not a run is just an unknown run.
 
 Loaded runs are kept in memory (`RunData`), least recently used first out once they hold more than `max_bytes`;
-the run list's figures (steps, verdict) survive eviction. Runs are prepared (read, then judged by the detector) on
-one background thread so the run list paints at once and fills in.
+the run list's row (steps, status, verdict sentence, load-over-time chart) survives eviction. Runs are prepared
+(read, then judged by the detector) on one background thread so the run list paints at once and fills in.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -19,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from moewatch.store.manifest import read_manifest
 from moewatch.store.reader import Run, find_runs, part_files
@@ -26,7 +28,7 @@ from moewatch.store.schema import EXPERTS, LAYERS, MANIFEST
 
 from .arrays import human_bytes
 from .data import RunData
-from .detection import Detection, Detector
+from .detection import Detection, Detector, Trend
 
 log = logging.getLogger("moewatch.app")
 
@@ -35,7 +37,8 @@ class UnknownRun(KeyError):
     """An id the server did not hand out (or whose run has gone)."""
 
     def __str__(self) -> str:
-        return "unknown run: open runs from the run list (the link may be from an older server or the run was removed)"
+        return ("unknown run: no run with this path under the served folder (it may have been moved or removed); "
+                "open runs from the run list")
 
 
 @dataclass(frozen=True)
@@ -52,18 +55,27 @@ class RunSummary:
     run_id: str
     name: str
     status: str
-    verdict: str | None  # healthy / warning / collapsed; None while unknown
+    verdict: str | None  # the detector's status: healthy | warning | recovered | critical | collapsed; None: unknown
     verdict_note: str
     steps: int | None
     model: str
     model_full: str
     shape: str  # "experts × layers"
     problem: str = ""
+    sentence: str = ""  # the detector's verdict sentence
+    trend: Trend = Trend()  # load over time, for the run list's chart
 
 
 def run_id_for(root: Path, path: Path) -> str:
-    rel = path.resolve().relative_to(root).as_posix() if path.resolve() != root else "."
-    return hashlib.sha1(rel.encode("utf-8")).hexdigest()[:10]
+    """A run's id: its path under `root` (posix), or the root's name when the root itself is the run."""
+    root = Path(root).resolve()
+    p = Path(path).resolve()
+    return p.relative_to(root).as_posix() if p != root else root.name
+
+
+def run_href(run_id: str) -> str:
+    """The run page's URL: /run/<the run's path, URL-quoted> (/run/team/exp%201)."""
+    return "/run/" + quote(run_id, safe="/")
 
 
 def shape_text(routers: list[dict[str, Any]]) -> str:
@@ -119,8 +131,7 @@ class Catalog:
         found = {}
         for p in paths:
             rid = run_id_for(self.root, p)
-            name = p.resolve().relative_to(self.root).as_posix() if p.resolve() != self.root else self.root.name
-            found[rid] = RunEntry(rid, p, name)
+            found[rid] = RunEntry(rid, p, rid)
         for gone in set(self._entries) - set(found):
             self._data.pop(gone, None)
             self.detector.forget(gone)
@@ -201,7 +212,7 @@ class Catalog:
     def _remember(self, run_id: str, files: int, data: RunData, det: Detection) -> None:
         note = {"ok": "", "pending": "checking…"}.get(det.state, det.message)
         with self._lock:
-            self._known[run_id] = _Known(files, data.n, det.verdict, note, len(data.skipped))
+            self._known[run_id] = _Known(files, data.n, det.status, note, len(data.skipped), det.sentence, det.trend)
 
     def summaries(self, wait: float = 0.0) -> list[RunSummary]:
         """One row per run. A run is (re)read for the list only when its part files changed since it was last
@@ -247,18 +258,19 @@ class Catalog:
         model_full = str(meta.get("model_class") or "–")
         known = self._known.get(entry.run_id)
         verdict, note = (known.verdict, known.note) if known else (None, "checking…")
+        sentence, trend = (known.sentence, known.trend) if known else ("", Trend())
         steps = known.steps if known else None
         skipped = known.skipped if known else 0
         if data is not None:
             det = self.detector.get(data)
             steps, skipped = data.n, len(data.skipped)
             if det.state != "pending" or known is None:
-                verdict = det.verdict
+                verdict, sentence, trend = det.status, det.sentence, det.trend
                 note = {"ok": "", "pending": "checking…"}.get(det.state, det.message)
         if skipped:
             problem = (problem + "; " if problem else "") + f"{skipped} corrupt part file(s) skipped"
         return RunSummary(entry.run_id, entry.name, status, verdict, note, steps, model_full.rsplit(".", 1)[-1],
-                          model_full, shape_text(meta.get("routers") or []), problem)
+                          model_full, shape_text(meta.get("routers") or []), problem, sentence, trend)
 
 
 @dataclass(frozen=True)
@@ -270,6 +282,8 @@ class _Known:
     verdict: str | None
     note: str
     skipped: int
+    sentence: str = ""
+    trend: Trend = Trend()
 
 
 def _part_count(path: Path) -> int:

@@ -493,30 +493,17 @@ class RunData:
             k = np.asarray([max(layer.top_k, 1) for layer in self._layers], dtype=np.float64)
             return derive(m, E, k, names)
 
-    def binned(self, edges: np.ndarray, lo: int = 0) -> dict[str, np.ndarray]:
-        """Every layer's metrics averaged over step bins (`edges` relative to `lo`): each value ``[bins, layers]``.
-
-        Sums are binned first and metrics derived from the bin sums (entropy and drop rate token-weighted, CV and
-        dead experts averaged over recorded steps): one pass over the run however long it is."""
+    def layer_rows(self, layer: str | int) -> np.ndarray | None:
+        """Step-axis indices where `layer` has a recorded row (what the detector judges); None when it has one at
+        every step (the usual case: no index array is built)."""
         with self.lock:
-            hi = lo + int(edges[-1])
-            starts = edges[:-1]
-            sums = {name: np.add.reduceat(self._m[name].a[lo:hi], starts, axis=0, dtype=np.float64)
-                    for name in ("tokens", "dropped", "ent_w", "cv", "dead")}
-            count = np.add.reduceat(self._m["rows"].a[lo:hi] > 0, starts, axis=0, dtype=np.int64).astype(np.float64)
-            E = np.asarray([max(layer.num_experts, 1) for layer in self._layers], dtype=np.float64)
-            k = np.asarray([max(layer.top_k, 1) for layer in self._layers], dtype=np.float64)
-        tok = sums["tokens"]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_step = np.where(count > 0, 1.0 / np.where(count > 0, count, 1.0), np.nan)
-            per_tok = np.where((count > 0) & (tok > 0), 1.0 / np.where(tok > 0, tok, 1.0), np.nan)
-            return {
-                "tokens": tok * per_step,
-                "cv": sums["cv"] * per_step,
-                "dead": sums["dead"] * per_step,
-                "entropy_norm": sums["ent_w"] * per_tok / np.log(np.maximum(E, 2.0)),
-                "drop_rate": sums["dropped"] * per_tok / k,
-            }
+            present = self._m["rows"].a[:, self.layer(layer).index] > 0
+            return None if present.all() and len(present) else np.flatnonzero(present)
+
+    def layer_column(self, layer: str | int, name: str, rows: Any = slice(None)) -> np.ndarray:
+        """One per-step column (a name of COLS: sums such as tokens, ent_w, or logit_abs_max) of `layer` at `rows`."""
+        with self.lock:
+            return self._m[name].a[rows, self.layer(layer).index]
 
     def tokens(self, layer: str | int, lo: int = 0, hi: int | None = None) -> np.ndarray:
         with self.lock:

@@ -1,9 +1,11 @@
-"""Alerts and the verdict badge of each run, from the collapse detector, computed off the request threads.
+"""The detector's judgement of each run, computed off the request threads: the one health computation behind the
+verdict badge, the verdict sentence, the alerts panel, the model-overview strip and the run list's chart.
 
 The detector (moewatch.detect) is imported lazily: when it is missing or broken the dashboard still serves charts
-and the alerts panel says detection is unavailable. It is fed the cache's per-layer arrays directly
-(`moewatch.detect.analyze` on `RunData.detector_layers()`), so a large run is not read a second time; without that
-entry point it falls back to `moewatch.detect.detect(moewatch.load(path))`.
+and the panels say detection is unavailable. It is fed the cache's per-layer arrays directly
+(`moewatch.detect.analyze` on `RunData.detector_layers()`), so a large run is not read a second time. The whole
+`Analysis` is kept, with what the page draws from it (`analysis.health()`, the verdict sentence, the run list's
+load-over-time series), all computed once per run generation on the detector's thread.
 
 Results are cached per run generation (a live run is re-judged after new parts, at most every `min_interval` s).
 """
@@ -17,65 +19,117 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .data import RunData
 
 log = logging.getLogger("moewatch.app")
 
-SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 UNAVAILABLE = "unavailable"
 PENDING = "pending"
 OK = "ok"
 ERROR = "error"
 
+# Bars of the run list's load-over-time chart, at most (windows are merged by their maximum past that).
+TREND_POINTS = 60
+
+
+@dataclass(frozen=True)
+class Trend:
+    """The run list's load over time: per group of detector windows, the largest expert's load relative to the fair
+    share on the worst layer (max over layers), and the health level there (0 healthy, 1 warning, 2 critical,
+    3 collapsed), merged by their maximum. Plain tuples: it is kept after the run's arrays are dropped."""
+
+    first: tuple[int, ...] = ()
+    last: tuple[int, ...] = ()
+    ratio: tuple[float, ...] = ()
+    level: tuple[int, ...] = ()
+    warmup: tuple[bool, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.last)
+
 
 @dataclass(frozen=True)
 class Detection:
-    """One run's detector output. `state`: ok | pending (first result not ready) | unavailable | error."""
+    """One run's detector output. `state`: ok | pending (first result not ready) | unavailable | error.
+
+    With state ok: `analysis` is the detector's `Analysis`, `alerts` the ones to show (`analysis.shown_alerts()`),
+    `health` the per layer x window frame (`analysis.health()`), `sentence` the verdict sentence and `trend` the run
+    list's chart.
+    """
 
     state: str
+    analysis: Any = None
     alerts: tuple[Any, ...] = ()
+    health: Any = None
+    sentence: str = ""
+    trend: Trend = field(default_factory=Trend)
     message: str = ""
     generation: int = -1
     seconds: float = 0.0
 
     @property
-    def verdict(self) -> str | None:
-        """collapsed (any critical) / warning (any warning) / healthy; None when there is no result."""
-        if self.state != OK:
+    def status(self) -> str | None:
+        """healthy | warning | recovered | critical | collapsed (the detector's); None when there is no result."""
+        return self.analysis.status if self.state == OK and self.analysis is not None else None
+
+    def layer(self, name: str) -> Any:
+        """The detector's `LayerResult` for layer `name`, or None."""
+        if self.analysis is None:
             return None
-        severities = {getattr(a, "severity", "") for a in self.alerts}
-        if "critical" in severities:
-            return "collapsed"
-        if "warning" in severities:
-            return "warning"
-        return "healthy"
+        return next((r for r in self.analysis.layers if r.layer == name), None)
 
 
-def verdict_of(alerts) -> str:
-    return Detection(OK, tuple(alerts)).verdict or "healthy"
+def run_detector(run: RunData) -> Any:
+    """The detector's `Analysis` of `run`; raises ImportError when the detector is not installed."""
+    from moewatch.detect import analyze
+
+    return analyze(run.detector_layers())
 
 
-def sort_alerts(alerts) -> list[Any]:
-    """Most severe first, then by onset step and layer."""
-    return sorted(alerts, key=lambda a: (SEVERITY_ORDER.get(getattr(a, "severity", ""), 3),
-                                         getattr(a, "first_step", 0) or 0, str(getattr(a, "layer", ""))))
+def judge(run: RunData, generation: int = -1, seconds_from: float | None = None) -> Detection:
+    """Everything the page needs from one detector pass over `run`."""
+    from moewatch.detect.verdict import verdict
+
+    t0 = time.perf_counter() if seconds_from is None else seconds_from
+    analysis = run_detector(run)
+    health = analysis.health()
+    return Detection(OK, analysis, tuple(analysis.shown_alerts()), health, verdict(analysis),
+                     trend_of(health, {r.layer: r.num_experts for r in analysis.layers}), generation=generation,
+                     seconds=time.perf_counter() - t0)
 
 
-def run_detector(run: RunData) -> tuple[Any, ...]:
-    """All alerts of `run`; raises ImportError when the detector is not installed."""
-    import moewatch.detect as detect_mod
+def cell_level(health: Any) -> np.ndarray:
+    """Colour level of each health row: 0 healthy, 1 warning, 2 critical (not a collapse), 3 collapsed."""
+    level = np.asarray(health["level"], dtype=np.int8)
+    return level + (np.asarray(health["status"]) == "collapsed").astype(np.int8)
 
-    analyze = getattr(detect_mod, "analyze", None)
-    if analyze is not None:
-        try:
-            layers = run.detector_layers()
-        except ImportError:
-            layers = None
-        if layers is not None:
-            return tuple(sort_alerts(analyze(layers).alerts))
-    from moewatch.store.reader import load
 
-    return tuple(sort_alerts(detect_mod.detect(load(run.path, eval=False))))
+def trend_of(health: Any, experts: dict[str, int], points: int = TREND_POINTS) -> Trend:
+    """The run list's chart from a health frame (see `Trend`)."""
+    if health is None or len(health) == 0:
+        return Trend()
+    E = health["layer"].map(experts).fillna(1).to_numpy(np.float64)
+    ratio = np.nan_to_num(health["max_share"].to_numpy(np.float64) * E, nan=0.0)
+    level = cell_level(health)
+    end = health["end_step"].to_numpy(np.int64)
+    start = health["start_step"].to_numpy(np.int64)
+    warm = health["warmup"].to_numpy(bool)
+    # Windows of all layers ordered by their end, grouped by the same end step (layers usually share windows).
+    order = np.lexsort((start, end))
+    end, start, ratio, level, warm = end[order], start[order], ratio[order], level[order], warm[order]
+    cut = np.flatnonzero(np.r_[True, end[1:] != end[:-1]])
+    n = len(cut)
+    g = max(1, -(-n // points))
+    groups = cut[::g]
+    return Trend(
+        first=tuple(int(v) for v in np.minimum.reduceat(start, groups)),
+        last=tuple(int(v) for v in np.maximum.reduceat(end, groups)),
+        ratio=tuple(round(float(v), 3) for v in np.maximum.reduceat(ratio, groups)),
+        level=tuple(int(v) for v in np.maximum.reduceat(level, groups)),
+        warmup=tuple(bool(v) for v in np.logical_and.reduceat(warm, groups)),
+    )
 
 
 @dataclass
@@ -84,6 +138,7 @@ class Detector:
 
     background: bool = True
     min_interval: float = 2.0
+    slow_factor: float = 5.0  # a run is re-judged at most every slow_factor x its last judgement's duration
     _results: dict[str, Detection] = field(default_factory=dict)
     _pending: dict[str, Future] = field(default_factory=dict)
     _last: dict[str, float] = field(default_factory=dict)
@@ -97,7 +152,7 @@ class Detector:
             have = self._results.get(key)
             fresh = have is not None and have.generation == run.generation
             # A slow detector (a huge live run) is re-run at most every 5x its own duration: ~20% of one core.
-            wait_between = max(self.min_interval, 5 * (have.seconds if have is not None else 0.0))
+            wait_between = max(self.min_interval, self.slow_factor * (have.seconds if have is not None else 0.0))
             due = time.monotonic() - self._last.get(key, -1e9) >= wait_between
             if not fresh and key not in self._pending and (have is None or due or have.state != OK):
                 self._last[key] = time.monotonic()
@@ -123,8 +178,7 @@ class Detector:
         with run.lock:
             generation = run.generation
         try:
-            alerts = run_detector(run)
-            result = Detection(OK, alerts, generation=generation, seconds=time.perf_counter() - t0)
+            result = judge(run, generation, t0)
         except ImportError as e:
             result = Detection(UNAVAILABLE, message=f"collapse detection is unavailable ({e}); charts still work",
                                generation=generation)

@@ -1,9 +1,11 @@
 """Plotly figures of a cached run, built as plain dicts with numpy arrays (no plotly.graph_objects validation).
 
-Owns every chart of the dashboard: the model overview health strip, the layer view (expert x step load heatmap,
-per-expert share lines, metric panels), the compare view, and the `extend_patch` that turns a figure of only the
-new steps into a dash `Patch` appending to the figure the browser already has. Skipping graph_objects keeps a layer
-switch on a 100k-step run within a few hundred milliseconds; dash serializes the numpy arrays with orjson.
+Owns every chart of the dashboard: the model overview health strip (from the detector's health frame, one cell per
+detector window), the run list's load-over-time chart, the layer view (expert x step load heatmap, per-expert share
+lines, metric panels; in the detector's windows, or raw per-step counts), the compare view, and the `extend_patch`
+that turns a figure of only the new steps into a dash `Patch` appending to the figure the browser already has.
+Skipping graph_objects keeps a layer switch on a 100k-step run within a few hundred milliseconds; dash serializes
+the numpy arrays with orjson.
 
 Each builder returns (figure, info) where info says whether the figure holds every step in its range one point per
 step ("raw", so a live update can append to it) and how many traces it has.
@@ -17,15 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from . import health
+from . import windows
 from .data import RunData
+from .detection import cell_level
 from .downsample import LINE_POINTS, bin_edges, bin_sum, columns_for, downsample
 
 FONT = {"family": "Inter, Segoe UI, Helvetica, Arial, sans-serif", "size": 12, "color": "#222"}
 GRID = "#e6e6e6"
 LOAD_SCALE = [[0.0, "#053061"], [0.2, "#2166ac"], [0.4, "#92c5de"], [0.5, "#f7f7f7"], [0.6, "#f4a582"],
               [0.8, "#b2182b"], [1.0, "#67001f"]]
-HEALTH_SCALE = [[0.0, "#1a9850"], [0.25, "#a6d96a"], [0.5, "#fee08b"], [0.75, "#fc8d59"], [1.0, "#d73027"]]
 RUN_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
 
 # Rows of the layer view's metric panel: (series, title, y-axis format).
@@ -79,9 +81,14 @@ def empty_figure(message: str, height: int = 260) -> dict[str, Any]:
                                                         "font": {"size": 14, "color": "#666"}}])}
 
 
-def _note(text: str) -> dict[str, Any]:
+NOTE_TONES = {"warn": ("#8a6d3b", "#fcf8e3"), "info": ("#31587a", "#eef4fb")}
+
+
+def _note(text: str, tone: str = "warn") -> dict[str, Any]:
+    """The chart's top-right note: what it shows (detector windows, raw counts) and how it was binned."""
+    colour, background = NOTE_TONES[tone]
     return {"text": text, "showarrow": False, "xref": "paper", "yref": "paper", "x": 1, "y": 1.0, "yanchor": "bottom",
-            "xanchor": "right", "font": {"size": 11, "color": "#8a6d3b"}, "bgcolor": "#fcf8e3", "name": "note"}
+            "xanchor": "right", "font": {"size": 11, "color": colour}, "bgcolor": background, "name": "note"}
 
 
 def _marker_shapes(marker: dict | None, yref: str = "paper", layer_row: int | None = None) -> list[dict[str, Any]]:
@@ -195,45 +202,178 @@ def log_ticks(cap: float) -> tuple[list[float], list[str]]:
 
 # ---------------------------------------------------------------------------------------------------- overview
 
+# The strip's colours by level: healthy, warning, critical (drops, NaN logits, ...), collapsed (routing collapse).
+LEVEL_COLOURS = ("#2ca25f", "#fec44f", "#f16913", "#99000d")
+LEVEL_NAMES = ("healthy", "warning", "critical", "collapsed")
+LEVEL_SCALE = [[i / 4 + d, c] for i, c in enumerate(LEVEL_COLOURS) for d in (0.0, 0.25)]
+WARMUP_FILL = "rgba(110,110,110,0.38)"
+# Signals shown on hover, from the health frame (moewatch.detect.health.SIGNALS).
+HOVER_SIGNALS = ("cv", "max_share", "dead", "entropy_norm", "drop_rate")
+HOVER_DIGITS = {"cv": 2, "max_share": 3, "dead": 0, "entropy_norm": 2, "drop_rate": 3}
 
-def overview_figure(run: RunData, width_px: float | None = None, marker: dict | None = None,
-                    lo: int = 0, hi: int | None = None, explicit_x: bool | None = None
-                    ) -> tuple[dict[str, Any], FigureInfo]:
-    """Layer x step health strip: colour = worst of CV, entropy, dead experts, drop rate (0 healthy .. 2 critical).
 
-    Columns are step bins; each is scored on its bin-averaged metrics (`RunData.binned`), which also smooths
-    single-step sampling noise."""
-    with run.lock:
-        hi = run.n if hi is None else hi
-        names = run.layer_names
-        if not names or hi <= lo:
-            return empty_figure("no steps recorded yet", 200), FigureInfo(False, 0, hi)
-        edges = bin_edges(hi - lo, columns_for(width_px))
-        b = run.binned(edges, lo)
-        steps = run.steps[lo:hi].copy()
-        E = np.asarray([max(layer.num_experts, 1) for layer in run.layers], dtype=np.float64)
-        k = np.asarray([max(layer.top_k, 1) for layer in run.layers], dtype=np.float64)
-    n = hi - lo
-    bins = len(edges) - 1
-    value, _ = health.score(b, E, k)
-    custom = np.stack([b["cv"], b["entropy_norm"], b["dead"], b["drop_rate"]], axis=-1).transpose(1, 0, 2)
+def _columns(layers: list[tuple[np.ndarray, np.ndarray]], cols: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(first step, last step of each strip column, windows per column) for layers' windows [(start, end)].
+
+    When every layer has the same windows (the usual case), a column is one window, or `g` whole windows when
+    there are more windows than columns. Otherwise columns split the step range evenly."""
+    ref = max(layers, key=lambda se: len(se[0]))
+    same = all(len(s) == len(ref[0]) and np.array_equal(s, ref[0]) and np.array_equal(e, ref[1]) for s, e in layers)
+    if same:
+        n = len(ref[0])
+        g = max(1, math.ceil(n / cols))
+        first = ref[0][::g]
+        last = np.r_[ref[1][g - 1::g], ref[1][-1]][: len(first)] if n % g else ref[1][g - 1::g]
+        return first, last, g
+    lo = min(int(s[0]) for s, _ in layers)
+    hi = max(int(e[-1]) for _, e in layers)
+    c = max(1, min(cols, max(len(s) for s, _ in layers), hi - lo + 1))
+    edges = lo + (np.arange(c + 1, dtype=np.int64) * (hi - lo + 1)) // c
+    return edges[:-1], edges[1:] - 1, 0
+
+
+def _cells(start: np.ndarray, end: np.ndarray, level: np.ndarray, first: np.ndarray, last: np.ndarray
+           ) -> np.ndarray:
+    """Per column, the index of the window (of one layer) that colours it: the worst window overlapping the column
+    (the latest of equals), -1 where none does. Merging by the maximum never hides a critical window."""
+    W = len(start)
+    key = np.full(len(first), -1, dtype=np.int64)
+    if W == 0:
+        return key
+    k = level.astype(np.int64) * (W + 1) + np.arange(W)
+    # Windows ending inside a column, and the window covering each column's last step: together every window that
+    # overlaps the column.
+    col = np.searchsorted(first, end, side="right") - 1
+    ok = (col >= 0) & (end <= last[np.clip(col, 0, None)])
+    np.maximum.at(key, col[ok], k[ok])
+    cover = np.searchsorted(start, last, side="right") - 1
+    good = (cover >= 0) & (end[np.clip(cover, 0, None)] >= last)
+    key[good] = np.maximum(key[good], k[cover[good]])
+    return np.where(key >= 0, key % (W + 1), -1)
+
+
+def overview_figure(names: list[str], health: Any, width_px: float | None = None, marker: dict | None = None,
+                    uirevision: str = "overview") -> tuple[dict[str, Any], FigureInfo]:
+    """Layer x window health strip from the detector's health frame (`analysis.health()`, see
+    moewatch.detect.health): one cell per detector window, coloured by its level (green healthy, amber warning,
+    orange critical, dark red collapsed), the warm-up greyed; columns hold several whole windows (the worst one
+    colours the cell) when there are more windows than pixels."""
+    if health is None or len(health) == 0 or not names:
+        return empty_figure("no detector windows yet", 200), FigureInfo(False, 0, 0)
+    by_layer: dict[str, dict[str, np.ndarray]] = {}
+    level_all = cell_level(health)
+    for layer, rows in health.groupby("layer", sort=False).indices.items():
+        by_layer[str(layer)] = {"i": rows, "start": health["start_step"].to_numpy(np.int64)[rows],
+                                "end": health["end_step"].to_numpy(np.int64)[rows], "z": level_all[rows]}
+    shown = [n for n in names if n in by_layer] + [n for n in by_layer if n not in names]
+    first, last, group = _columns([(by_layer[n]["start"], by_layer[n]["end"]) for n in shown], columns_for(width_px))
+    C = len(first)
+    z = np.full((len(shown), C), np.nan, dtype=np.float32)
+    pick = np.full((len(shown), C), -1, dtype=np.int64)
+    for r, name in enumerate(shown):
+        d = by_layer[name]
+        at = _cells(d["start"], d["end"], d["z"], first, last)
+        ok = at >= 0
+        z[r, ok] = d["z"][at[ok]]
+        pick[r, ok] = d["i"][at[ok]]
+    have = pick >= 0
+    rows = np.where(have, pick, 0)
+    signal = {s: np.where(have, health[s].to_numpy(np.float64)[rows], np.nan) for s in HOVER_SIGNALS}
+    starts = np.where(have, health["start_step"].to_numpy(np.float64)[rows], np.nan)
+    ends = np.where(have, health["end_step"].to_numpy(np.float64)[rows], np.nan)
+    # Rounded to what the hover shows: a strip of 32 layers x 1000 columns stays a small payload.
+    custom = np.stack([starts, ends, *(np.round(signal[s], HOVER_DIGITS[s]) for s in HOVER_SIGNALS)], axis=-1)
+    text = _cell_text(health, rows, have, z)
+    centres = (first + last) / 2
     trace = {
-        "type": "heatmap", **x_axis(_centres(steps, edges), explicit_x), "y": names, "z": _f32(value.T, 3),
-        "customdata": _f32(custom, 4), "zmin": 0, "zmax": 2, "colorscale": HEALTH_SCALE,
-        "hoverongaps": False,
-        "colorbar": {"title": {"text": "health"}, "tickvals": [0, 1, 2], "ticktext": ["healthy", "warning",
-                                                                                       "critical"], "len": 1.0},
-        "hovertemplate": "%{y}<br>step %{x:.0f}<br>health %{z:.2f} (0 ok, 1 warning, 2 critical)<br>"
-                         "CV %{customdata[0]:.2f} · entropy %{customdata[1]:.2f} · dead %{customdata[2]:.1f} · "
-                         "drops %{customdata[3]:.1%}<extra></extra>",
+        "type": "heatmap", **x_axis(centres), "y": shown, "z": z, "customdata": custom.astype(np.float32), "text": text,
+        "zmin": -0.5, "zmax": 3.5, "colorscale": LEVEL_SCALE, "hoverongaps": False, "xgap": 0, "ygap": 1,
+        "colorbar": {"tickvals": [0, 1, 2, 3], "ticktext": list(LEVEL_NAMES), "len": 1.0, "thickness": 14},
+        "hovertemplate": "%{y}<br><b>%{text}</b><br>window steps %{customdata[0]:.0f}–%{customdata[1]:.0f}<br>"
+                         "CV %{customdata[2]:.2f} (noise removed) · top expert %{customdata[3]:.1%} · "
+                         "starved %{customdata[4]:.0f}<br>entropy %{customdata[5]:.2f} · "
+                         "drops %{customdata[6]:.1%}<extra></extra>",
     }
-    note = _bins_note(n, bins)
-    row = names.index(marker["layer"]) if marker and marker.get("layer") in names else None
-    layout = _layout(max(180, 70 + 16 * len(names)), xaxis=_xaxis(),
-                     yaxis={"autorange": "reversed", "automargin": True, "tickfont": {"size": 10}},
-                     shapes=_marker_shapes(marker, layer_row=row), annotations=[_note(note)] if note else [],
-                     uirevision=f"overview:{run.run_id}", clickmode="event")
-    return {"data": [trace], "layout": layout}, FigureInfo(bins == n, 1, hi, note, "x" in trace)
+    shapes, annotations = _warmup_marks(health, first, last)
+    note = ""
+    if group > 1:
+        note = f"{group} windows per column (the worst one colours it); zoom in for single windows"
+    elif group == 0:
+        note = f"layers' windows differ: {C:,} step columns, each coloured by the worst window it overlaps"
+    if note:
+        annotations.append(_note(note))
+    row = shown.index(marker["layer"]) if marker and marker.get("layer") in shown else None
+    layout = _layout(max(150, 70 + 18 * len(shown)), xaxis=_xaxis(), shapes=[*shapes, *_marker_shapes(marker,
+                     layer_row=row)], yaxis={"autorange": "reversed", "automargin": True, "tickfont": {"size": 10}},
+                     annotations=annotations, uirevision=uirevision, clickmode="event")
+    return {"data": [trace], "layout": layout}, FigureInfo(False, 1, C, note, "x" in trace)
+
+
+def _cell_text(health: Any, rows: np.ndarray, have: np.ndarray, z: np.ndarray) -> list[list[str]]:
+    """Hover headline per cell: 'critical: dead expert, imbalance', with '(warm-up)' in the warm-up."""
+    kinds = health["kinds"].to_numpy(object)
+    warm = health["warmup"].to_numpy(bool)
+    out = []
+    for r in range(z.shape[0]):
+        line = []
+        for c in range(z.shape[1]):
+            if not have[r, c]:
+                line.append("")
+                continue
+            i = rows[r, c]
+            k = kinds[i]
+            text = LEVEL_NAMES[int(z[r, c])] + (": " + k.replace("_", " ").replace(",", ", ") if k else "")
+            line.append(text + " (warm-up)" if warm[i] else text)
+        out.append(line)
+    return out
+
+
+def _warmup_marks(health: Any, first: np.ndarray, last: np.ndarray) -> tuple[list[dict], list[dict]]:
+    """A grey band over the warm-up columns (alerts held back there) and its label."""
+    warm = health["warmup"].to_numpy(bool)
+    if not warm.any():
+        return [], []
+    end = int(health["end_step"].to_numpy(np.int64)[warm].max())
+    n = int(np.searchsorted(last, end, side="right"))  # columns ending within the warm-up
+    if n == 0:
+        return [], []
+    centres = (first + last) / 2
+    x0 = float(centres[0] - ((centres[1] - centres[0]) / 2 if len(centres) > 1 else 0.5))
+    x1 = float((centres[n - 1] + centres[n]) / 2 if n < len(centres) else centres[-1] + (
+        (centres[-1] - centres[-2]) / 2 if len(centres) > 1 else 0.5))
+    shape = {"type": "rect", "xref": "x", "yref": "paper", "x0": x0, "x1": x1, "y0": 0, "y1": 1,
+             "fillcolor": WARMUP_FILL, "line": {"width": 0}, "layer": "above", "name": "warm-up"}
+    label = {"text": "warm-up", "xref": "x", "yref": "paper", "x": (x0 + x1) / 2, "y": 1.0, "yanchor": "bottom",
+             "showarrow": False, "font": {"size": 10, "color": "#555"}, "name": "warm-up"}
+    return [shape], [label]
+
+
+def trend_figure(trend: Any) -> dict[str, Any]:
+    """The run list's small chart: per group of detector windows, one bar whose height is how far the worst layer's
+    largest expert is above its fair share (log2 of load ÷ fair: 0 balanced, 1 twice, 3 eight times; a sliver at
+    least, so every window shows its colour), coloured by the health level there (warm-up bars faded)."""
+    if trend is None or len(trend) == 0:
+        return {"data": [], "layout": {**_spark_layout(), "annotations": [
+            {"text": "no windows yet", "showarrow": False, "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5,
+             "font": {"size": 10, "color": "#888"}}]}}
+    x = [(a + b) / 2 for a, b in zip(trend.first, trend.last, strict=True)]
+    width = [max(b - a + 1, 1) for a, b in zip(trend.first, trend.last, strict=True)]
+    height = [max(math.log2(max(r, 1.0)), TREND_FLOOR) for r in trend.ratio]
+    trace = {"type": "bar", "x": x, "y": height, "width": width, "customdata": list(trend.ratio),
+             "marker": {"color": [LEVEL_COLOURS[v] for v in trend.level],
+                        "opacity": [0.35 if w else 1.0 for w in trend.warmup], "line": {"width": 0}}}
+    layout = _spark_layout()
+    layout["yaxis"]["range"] = [0, max(3.0, max(height) * 1.05)]  # a common scale up to 8x fair: runs compare
+    return {"data": [trace], "layout": layout}
+
+
+TREND_FLOOR = 0.2
+
+
+def _spark_layout() -> dict[str, Any]:
+    return {"height": 46, "width": 240, "margin": {"l": 2, "r": 2, "t": 2, "b": 2}, "bargap": 0.08,
+            "paper_bgcolor": "rgba(0,0,0,0)", "plot_bgcolor": "#fafbfc", "showlegend": False,
+            "xaxis": {"visible": False, "fixedrange": True}, "yaxis": {"visible": False, "fixedrange": True}}
 
 
 # ---------------------------------------------------------------------------------------------------- layer view
@@ -247,41 +387,62 @@ def expert_order(tokens: np.ndarray, sort: bool) -> np.ndarray:
     return np.argsort(-tokens.sum(axis=0, dtype=np.int64), kind="stable")
 
 
+def _window_centres(first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    out = (first + last) / 2
+    return out.astype(np.int64) if np.all(first == last) else out
+
+
 def heatmap_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None, width_px: float | None = None,
                    sort: bool = False, marker: dict | None = None, cap: float | None = None,
-                   explicit_x: bool | None = None) -> tuple[dict[str, Any], FigureInfo]:
-    """Expert x step load relative to the fair share (1 = fair), log2 colour, columns binned to the plot width."""
+                   explicit_x: bool | None = None, window: int | None = None) -> tuple[dict[str, Any], FigureInfo]:
+    """Expert x step load relative to the fair share (1 = fair), log2 colour. With `window` (the detector's, in
+    recorded steps) a column is a detector window, or several whole windows when they outnumber the plot's pixels;
+    without it, raw per-step counts binned to the plot width."""
     with run.lock:
         hi = run.n if hi is None else hi
         lay = run.layer(layer)
         if hi <= lo:
             return empty_figure("no steps recorded in this range"), FigureInfo(False, 0, hi)
-        tokens = run.tokens(layer, lo, hi)
-        steps = run.steps[lo:hi].copy()
-        E = tokens.shape[1]
-        edges = bin_edges(hi - lo, columns_for(width_px))
-        binned = bin_sum(tokens, edges, np.int64)  # [bins, E]
-        order = expert_order(tokens, sort)
-    trace, bins = _load_trace(binned, steps, edges, E, order, cap, explicit_x=explicit_x)
-    note = _bins_note(hi - lo, bins)
+        if window:
+            bins = windows.plan(run, layer, lo, hi, window, columns_for(width_px))
+            if bins is None:
+                return empty_figure("this layer recorded no steps in this range"), FigureInfo(False, 0, hi)
+            binned, first, last = windows.binned_load(run, layer, bins)
+            centres = _window_centres(first, last)
+        else:
+            tokens = run.tokens(layer, lo, hi)
+            steps = run.steps[lo:hi].copy()
+            edges = bin_edges(hi - lo, columns_for(width_px))
+            binned = bin_sum(tokens, edges, np.int64)  # [bins, E]
+            centres = _centres(steps, edges)
+        E = binned.shape[1]
+        order = expert_order(binned, sort)
+    trace, n_cols = _load_trace(binned, centres, E, order, cap, explicit_x=explicit_x)
+    if window:
+        trace["hovertemplate"] = ("expert %{y}<br>window around step %{x:.0f}<br>load %{customdata:.2f}× fair share"
+                                  "<extra></extra>")
+        note, tone, raw = windows.describe(bins), "info", False
+    else:
+        binned_note = _bins_note(hi - lo, n_cols)
+        note = windows.RAW_NOTE + (f"; {binned_note}" if binned_note else "")
+        tone, raw = "warn", n_cols == hi - lo and not sort
     layout = _layout(max(240, min(640, 70 + 9 * E)), xaxis=_xaxis(),
                      yaxis={"title": {"text": "expert (busiest first)" if sort else "expert"}, "autorange": "reversed",
                             "type": "category", "tickfont": {"size": 9}},
-                     shapes=_marker_shapes(marker), annotations=[_note(note)] if note else [],
+                     shapes=_marker_shapes(marker), annotations=[_note(note, tone)],
                      uirevision=f"heat:{run.run_id}:{lay.name}")
-    return {"data": [trace], "layout": layout}, FigureInfo(bins == hi - lo and not sort, 1, hi, note, "x" in trace)
+    return {"data": [trace], "layout": layout}, FigureInfo(raw, 1, hi, note, "x" in trace)
 
 
-def _load_trace(binned: np.ndarray, steps: np.ndarray, edges: np.ndarray, E: int, order: np.ndarray,
-                cap: float | None, coloraxis: str | None = None, explicit_x: bool | None = None
-                ) -> tuple[dict[str, Any], int]:
+def _load_trace(binned: np.ndarray, centres: np.ndarray, E: int, order: np.ndarray, cap: float | None,
+                coloraxis: str | None = None, explicit_x: bool | None = None) -> tuple[dict[str, Any], int]:
     cap = cap if cap is not None else log2_ratio_cap(E)
     total = binned.sum(axis=1, keepdims=True).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(total > 0, binned * E / np.where(total > 0, total, 1.0), np.nan)[:, order].T  # [E, bins]
         z = np.log2(np.clip(ratio, 2.0 ** -cap, 2.0 ** cap))
     trace: dict[str, Any] = {
-        "type": "heatmap", **x_axis(_centres(steps, edges), explicit_x), "y": [f"e{i}" for i in order],
+        "type": "heatmap", **x_axis(centres, explicit_x), "y": [f"e{i}" for i in order],
         "z": _f32(z, 3),
         "customdata": _f32(ratio, 3), "hoverongaps": False,
         "hovertemplate": "expert %{y}<br>step %{x:.0f}<br>load %{customdata:.2f}× fair share<extra></extra>",
@@ -293,19 +454,28 @@ def _load_trace(binned: np.ndarray, steps: np.ndarray, edges: np.ndarray, E: int
         trace["coloraxis"] = coloraxis
     else:
         trace.update({"zmin": -cap, "zmax": cap, "colorscale": LOAD_SCALE, "colorbar": colour["colorbar"]})
-    return trace, len(edges) - 1
+    return trace, binned.shape[0]
 
 
 def shares_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None, sort: bool = False,
-                  marker: dict | None = None) -> tuple[dict[str, Any], FigureInfo]:
-    """Each expert's share of the layer's assignments over time, with the fair share 1/E dashed."""
+                  marker: dict | None = None, window: int | None = None) -> tuple[dict[str, Any], FigureInfo]:
+    """Each expert's share of the layer's assignments over time, with the fair share 1/E dashed: one point per
+    detector window (or group of whole windows) with `window`, else per step."""
     with run.lock:
         hi = run.n if hi is None else hi
         lay = run.layer(layer)
         if hi <= lo:
             return empty_figure("no steps recorded in this range"), FigureInfo(False, 0, hi)
-        tokens = run.tokens(layer, lo, hi)
-        steps = run.steps[lo:hi].copy()
+        if window:
+            E = lay.tokens.a.shape[1]
+            bins = windows.plan(run, layer, lo, hi, window, lines_budget(E))
+            if bins is None:
+                return empty_figure("this layer recorded no steps in this range"), FigureInfo(False, 0, hi)
+            tokens, first, last = windows.binned_load(run, layer, bins)
+            steps = _window_centres(first, last)
+        else:
+            tokens = run.tokens(layer, lo, hi)
+            steps = run.steps[lo:hi].copy()
         order = expert_order(tokens, sort)
         total = tokens.sum(axis=1, dtype=np.int64).astype(np.float32)[:, None]
         share = np.full(tokens.shape, np.nan, dtype=np.float32)
@@ -314,80 +484,122 @@ def shares_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None, 
     xs, ys, down = downsample(steps, share, lines_budget(E))
     if not down:
         xs = np.broadcast_to(steps[:, None], share.shape)
+    markers = bool(window) and len(steps) <= 80
     traces = []
     for rank, e in enumerate(order):
-        traces.append({"type": "scatter", "mode": "lines",
+        traces.append({"type": "scatter", "mode": "lines+markers" if markers else "lines",
                        "name": f"e{e}", "x": np.ascontiguousarray(xs[:, e]), "y": _f32(ys[:, e], 5),
                        "line": {"width": 1.2, "color": expert_colour(int(e), E)},
+                       **({"marker": {"size": 3}} if markers else {}),
                        "hovertemplate": f"expert e{e}<br>step %{{x}}<br>share %{{y:.2%}}<extra></extra>",
                        "legendrank": rank})
-    note = _lines_note(len(steps), xs.shape[0]) if down else ""
+    if window:
+        note, tone = windows.describe(bins), "info"
+    else:
+        note, tone = windows.RAW_NOTE + (f"; {_lines_note(len(steps), xs.shape[0])}" if down else ""), "warn"
     fair = 1.0 / max(E, 1)
     shapes = [{"type": "line", "xref": "paper", "yref": "y", "x0": 0, "x1": 1, "y0": fair, "y1": fair,
                "line": {"color": "#444", "width": 1, "dash": "dot"}}, *_marker_shapes(marker)]
     annotations = [{"text": f"fair share 1/{E}", "xref": "paper", "yref": "y", "x": 0, "y": fair, "xanchor": "left",
-                    "yanchor": "bottom", "showarrow": False, "font": {"size": 10, "color": "#444"}}]
-    if note:
-        annotations.append(_note(note))
+                    "yanchor": "bottom", "showarrow": False, "font": {"size": 10, "color": "#444"}},
+                   _note(note, tone)]
     layout = _layout(300, xaxis=_xaxis(), yaxis={"title": {"text": "share of assignments"}, "tickformat": ".0%",
                                                  "gridcolor": GRID, "rangemode": "tozero"},
                      shapes=shapes, annotations=annotations, showlegend=E <= 16, hovermode="closest",
                      uirevision=f"shares:{run.run_id}:{lay.name}")
-    return {"data": traces, "layout": layout}, FigureInfo(not down and not sort, len(traces), hi, note)
+    return {"data": traces, "layout": layout}, FigureInfo(not down and not sort and not window, len(traces), hi, note)
+
+
+def detector_thresholds(num_experts: int, top_k: int, windowed: bool) -> dict[str, tuple[float, float]]:
+    """(warning, critical) lines for the metric panels, the detector's own (moewatch.detect.config). The CV
+    thresholds apply to window CV with sampling noise removed, so raw per-step CV gets none."""
+    try:
+        from moewatch.detect.config import DetectorConfig, LayerThresholds
+    except ImportError:
+        return {}
+    config = DetectorConfig()
+    th = LayerThresholds.resolve(config, num_experts, top_k)
+    out = {"entropy_norm": (config.entropy_warning, config.entropy_critical),
+           "drop_rate": (config.drop_warning, config.drop_critical)}
+    if windowed and math.isfinite(th.cv_critical):
+        out["cv"] = (th.cv_warning, th.cv_critical)
+    return out
 
 
 def metrics_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None, marker: dict | None = None,
-                   ) -> tuple[dict[str, Any], FigureInfo]:
-    """Stacked panels sharing the step axis: CV, entropy, drop rate, z-loss, max |logit|, aux loss, bias."""
-    th = health.thresholds()
+                   window: int | None = None) -> tuple[dict[str, Any], FigureInfo]:
+    """Stacked panels sharing the step axis: CV, entropy, drop rate, z-loss, max |logit|, aux loss, bias. With
+    `window`, one point per detector window and the detector's window metrics (CV with sampling noise removed)."""
     with run.lock:
         hi = run.n if hi is None else hi
         lay = run.layer(layer)
         if hi <= lo:
             return empty_figure("no steps recorded in this range"), FigureInfo(False, 0, hi)
-        s = run.series(layer, lo, hi)
-        steps = run.steps[lo:hi].copy()
-        bias = run.bias(layer, lo, hi)
-        bias = None if bias is None else bias.copy()
+        E, k = lay.num_experts, lay.top_k
+        if window:
+            bins = windows.plan(run, layer, lo, hi, window, 1 << 40)
+            if bins is None:
+                return empty_figure("this layer recorded no steps in this range"), FigureInfo(False, 0, hi)
+            s = windows.window_series(run, layer, bins)
+            steps = _window_centres(s["first"], s["last"])
+            bias = s["bias"]
+        else:
+            s = run.series(layer, lo, hi)
+            steps = run.steps[lo:hi].copy()
+            bias = run.bias(layer, lo, hi)
+            bias = None if bias is None else bias.copy()
+    if bias is not None and not _moves(bias):
+        bias = None  # a constant buffer (a router without bias balancing): nothing to chart
     rows: list[tuple[str, str, str]] = list(METRIC_ROWS)
+    if window:
+        rows[0] = ("cv", "load CV per window (sampling noise removed, as the detector reads it)", ".2f")
     if bias is not None:
         rows.append(("bias", "router bias per expert (aux-free balancing)", ".3g"))
     traces: list[dict[str, Any]] = []
     down_any = False
     points = len(steps)
+    mode = "lines+markers" if window and len(steps) <= 80 else "lines"
     for i, (key, _title, fmt) in enumerate(rows):
         ax = "" if i == 0 else str(i + 1)
         if key == "bias":
             xs, ys, down = downsample(steps, bias, lines_budget(bias.shape[1]))
             if not down:
                 xs = np.broadcast_to(steps[:, None], bias.shape)
-            E = bias.shape[1]
-            for e in range(E):
+            nb = bias.shape[1]
+            for e in range(nb):
                 traces.append({"type": "scatter", "mode": "lines", "name": f"bias e{e}", "x": np.ascontiguousarray(
                     xs[:, e]), "y": _f32(ys[:, e], 5), "xaxis": "x", "yaxis": f"y{ax}",
-                    "line": {"width": 1, "color": expert_colour(e, E)},
+                    "line": {"width": 1, "color": expert_colour(e, nb)},
                     "hovertemplate": f"e{e} bias %{{y:.4g}}<br>step %{{x}}<extra></extra>"})
         else:
             xs, ys, down = downsample(steps, s[key])
-            traces.append({"type": "scatter", "mode": "lines", "name": key, "x": xs, "y": _f32(ys, 6),
+            traces.append({"type": "scatter", "mode": mode, "name": key, "x": xs, "y": _f32(ys, 6),
                            "xaxis": "x", "yaxis": f"y{ax}", "line": {"width": 1.4, "color": "#1f4e79"},
+                           **({"marker": {"size": 3}} if mode != "lines" else {}),
                            "hovertemplate": f"{key} %{{y:{fmt}}}<br>step %{{x}}<extra></extra>"})
         down_any |= down
         if down:
             points = len(xs)
     layout = _stacked_layout(rows, f"metrics:{run.run_id}:{lay.name}")
-    ref = {"cv": (th.cv_warning, th.cv_critical), "entropy_norm": (th.entropy_warning, th.entropy_critical),
-           "drop_rate": (th.drop_warning, th.drop_critical)}
+    ref = detector_thresholds(E, k, bool(window))
     for i, (key, _, _) in enumerate(rows):
         for level, colour in zip(ref.get(key, ()), ("#e0a800", "#d62728"), strict=False):
             layout["shapes"].append({"type": "line", "xref": "x domain", "yref": f"y{'' if i == 0 else i + 1}",
                                      "x0": 0, "x1": 1, "y0": level, "y1": level,
                                      "line": {"color": colour, "width": 1, "dash": "dot"}})
     layout["shapes"].extend(_marker_shapes(marker))
-    note = _lines_note(len(steps), points) if down_any else ""
-    if note:
-        layout["annotations"].append(_note(note))
-    return {"data": traces, "layout": layout}, FigureInfo(not down_any, len(traces), hi, note)
+    down_note = _lines_note(len(steps), points) if down_any else ""
+    if window:
+        note, tone = windows.describe(bins) + (f"; {down_note}" if down_note else ""), "info"
+    else:
+        note, tone = "raw per-step values: sampling noise included" + (f"; {down_note}" if down_note else ""), "warn"
+    layout["annotations"].append(_note(note, tone))
+    return {"data": traces, "layout": layout}, FigureInfo(not down_any and not window, len(traces), hi, note)
+
+
+def _moves(bias: np.ndarray) -> bool:
+    finite = np.isfinite(bias)
+    return bool(finite.any()) and bool(np.max(bias[finite]) > np.min(bias[finite]))
 
 
 def _stacked_layout(rows, uirevision: str) -> dict[str, Any]:
@@ -423,9 +635,10 @@ def match_layer(run: RunData, name: str | None, position: int) -> str | None:
     return names[min(position, len(names) - 1)]
 
 
-def compare_figures(items: list[tuple[str, RunData, str]], width_px: float | None = None
+def compare_figures(items: list[tuple[str, RunData, str]], width_px: float | None = None, raw: bool = False
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(overlaid metric panels, side-by-side load heatmaps on one colour scale) for [(label, run, layer)]."""
+    """(overlaid metric panels, side-by-side load heatmaps on one colour scale) for [(label, run, layer)], each run
+    in its layer's detector windows (CV with sampling noise removed), or per step with `raw`."""
     if len(items) < 2:
         msg = "pick two or more runs to compare"
         return empty_figure(msg), empty_figure(msg)
@@ -434,11 +647,18 @@ def compare_figures(items: list[tuple[str, RunData, str]], width_px: float | Non
     layout["showlegend"] = True
     layout["legend"] = {"orientation": "h", "y": 1.04, "yanchor": "bottom", "x": 1, "xanchor": "right"}
     traces: list[dict[str, Any]] = []
-    notes = []
+    notes, counted = [], []
     for j, (label, run, layer) in enumerate(items):
+        window = None if raw else windows.detector_window(run, layer)
         with run.lock:
-            s = run.series(layer)
-            steps = run.steps.copy()
+            bins = windows.plan(run, layer, 0, run.n, window, 1 << 40) if window else None
+            if bins is not None:
+                s = windows.window_series(run, layer, bins)
+                steps = _window_centres(s["first"], s["last"])
+            else:
+                s = run.series(layer)
+                steps = run.steps.copy()
+        counted.append(f"{label}: windows of {window:,} steps" if bins is not None else f"{label}: per step")
         colour = RUN_COLOURS[j % len(RUN_COLOURS)]
         for i, (key, _, fmt) in enumerate(rows):
             xs, ys, down = downsample(steps, s[key])
@@ -448,13 +668,18 @@ def compare_figures(items: list[tuple[str, RunData, str]], width_px: float | Non
                            "showlegend": i == 0, "x": xs, "y": _f32(ys, 6), "xaxis": "x",
                            "yaxis": "y" if i == 0 else f"y{i + 1}", "line": {"width": 1.4, "color": colour},
                            "hovertemplate": f"{label}<br>{key} %{{y:{fmt}}}<br>step %{{x}}<extra></extra>"})
+    text = "; ".join(counted) + (" (CV with sampling noise removed, as the detector judges)" if not raw else
+                                 " (raw: sampling noise included)")
     if notes:
-        layout["annotations"].append(_note("downsampled (min/max/last per bucket): " + ", ".join(notes)))
-    return {"data": traces, "layout": layout}, compare_heatmaps(items, width_px)
+        text += "; downsampled (min/max/last per bucket): " + ", ".join(notes)
+    layout["annotations"].append(_note(text, "warn" if raw else "info"))
+    return {"data": traces, "layout": layout}, compare_heatmaps(items, width_px, raw)
 
 
-def compare_heatmaps(items: list[tuple[str, RunData, str]], width_px: float | None = None) -> dict[str, Any]:
-    """Load heatmaps side by side, one shared colour axis (the widest expert count sets the range)."""
+def compare_heatmaps(items: list[tuple[str, RunData, str]], width_px: float | None = None, raw: bool = False
+                     ) -> dict[str, Any]:
+    """Load heatmaps side by side, one shared colour axis (the widest expert count sets the range); columns are
+    each run's detector windows (whole windows merged past the panel's width), or step bins with `raw`."""
     caps = []
     for _, run, layer in items:
         with run.lock:
@@ -467,16 +692,25 @@ def compare_heatmaps(items: list[tuple[str, RunData, str]], width_px: float | No
     traces, annotations, notes = [], [], []
     layout: dict[str, Any] = _layout(420, annotations=annotations)
     for j, (label, run, layer) in enumerate(items):
+        window = None if raw else windows.detector_window(run, layer)
         with run.lock:
-            tokens = run.tokens(layer)
-            steps = run.steps.copy()
-            if len(steps) == 0:
+            if run.n == 0:
                 continue
-            edges = bin_edges(len(steps), per_panel)
-            binned = bin_sum(tokens, edges, np.int64)
-            E = tokens.shape[1]
+            bins = windows.plan(run, layer, 0, run.n, window, per_panel) if window else None
+            if bins is not None:
+                binned, first, last = windows.binned_load(run, layer, bins)
+                centres = _window_centres(first, last)
+                notes.append(f"{label}: {bins.group * bins.window:,} steps per column")
+            else:
+                tokens = run.tokens(layer)
+                edges = bin_edges(run.n, per_panel)
+                binned = bin_sum(tokens, edges, np.int64)
+                centres = _centres(run.steps, edges)
+                if len(edges) - 1 < run.n:
+                    notes.append(f"{label}: ~{math.ceil(run.n / (len(edges) - 1)):,} steps per column")
+        E = binned.shape[1]
         ax = "" if j == 0 else str(j + 1)
-        trace, bins = _load_trace(binned, steps, edges, E, np.arange(E), cap, coloraxis="coloraxis")
+        trace, _ = _load_trace(binned, centres, E, np.arange(E), cap, coloraxis="coloraxis")
         trace.update({"xaxis": f"x{ax}", "yaxis": f"y{ax}",
                       "hovertemplate": f"{label}<br>" + trace["hovertemplate"]})
         traces.append(trace)
@@ -486,13 +720,13 @@ def compare_heatmaps(items: list[tuple[str, RunData, str]], width_px: float | No
                                 "tickfont": {"size": 9}, "showticklabels": j == 0}
         annotations.append({"text": f"<b>{label}</b> · {layer}", "xref": "paper", "yref": "paper", "x": x0 + w / 2,
                             "y": 1.0, "yanchor": "bottom", "showarrow": False, "font": {"size": 11}})
-        if bins < len(steps):
-            notes.append(f"{label}: ~{math.ceil(len(steps) / bins):,} steps per column")
     vals, text = log_ticks(cap)
     layout["coloraxis"] = {"cmin": -cap, "cmax": cap, "colorscale": LOAD_SCALE,
                            "colorbar": {"title": {"text": "load ÷ fair"}, "tickvals": vals, "ticktext": text}}
     if notes:
-        annotations.append({**_note("binned: " + "; ".join(notes)), "y": -0.16, "yanchor": "top"})
+        head = "raw per-step counts, binned: " if raw else "detector windows: "
+        annotations.append({**_note(head + "; ".join(notes), "warn" if raw else "info"), "y": -0.16,
+                            "yanchor": "top"})
     return {"data": traces, "layout": layout}
 
 

@@ -1,14 +1,17 @@
-"""End-to-end in a real headless Chromium: the run list, a collapse run's heatmap and alerts, clicking an alert, and a
-live run whose new steps appear while the page is open.
+"""End-to-end in a real headless Chromium: the run list with a chart per run, run pages at /run/<path> (a nested path
+that needs quoting, bookmarked, and unknown ones), the sample runs' strip and heatmap (calm for a healthy run, the
+collapse visible), a collapse run's alerts and the per-step toggle, and a live run whose new steps appear while the
+page is open.
 
-Needs Debian's `chromium` and `chromium-driver` (/usr/bin) and selenium. Set MOEWATCH_SCREENSHOT=path to save the
-layer view of the collapse run there (docs/img/layer_view.png is made this way).
+Needs Debian's `chromium` and `chromium-driver` (/usr/bin) and selenium. Set MOEWATCH_SCREENSHOTS=docs/img to save
+the screenshots of docs/dashboard.md (run_aux-loss.png, run_collapse.png, run_list.png) there.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from moewatch.app import create_app
-from moewatch.app.catalog import run_id_for
+from moewatch.app.catalog import run_href, run_id_for
 
 from moewatch.capture.watch import Watch, WatchConfig
 from tests.test_app_data import synthetic_collapse
@@ -134,6 +137,111 @@ def runs_root(tmp_path: Path) -> tuple[Path, str]:
     return root, "collapse"
 
 
+def nested_root(tmp_path: Path) -> Path:
+    """A folder with a nested run path that needs quoting ("team/exp 1", a collapse) beside a healthy run."""
+    root = tmp_path / "served"
+    samples = REPO / "sample_runs"
+    if (samples / "collapse" / "run.json").is_file() and (samples / "aux-loss" / "run.json").is_file():
+        shutil.copytree(samples / "collapse", root / "team" / "exp 1")
+        shutil.copytree(samples / "aux-loss", root / "aux-loss")
+    else:
+        synthetic_collapse(root / "team", 1200, "exp 1", layers=2)
+        synthetic_collapse(root, 1200, "aux-loss", shape="healthy", label="healthy", layers=2)
+    return root
+
+
+ROW_CHARTS_JS = """
+return Array.from(document.querySelectorAll('tr.run-row')).map(row => {
+  const gd = row.querySelector('.run-chart .js-plotly-plot');
+  return {name: row.querySelector('a.run-link').textContent,
+          traces: gd && gd.data ? gd.data.length : 0,
+          type: gd && gd.data && gd.data.length ? gd.data[0].type : null,
+          bars: gd ? gd.querySelectorAll('.trace.bars .point path').length : 0};
+});
+"""
+
+
+def test_run_list_draws_a_chart_per_run_and_run_paths_are_urls(browser, tmp_path):
+    root = nested_root(tmp_path)
+    with serve(root) as url:
+        browser.get(url + "/")
+        rows = wait_for(browser, lambda d: (r := d.execute_script(ROW_CHARTS_JS)) and len(r) == 2
+                        and all(x["bars"] > 0 for x in r) and r, "a drawn chart in every row of the run list")
+        assert [r["name"] for r in rows] == ["aux-loss", "team/exp 1"] and all(r["type"] == "bar" for r in rows)
+        text = browser.find_element(By.ID, "run-list").text
+        assert "HEALTHY: no warning on any of 2 layers." in text and "COLLAPSED: " in text
+
+        link = next(a for a in browser.find_elements(By.CSS_SELECTOR, "a.run-link") if a.text == "team/exp 1")
+        assert link.get_attribute("href") == url + "/run/team/exp%201"
+        link.click()
+        wait_for(browser, lambda d: d.current_url == url + "/run/team/exp%201", "the run's path in the URL")
+        header = wait_for(browser, lambda d: (t := d.find_element(By.ID, "run-header").text) and "COLLAPSED" in t
+                          and t, "the run page with its verdict")
+        assert "team/exp 1" in header and "collapsed" in header
+        wait_for(browser, lambda d: (f := figure(d, "heatmap")) and f["type"] == "heatmap", "the load heatmap")
+
+        browser.get(url + "/run/team/exp%201")  # a bookmark: the URL alone opens the run
+        wait_for(browser, lambda d: "team/exp 1" in d.find_element(By.ID, "run-header").text, "the bookmarked run")
+        wait_for(browser, lambda d: (f := figure(d, "overview")) and f["type"] == "heatmap", "its health strip")
+        for bad in ("/run/team/nope", "/run/..%2F..%2Fetc%2Fpasswd", "/run/team"):
+            browser.get(url + bad)
+            wait_for(browser, lambda d: "unknown run" in d.find_element(By.ID, "page-message").text,
+                     f"'unknown run' for {bad}")
+            assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+
+
+STRIP_JS = """
+const gd = document.querySelector('#overview .js-plotly-plot');
+if (!gd || !gd.data || !gd.data.length) return null;
+const t = gd.data[0];
+return {z: t.z.map(r => Array.from(r)), first: t.customdata[0].map(c => c[0]),
+        shapes: (gd.layout.shapes || []).map(s => s.name || '')};
+"""
+
+
+def test_sample_run_pages_calm_strip_and_heatmap_and_a_visible_collapse(browser, tmp_path):
+    """aux-loss (healthy): green past the warm-up, a heatmap within ~2x fair; collapse: collapsed at the end. Set
+    MOEWATCH_SCREENSHOTS=docs/img to save both pages there (docs/img/run_aux-loss.png, run_collapse.png)."""
+    samples = REPO / "sample_runs"
+    if not ((samples / "aux-loss" / "run.json").is_file() and (samples / "collapse" / "run.json").is_file()):
+        pytest.skip("sample_runs/ is not in this checkout")
+    shots = os.environ.get("MOEWATCH_SCREENSHOTS")
+    with serve(samples) as url:
+        for name in ("aux-loss", "collapse"):
+            browser.get(f"{url}/run/{name}")
+            strip = wait_for(browser, lambda d: d.execute_script(STRIP_JS), f"the health strip of {name}")
+            heat = wait_for(browser, lambda d: (f := figure(d, "heatmap")) and f["type"] == "heatmap" and f,
+                            f"the heatmap of {name}")
+            assert len(heat["x"]) == 20  # 400 steps in the detector's windows of 20 steps
+            assert "warm-up" in strip["shapes"]
+            z = strip["z"]
+            late = [c for c, first in enumerate(strip["first"]) if first >= 100]
+            if name == "aux-loss":
+                assert all(row[c] == 0 for row in z for c in late)  # healthy: green past the warm-up
+                ratio = browser.execute_script("return document.querySelector('#heatmap .js-plotly-plot')"
+                                               ".data[0].customdata.map(r => Array.from(r))")
+                cells = [v for row in ratio for v in row[5:]]
+                assert sum(0.5 <= v <= 2 for v in cells) >= 0.95 * len(cells)
+            else:
+                assert all(row[-1] == 3 for row in z)  # collapsed on every layer at the end
+                wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "button.alert"), "the alerts")
+            note = browser.execute_script("return document.querySelector('#heatmap .js-plotly-plot')"
+                                          ".layout.annotations.map(a => a.text).join(' ')")
+            assert "windows of 20 steps, as the detector judges" in note
+            if shots:
+                browser.set_window_size(1400, 1130)
+                time.sleep(1.5)  # let plotly finish drawing at the new size
+                browser.save_screenshot(str(Path(shots) / f"run_{name}.png"))
+                browser.set_window_size(1400, 1500)
+        if shots:
+            browser.get(url + "/")
+            wait_for(browser, lambda d: (r := d.execute_script(ROW_CHARTS_JS)) and all(x["bars"] for x in r),
+                     "the run list's charts")
+            browser.set_window_size(1400, 820)
+            time.sleep(1.0)
+            browser.save_screenshot(str(Path(shots) / "run_list.png"))
+
+
 def test_open_the_collapse_run_see_heatmap_and_alert_click_it(browser, tmp_path):
     root, collapse = runs_root(tmp_path)
     with serve(root) as url:
@@ -147,13 +255,21 @@ def test_open_the_collapse_run_see_heatmap_and_alert_click_it(browser, tmp_path)
 
         heat = wait_for(browser, lambda d: (f := figure(d, "heatmap")) and f["type"] == "heatmap" and f,
                         "the load heatmap")
-        assert len(heat["x"]) > 100
-        assert figure(browser, "overview")["type"] == "heatmap"
+        windows = len(heat["x"])
+        assert windows >= 10
+        wait_for(browser, lambda d: (f := figure(d, "overview")) and f["type"] == "heatmap", "the health strip")
         alerts = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "button.alert"), "an alert")
         assert "critical" in alerts[0].text
         target = json.loads(json.loads(alerts[0].get_attribute("id"))["index"])
         layer, first = target[0], target[1]
         assert layer in alerts[0].text
+
+        # Raw per-step counts are one click away, and the chart says which it shows.
+        browser.find_element(By.CSS_SELECTOR, "#raw input").click()
+        wait_for(browser, lambda d: len((figure(d, "heatmap") or {"x": []})["x"]) > windows, "per-step columns")
+        note = browser.execute_script("return document.querySelector('#heatmap .js-plotly-plot')"
+                                      ".layout.annotations.map(a => a.text).join(' ')")
+        assert "raw per-step counts: sampling noise included" in note
 
         # Look at another layer first, so the click visibly selects the alert's layer.
         layers = browser.execute_script("return Array.from(document.querySelector('#overview .js-plotly-plot')"
@@ -170,11 +286,6 @@ def test_open_the_collapse_run_see_heatmap_and_alert_click_it(browser, tmp_path)
         wait_for(browser, lambda d: "selected" in d.find_elements(By.CSS_SELECTOR, "button.alert")[0]
                  .get_attribute("class"), "the clicked alert highlighted")
         assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
-
-        shot = os.environ.get("MOEWATCH_SCREENSHOT")
-        if shot:
-            time.sleep(1.0)  # let plotly finish drawing
-            browser.save_screenshot(shot)
 
 
 def test_live_run_shows_new_steps_while_the_page_is_open(browser, tmp_path):
@@ -193,12 +304,14 @@ def test_live_run_shows_new_steps_while_the_page_is_open(browser, tmp_path):
         deadline = time.monotonic() + 30
         while len(list((root / "live" / "layers").glob("*.parquet"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        run_id = run_id_for(root.resolve(), root / "live")
         with serve(root, refresh=0.5) as url:
-            browser.get(f"{url}/run/{run_id}")
-            wait_for(browser, lambda d: (f := figure(d, "heatmap")) and len(f["x"]) == 10, "the first 10 steps")
+            browser.get(url + run_href(run_id_for(root.resolve(), root / "live")))
+            # 10 steps are one (partial) detector window of 20; per-step counts show each step.
+            wait_for(browser, lambda d: (f := figure(d, "heatmap")) and len(f["x"]) == 1, "one window of steps")
             header = browser.find_element(By.ID, "run-header").text
             assert "running" in header and "live" in header
+            browser.find_element(By.CSS_SELECTOR, "#raw input").click()
+            wait_for(browser, lambda d: (f := figure(d, "heatmap")) and len(f["x"]) == 10, "the first 10 steps")
             train(10)  # two more flushes: new part files appear while the page is open
             wait_for(browser, lambda d: (f := figure(d, "heatmap")) and f["x"] == list(range(20)),
                      "steps 10-19 appended to the heatmap")

@@ -1,4 +1,5 @@
-"""The dashboard's data layer: the per-run cache against the loader, the live cursor, downsampling, health, catalog.
+"""The dashboard's data layer: the per-run cache against the loader, the live cursor, downsampling, the detector's
+windows for the charts, the catalog (run paths as ids, the run list's rows) and the detector's analysis per run.
 
 Also holds the small run-writing helpers the other dashboard tests import (`write_part`, `write_manifest`,
 `synthetic_collapse`).
@@ -12,20 +13,24 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from moewatch.app.catalog import Catalog, UnknownRun, run_id_for, shape_text
+from moewatch.app.catalog import Catalog, UnknownRun, run_href, run_id_for, shape_text
 from moewatch.app.data import RunData
-from moewatch.app.detection import Detector, run_detector
+from moewatch.app.detection import Detector, run_detector, trend_of
 from moewatch.app.downsample import bin_edges, bin_sum, columns_for, downsample, minmax_last
-from moewatch.app.health import component_scores, score
+from moewatch.app.windows import binned_load, detector_window, plan, window_bounds, window_series
 
 import moewatch
 from moewatch.capture.watch import Watch, WatchConfig
+from moewatch.detect import DetectorConfig
 from moewatch.store.schema import EXPERTS_SCHEMA, LAYERS_SCHEMA, MANIFEST, SCHEMA_VERSION
 from tests.toy import ToyMoE, toy_specs
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_runs"
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
@@ -255,68 +260,162 @@ def test_bins_cover_every_step_once():
     assert columns_for(None) == 1200 and columns_for(10) == 50 and columns_for(10_000) == 2000
 
 
-# ---------------------------------------------------------------------------------------------------- health
+# ---------------------------------------------------------------------------------------------------- windows
 
 
-def test_health_score_reads_balanced_as_healthy_and_collapsed_as_critical():
-    S = 4
-    s = {"cv": np.array([0.05, 0.6, 3.0, np.nan]), "entropy_norm": np.array([0.9, 0.9, 0.02, np.nan]),
-         "dead": np.array([0.0, 0.0, 6.0, np.nan]), "drop_rate": np.array([0.0, 0.0, 0.0, np.nan]),
-         "tokens": np.array([4096.0] * (S - 1) + [np.nan])}  # the last step was not recorded
-    value, worst = score(s, 8, 2)
-    assert value[0] < 0.3 and 1.0 <= value[1] < 2.0 and value[2] == 2.0 and np.isnan(value[3])
-    comps = component_scores(s, 8, 2)
-    assert comps["entropy"][2] == 2.0 and comps["dead"][2] == 2.0
+def sample_run(name: str) -> Path:
+    path = SAMPLES / name
+    if not (path / MANIFEST).is_file():
+        pytest.skip(f"sample_runs/{name} is not in this checkout")
+    return path
 
 
-def test_health_removes_small_batch_noise_from_cv():
-    # 8 experts, 4 tokens top-2: even a perfectly fair router shows CV ~ 0.9 from sampling alone.
-    s = {"cv": np.array([0.9]), "entropy_norm": np.array([0.95]), "dead": np.array([0.0]),
-         "drop_rate": np.array([0.0]), "tokens": np.array([4.0])}
-    assert component_scores(s, 8, 2)["cv"][0] < 0.5
+def test_window_bounds_follow_the_detector_and_fold_a_short_tail_into_the_last_window():
+    assert window_bounds(60, 20).tolist() == [0, 20, 40, 60]
+    assert window_bounds(75, 20).tolist() == [0, 20, 40, 60, 75]  # 15 >= half a window: judged on its own
+    assert window_bounds(65, 20).tolist() == [0, 20, 40, 65]  # 5 steps: added to the last window
+    assert window_bounds(7, 20).tolist() == [0, 7]  # fewer steps than a window: one partial window
+    assert window_bounds(0, 20).tolist() == [0, 0]
+
+
+def test_plan_aligns_bins_to_whole_windows_and_merges_past_the_width(tmp_path):
+    write_manifest(tmp_path / "r", ["l0"], 4)
+    write_part(tmp_path / "r", {"l0": random_counts(np.random.default_rng(0), 1000, 4)}, np.arange(1000))
+    run = RunData(tmp_path / "r")
+    run.refresh()
+    full = plan(run, "l0", 0, 1000, 20, 1200)
+    assert (full.group, full.rows, full.count) == (1, slice(0, 1000), 50)
+    assert full.edges.tolist() == list(range(0, 1001, 20))
+    narrow = plan(run, "l0", 0, 1000, 20, 12)  # 50 windows into at most 12 columns: 5 whole windows each
+    assert narrow.group == 5 and narrow.count == 10 and narrow.edges.tolist() == list(range(0, 1001, 100))
+    zoom = plan(run, "l0", 105, 171, 20, 1200)  # a zoom snaps out to the windows it touches
+    assert zoom.rows == slice(100, 180) and zoom.edges.tolist() == [0, 20, 40, 60, 80]
+    assert plan(run, "l0", 1000, 1000, 20, 1200) is None
+    load, first, last = binned_load(run, "l0", full)
+    np.testing.assert_array_equal(load, run.tokens("l0").reshape(50, 20, 4).sum(axis=1))
+    assert first.tolist() == list(range(0, 1000, 20)) and last.tolist() == list(range(19, 1000, 20))
+
+
+def test_a_layer_recorded_on_fewer_steps_is_windowed_on_its_own_rows(tmp_path):
+    run_dir = tmp_path / "r"
+    rng = np.random.default_rng(1)
+    write_manifest(run_dir, ["a", "b"], 4)
+    write_part(run_dir, {"a": random_counts(rng, 60, 4)}, np.arange(60), n=0)
+    write_part(run_dir, {"b": random_counts(rng, 30, 4)}, np.arange(0, 60, 2), n=1)  # b: every other step
+    run = RunData(run_dir)
+    run.refresh()
+    assert run.layer_rows("a") is None and run.layer_rows("b").tolist() == list(range(0, 60, 2))
+    bins = plan(run, "b", 0, 60, 10, 100)
+    load, first, last = binned_load(run, "b", bins)
+    assert first.tolist() == [0, 20, 40] and last.tolist() == [18, 38, 58]
+    np.testing.assert_array_equal(load, run.tokens("b")[0::2].reshape(3, 10, 4).sum(axis=1))
+
+
+def test_windowed_charts_read_exactly_what_the_detector_reads_on_the_sample_runs():
+    for name in ("aux-loss", "collapse", "capacity-1.0"):
+        run = RunData(sample_run(name), name)
+        run.refresh()
+        analysis = run_detector(run)
+        for result in analysis.layers:
+            assert detector_window(run, result.layer) == result.window  # computed without the detector's result
+            bins = plan(run, result.layer, 0, run.n, result.window, 10_000)
+            s = window_series(run, result.layer, bins)
+            np.testing.assert_array_equal(s["first"], result.series["first"])
+            np.testing.assert_array_equal(s["last"], result.series["last"])
+            for key in ("cv", "max_share", "dead", "entropy_norm", "drop_rate", "z_loss", "logit_abs_max"):
+                np.testing.assert_allclose(s[key], result.series[key], rtol=1e-6, atol=1e-9, err_msg=(name, key))
+            load, _, _ = binned_load(run, result.layer, bins)
+            np.testing.assert_allclose(load / load.sum(axis=1, keepdims=True), result.series["share"], rtol=1e-5)
+
+
+def test_sample_aux_loss_windows_are_calm_where_raw_steps_are_noise():
+    run = RunData(sample_run("aux-loss"), "aux-loss")
+    run.refresh()
+    warm = DetectorConfig().warmup_steps
+    for layer in run.layer_names:
+        E = run.layer(layer).num_experts
+        bins = plan(run, layer, 0, run.n, detector_window(run, layer), 1200)
+        load, first, _ = binned_load(run, layer, bins)
+        after = load[first >= warm].astype(float)
+        ratio = after * E / after.sum(axis=1, keepdims=True)
+        raw = run.tokens(layer)[warm:].astype(float)
+        raw_ratio = raw * E / raw.sum(axis=1, keepdims=True)
+        calm = ((ratio >= 0.5) & (ratio <= 2)).mean()
+        assert calm >= 0.95, (layer, calm)  # 512 tokens a step over 16 experts: windows of 20 steps are calm
+        assert ((raw_ratio >= 0.5) & (raw_ratio <= 2)).mean() < 0.7  # one step alone is mostly sampling noise
+        assert (ratio < 0.25).mean() < 0.01 < (raw_ratio < 0.25).mean()  # no field of "dead" cells
 
 
 # ---------------------------------------------------------------------------------------------------- catalog + detection
 
 
-def test_catalog_ids_only_name_runs_found_under_the_root(tmp_path):
+def test_catalog_ids_are_run_paths_under_the_root_and_nothing_else(tmp_path):
     rng = np.random.default_rng(5)
-    for name in ("exp/a", "exp/b"):
+    for name in ("exp/a", "exp/b c"):
         write_manifest(tmp_path / name, ["l0"], 4)
         write_part(tmp_path / name, {"l0": random_counts(rng, 4, 4)}, np.arange(4))
     (tmp_path / "not-a-run").mkdir()
     cat = Catalog(tmp_path, background=False)
     entries = cat.entries()
-    assert [e.name for e in entries] == ["exp/a", "exp/b"]
+    assert [(e.run_id, e.name) for e in entries] == [("exp/a", "exp/a"), ("exp/b c", "exp/b c")]
     assert entries[0].run_id == run_id_for(tmp_path.resolve(), tmp_path / "exp/a")
-    for bad in ("../etc", str(tmp_path / "exp/a"), "exp/a", None, 3):
+    assert run_href("exp/b c") == "/run/exp/b%20c" and run_href("a,b#1?") == "/run/a%2Cb%231%3F"
+    for bad in ("../etc", "exp/../exp/a", "/exp/a", str(tmp_path / "exp/a"), "exp", "not-a-run", "", None, 3):
         with pytest.raises(UnknownRun):
             cat.entry(bad)
-    assert cat.run(entries[0].run_id).n == 4
+    assert cat.run("exp/b c").n == 4
     assert shape_text([{"num_experts": 8}, {"num_experts": 64}]) == "8–64 × 2"
+    one = Catalog(tmp_path / "exp" / "a", background=False)  # the root is itself a run: its id is its name
+    assert [e.run_id for e in one.entries()] == ["a"] and one.run("a").n == 4
 
 
-def test_summaries_give_status_steps_and_verdict(tmp_path):
-    synthetic_collapse(tmp_path, 1500, "collapse")
-    synthetic_collapse(tmp_path, 1500, "healthy", shape="healthy", label="healthy")
-    cat = Catalog(tmp_path, background=False)
+def test_summaries_give_status_verdict_sentence_and_load_over_time():
+    cat = Catalog(SAMPLES if SAMPLES.is_dir() else sample_run("collapse"), background=False)
     rows = {r.name: r for r in cat.summaries()}
-    assert rows["collapse"].verdict == "collapsed" and rows["healthy"].verdict == "healthy"
-    assert rows["collapse"].steps == 1500 and rows["collapse"].status == "finished"
-    assert rows["collapse"].shape == "8 × 3" and rows["collapse"].model == "SyntheticMoE"
+    expected = {"aux-loss": "healthy", "z-loss+aux": "healthy", "collapse": "collapsed", "capacity-1.0": "critical"}
+    for name, verdict in expected.items():
+        r = rows[name]
+        assert r.verdict == verdict and r.sentence.startswith(verdict.upper() + ":"), (name, r.sentence)
+        assert r.steps == 400 and r.status == "finished" and r.shape == "16 × 2" and r.model == "MoEGPT"
+        assert len(r.trend) == 20 and r.trend.last[-1] == 399  # one bar per detector window of 20 steps
+    warm = DetectorConfig().warmup_steps
+    for name in ("aux-loss", "z-loss+aux"):
+        t = rows[name].trend
+        assert all(level == 0 for level, last in zip(t.level, t.last, strict=True) if last >= warm), name
+        assert max(t.ratio) < 2.5  # the largest expert stays within ~2x its fair share
+    assert rows["collapse"].trend.level[-1] == 3 and max(rows["collapse"].trend.ratio) > 8
+    assert rows["capacity-1.0"].trend.level[-1] == 2  # drops: critical, not a collapse
+    assert "dropped at capacity" in rows["capacity-1.0"].sentence
 
 
-def test_dashboard_alerts_equal_the_detector_on_the_loaded_run(tmp_path):
+def test_trend_merges_windows_by_their_maximum():
+    h = pd.DataFrame({"layer": ["a"] * 4 + ["b"] * 4, "start_step": [0, 10, 20, 30] * 2,
+                      "end_step": [9, 19, 29, 39] * 2, "level": [0, 0, 1, 0, 0, 2, 0, 0],
+                      "status": ["healthy", "healthy", "warning", "healthy", "healthy", "critical", "healthy",
+                                 "healthy"], "warmup": [True, False, False, False] * 2,
+                      "max_share": [0.25, 0.3, 0.5, 0.25, 0.25, 0.25, 0.25, 0.9]})
+    t = trend_of(h, {"a": 4, "b": 4}, points=2)
+    assert t.first == (0, 20) and t.last == (19, 39) and t.level == (2, 1) and t.warmup == (False, False)
+    assert t.ratio == (1.2, 3.6)  # E x max share, the worst layer's
+    assert len(trend_of(h.iloc[:0], {})) == 0
+
+
+def test_dashboard_keeps_the_detectors_whole_analysis(tmp_path):
     path = synthetic_collapse(tmp_path, 2000)
-    cache = RunData(path)
+    cache = RunData(path, "x")
     cache.refresh()
-    ours = run_detector(cache)
-    from moewatch.detect import detect
+    det = Detector(background=False).get(cache)
+    from moewatch.detect import analyze_frames
+    from moewatch.detect.verdict import verdict
 
-    theirs = detect(moewatch.load(path))
+    view = moewatch.load(path).global_view()
+    theirs = analyze_frames(view.layers, view.experts)
     key = lambda a: (a.kind, a.severity, a.layer, tuple(a.experts), a.first_step, a.last_step)  # noqa: E731
-    assert sorted(map(key, ours)) == sorted(map(key, theirs))
-    assert any(a.severity == "critical" for a in ours)
+    assert sorted(map(key, det.analysis.alerts)) == sorted(map(key, theirs.alerts))
+    assert [key(a) for a in det.alerts] == [key(a) for a in theirs.shown_alerts()]
+    assert det.status == theirs.status == "collapsed" and det.sentence == verdict(theirs)
+    pd.testing.assert_frame_equal(det.health, theirs.health())
+    assert det.layer("model.layers.0.mlp.gate").window == theirs.layers[0].window and det.layer("nope") is None
 
 
 def test_detection_unavailable_is_reported_not_raised(tmp_path, monkeypatch):
@@ -325,7 +424,8 @@ def test_detection_unavailable_is_reported_not_raised(tmp_path, monkeypatch):
     cache.refresh()
     monkeypatch.setitem(__import__("sys").modules, "moewatch.detect", None)  # as if not installed
     det = Detector(background=False).get(cache)
-    assert det.state == "unavailable" and "unavailable" in det.message and det.verdict is None
+    assert det.state == "unavailable" and "unavailable" in det.message and det.status is None
+    assert detector_window(cache, cache.layer_names[0], det) is None  # the charts fall back to raw counts
 
 
 def test_background_detection_fills_in(tmp_path):
@@ -334,7 +434,7 @@ def test_background_detection_fills_in(tmp_path):
     cache.refresh()
     d = Detector(background=True)
     det = d.get(cache, wait=30)
-    assert det.state == "ok" and det.verdict == "collapsed"
+    assert det.state == "ok" and det.status == "collapsed"
 
 
 def test_eviction_keeps_memory_under_the_budget(tmp_path):
@@ -359,6 +459,8 @@ def test_run_list_rereads_a_run_only_when_its_parts_change(tmp_path):
     cat = Catalog(tmp_path, background=False, max_bytes=1)  # room for one run in memory at a time
     first = {r.name: r for r in cat.summaries()}
     assert first["a"].steps == 20 and first["b"].steps == 20 and first["a"].verdict == "healthy"
+    evicted = [r for r in first.values() if cat.loaded(r.run_id) is None]
+    assert len(evicted) == 1 and evicted[0].sentence.startswith("HEALTHY") and len(evicted[0].trend) == 1
     held = [e.run_id for e in cat.entries() if cat.loaded(e.run_id) is not None]
     instance = cat.loaded(held[0]).instance
     again = {r.name: r for r in cat.summaries()}
