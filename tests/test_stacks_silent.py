@@ -161,6 +161,7 @@ def test_unreadable_output_warns_once_and_keeps_training(tmp_path):
     watch = moewatch.attach(model, tmp_path, silent_steps=0)
     with pytest.warns(RuntimeWarning, match=r"cannot read the routing of router 'router' \(DictRouter.*got|dict"):
         train(model, watch, 1)
+    assert [p["kind"] for p in moewatch.load(tmp_path).meta["problems"]] == ["unreadable_output"]  # already on disk
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(model, watch, 2)

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -122,6 +123,7 @@ class Watch:
         self._seq = 0
         self._since_flush = 0
         self._last_flush = time.monotonic()
+        self._manifest_lock = threading.Lock()  # the heartbeat (writer thread) and problems (here) both write run.json
         self._trained = False  # a training forward of the model ran since the last step()
         self._train_steps = 0  # steps that had a training forward
 
@@ -232,13 +234,16 @@ class Watch:
         """Problems found so far (also in run.json under ``problems``); see `PROBLEM_KINDS`."""
         return list(self._manifest["problems"])
 
-    def _problem(self, kind: str, router: str | None, message: str, *, warn: bool = True, **extra: Any) -> None:
-        """Record a problem in run.json (written at the next heartbeat, step or close) and warn once."""
+    def _problem(self, kind: str, router: str | None, message: str, *, warn: bool = True, write: bool = True,
+                 **extra: Any) -> None:
+        """Record a problem in run.json (rewritten now unless `write` is False: problems are rare) and warn."""
         self._manifest["problems"] = [*self._manifest["problems"], {
             "kind": kind, "router": router, "message": message, "step": self._next_step, "session": self._session,
             "time": time.time(), **extra}]
         if warn:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
+        if write and hasattr(self, "_worker"):
+            self._write_manifest_now()
 
     # ------------------------------------------------------------------ hooks (training thread, no host sync)
     def _root_pre(self, module: nn.Module, args: tuple) -> None:
@@ -381,7 +386,7 @@ class Watch:
                 f"training steps: the module was not called in a training forward, or its output showed no routing. "
                 f"If it is a router, register it by hand: attach(model, run_dir, routers={{{name!r}: "
                 f"RouterSpec(name={name!r}, num_experts=..., top_k=..., probes=[Probe(module, reader)])}}) or "
-                f"watch.record({name!r}, logits=..., indices=...) in your training step"))
+                f"watch.record({name!r}, logits=..., indices=...) in your training step"), write=False)
         self._write_manifest_now()
 
     def _snapshot(self, phase: str, number: int, now: float) -> None:
@@ -475,7 +480,8 @@ class Watch:
         if self.rank != 0:
             return
         try:
-            write_manifest(self.run_dir, self._manifest)
+            with self._manifest_lock:
+                write_manifest(self.run_dir, self._manifest)
         except OSError as e:
             if self._closed or not hasattr(self, "_worker"):
                 raise
