@@ -96,7 +96,7 @@ def judge(run: RunData, generation: int = -1, seconds_from: float | None = None)
     analysis = run_detector(run)
     health = analysis.health()
     return Detection(OK, analysis, tuple(analysis.shown_alerts()), health, verdict(analysis),
-                     trend_of(health, {r.layer: r.num_experts for r in analysis.layers}), generation=generation,
+                     trend_of(health), generation=generation,
                      seconds=time.perf_counter() - t0)
 
 
@@ -106,11 +106,11 @@ def cell_level(health: Any) -> np.ndarray:
     return level + (np.asarray(health["status"]) == "collapsed").astype(np.int8)
 
 
-def trend_of(health: Any, experts: dict[str, int], points: int = TREND_POINTS) -> Trend:
+def trend_of(health: Any, points: int = TREND_POINTS) -> Trend:
     """The run list's chart from a health frame (see `Trend`)."""
     if health is None or len(health) == 0:
         return Trend()
-    E = health["layer"].map(experts).fillna(1).to_numpy(np.float64)
+    E = health["num_experts"].to_numpy(np.float64)
     ratio = np.nan_to_num(health["max_share"].to_numpy(np.float64) * E, nan=0.0)
     level = cell_level(health)
     end = health["end_step"].to_numpy(np.int64)

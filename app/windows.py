@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -57,7 +56,7 @@ def detector_window(run: RunData, layer: str, detection: Any = None) -> int | No
         rows = run.layer_rows(layer)
         head = run.tokens(layer, 0, config.window_steps) if rows is None else \
             run.tokens(layer)[rows[: config.window_steps]]
-        return int(window_size(SimpleNamespace(tokens=head), config))
+        return int(window_size(head, config))
 
 
 def window_bounds(n_rows: int, window: int) -> np.ndarray:

@@ -393,11 +393,11 @@ def test_trend_merges_windows_by_their_maximum():
                       "end_step": [9, 19, 29, 39] * 2, "level": [0, 0, 1, 0, 0, 2, 0, 0],
                       "status": ["healthy", "healthy", "warning", "healthy", "healthy", "critical", "healthy",
                                  "healthy"], "warmup": [True, False, False, False] * 2,
-                      "max_share": [0.25, 0.3, 0.5, 0.25, 0.25, 0.25, 0.25, 0.9]})
-    t = trend_of(h, {"a": 4, "b": 4}, points=2)
+                      "max_share": [0.25, 0.3, 0.5, 0.25, 0.25, 0.25, 0.25, 0.9], "num_experts": 4})
+    t = trend_of(h, points=2)
     assert t.first == (0, 20) and t.last == (19, 39) and t.level == (2, 1) and t.warmup == (False, False)
     assert t.ratio == (1.2, 3.6)  # E x max share, the worst layer's
-    assert len(trend_of(h.iloc[:0], {})) == 0
+    assert len(trend_of(h.iloc[:0])) == 0
 
 
 def test_dashboard_keeps_the_detectors_whole_analysis(tmp_path):

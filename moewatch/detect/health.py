@@ -3,9 +3,9 @@ layer statuses and the alerts.
 
 :func:`health` judges a run and returns one row per (layer, window) with the level the detector's alerts give that
 window (0 healthy, 1 warning, 2 critical), the status behind it (``collapsed`` for a collapse kind, ``critical``
-otherwise), the alert kinds that hold there, whether the window lies in the warm-up, and the window's signals as
-the rules read them (CV with sampling noise removed, largest share, starved experts, entropy, drop rate, z-loss,
-max |logit|, NaN/inf count). A window's level comes from the alert episodes that cover it, from their onset to
+otherwise), the alert kinds that hold there, whether the window lies in the warm-up, the layer's expert count, and
+the window's signals as the rules read them (CV with sampling noise removed, largest share, starved experts,
+entropy, drop rate, z-loss, max |logit|, NaN/inf count). A window's level comes from the alert episodes that cover it, from their onset to
 their last breaching window (to the end of the data while an episode still holds), so the strip shows exactly
 what the alerts say: a run reported healthy has no critical window after its warm-up.
 """
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 LEVEL_STATUS = {0: "healthy", 1: "warning", 2: "critical"}
 SIGNALS = ("cv", "max_share", "dead", "entropy_norm", "drop_rate", "z_loss", "logit_abs_max", "nonfinite")
-COLUMNS = ("layer", "start_step", "end_step", "level", "status", "kinds", "warmup", *SIGNALS)
+COLUMNS = ("layer", "start_step", "end_step", "level", "status", "kinds", "warmup", "num_experts", *SIGNALS)
 
 
 def health(run: Any, config: DetectorConfig | None = None) -> pd.DataFrame:
@@ -98,6 +98,7 @@ def _layer_frame(layer: LayerResult, warmup: int) -> pd.DataFrame:
         "status": status,
         "kinds": [",".join(dict.fromkeys(k for _, k in sorted(ks))) for ks in kinds],
         "warmup": last < warmup,
+        "num_experts": layer.num_experts,
     }
     for name in SIGNALS:
         data[name] = np.asarray(s[name], np.float64)
@@ -111,6 +112,6 @@ def _dtype(column: str) -> str:
         return "bool"
     if column == "level":
         return "int8"
-    if column in ("start_step", "end_step"):
+    if column in ("start_step", "end_step", "num_experts"):
         return "int64"
     return "float64"

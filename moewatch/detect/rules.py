@@ -2,7 +2,9 @@
 
 A rule turns window metrics into a :class:`Track`: one breach flag and one observed value per window. The engine
 (engine.py) applies hysteresis to tracks and cuts them into episodes; nothing here keeps state except what the trend
-fits read from the history the engine passes in.
+fits read from the history the engine passes in. :func:`window_metrics` (the per-window metrics every rule reads,
+also used by the dashboard's windowed charts on a :class:`~moewatch.detect.windows.Windows` it builds) and
+:func:`describe` are public.
 """
 
 from __future__ import annotations

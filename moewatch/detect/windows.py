@@ -106,16 +106,19 @@ class Windows:
         return len(self.first)
 
 
-def window_size(data: LayerData, config: DetectorConfig) -> int:
-    """Steps per window for this layer: wide enough that each expert expects ``min_window_load`` assignments.
+def window_size(data: LayerData | np.ndarray, config: DetectorConfig) -> int:
+    """Steps per window for a layer (its ``LayerData`` or its ``[steps, experts]`` counts): wide enough that each
+    expert expects ``min_window_load`` assignments.
 
-    Decided from the first ``window_steps`` recorded steps, so a live tracker and a batch report agree.
+    Decided from the first ``window_steps`` recorded steps, so a live tracker, a batch report and the dashboard's
+    charts agree.
     """
-    head = data.tokens[: config.window_steps]
+    tokens = data.tokens if isinstance(data, LayerData) else np.asarray(data)
+    head = tokens[: config.window_steps]
     per_step = float(np.median(head.sum(axis=1))) if len(head) else 0.0
     if per_step <= 0:
         return config.max_window_steps
-    need = math.ceil(config.min_window_load * data.tokens.shape[1] / per_step)
+    need = math.ceil(config.min_window_load * tokens.shape[1] / per_step)
     return int(min(max(config.window_steps, need), config.max_window_steps))
 
 
