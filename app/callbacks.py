@@ -23,6 +23,8 @@ import numpy as np
 from dash import ALL, Dash, Input, Output, State, ctx, no_update
 from dash.exceptions import PreventUpdate
 
+from moewatch.store.manifest import problem_lines
+
 from . import figures
 from .arrays import human_bytes
 from .catalog import Catalog, UnknownRun, run_href
@@ -129,6 +131,7 @@ def header_view(catalog: Catalog, run_id: str | None, refresh_seconds: float) ->
             details.append(f"{len(run.ranks)} ranks summed")
         details.append(f"{human_bytes(run.nbytes)} in memory")
         notices = [("warning", s) for s in run.skipped]
+        notices += [("warning", f"capture problem: {p}") for p in problem_lines(meta)]
         if run.meta_error:
             notices.append(("error", run.meta_error))
         generation = run.generation

@@ -269,6 +269,10 @@ class Catalog:
                 note = {"ok": "", "pending": "checking…"}.get(det.state, det.message)
         if skipped:
             problem = (problem + "; " if problem else "") + f"{skipped} corrupt part file(s) skipped"
+        captured = len([p for p in meta.get("problems") or [] if isinstance(p, dict)])
+        if captured:
+            problem = (problem + "; " if problem else "") + (
+                f"{captured} capture problem{'s' if captured > 1 else ''} (see the run page)")
         return RunSummary(entry.run_id, entry.name, status, verdict, note, steps, model_full.rsplit(".", 1)[-1],
                           model_full, shape_text(meta.get("routers") or []), problem, sentence, trend)
 

@@ -31,6 +31,7 @@ from moewatch.detect import (
 )
 from moewatch.detect.alerts import FAILING, SEVERITY_RANK, worst_status
 from moewatch.detect.verdict import verdict
+from moewatch.store.manifest import problem_lines
 
 FORMATS = ("text", "markdown", "json", "html")
 FAIL_ON = ("warning", "recovered", "critical")
@@ -60,11 +61,17 @@ class RunReport:
     def verdict(self) -> str:
         return verdict(self.analysis)
 
+    @property
+    def problems(self) -> list[str]:
+        """Capture problems recorded in run.json (a silent router, an unreadable output, ...), one line each."""
+        return problem_lines(self.meta)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": str(self.path),
             "status": self.status,
             "verdict": self.verdict,
+            "problems": [p for p in self.meta.get("problems") or [] if isinstance(p, dict)],
             "run_status": self.run_status,
             "model_class": self.meta.get("model_class"),
             "steps": self.steps,
@@ -112,7 +119,9 @@ def build_report(path: Path, config: DetectorConfig, progress: bool = False) -> 
     except OSError as exc:
         raise ReportInputError(f"cannot read {path}: {exc}") from None
     if run.layers.empty and run.experts.empty:
-        raise ReportInputError(f"{path} has no recorded steps yet: report it once training has flushed some")
+        problems = problem_lines(run.meta, limit=3)
+        why = f"; run.json records: {'; '.join(problems)}" if problems else ""
+        raise ReportInputError(f"{path} has no recorded steps yet: report it once training has flushed some{why}")
     view = run.global_view()
     wrap = None
     if progress and len(view.experts) > _BIG_RUN_ROWS:
@@ -268,6 +277,9 @@ def render_text(reports: list[RunReport]) -> str:
     lines: list[str] = []
     for rep in reports:
         lines += [f"== {rep.path}  [{rep.status.upper()}]", _header(rep), ""]
+        if rep.problems:
+            lines.append("Capture problems (run.json): what moewatch could not record")
+            lines += [f"  {p}" for p in rep.problems] + [""]
         lines.append("Per layer, over the last window (cv with sampling noise removed):")
         lines += ["  " + row for row in _table_text(_layer_rows(rep))]
         lines.append("")
@@ -301,6 +313,9 @@ def render_markdown(reports: list[RunReport]) -> str:
         lines += [f"**Overall: {overall_status(reports)}** ({_tally(reports)} of {len(reports)} runs).", ""]
     for rep in reports:
         lines += [f"## `{rep.path}` — {rep.status}", "", _md(_header(rep)), ""]
+        if rep.problems:
+            lines += ["**Capture problems** (run.json): what moewatch could not record", ""]
+            lines += [f"- {_md(p)}" for p in rep.problems] + [""]
         lines.append("| " + " | ".join(_COLUMNS) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(_COLUMNS) - 2) + ["---"]) + "|")
         lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in _layer_rows(rep)]
@@ -351,6 +366,10 @@ def render_html(reports: list[RunReport], config: DetectorConfig) -> str:
     for rep in reports:
         parts.append(f"<h2>{html.escape(str(rep.path))}: <span class='{rep.status}'>{rep.status}</span></h2>")
         parts.append(f"<p>{html.escape(_header(rep))}</p><p><b>Verdict:</b> {html.escape(rep.verdict)}</p>")
+        if rep.problems:
+            items = "".join(f"<li>{html.escape(p)}</li>" for p in rep.problems)
+            parts.append(f"<p class='warning'>Capture problems (run.json): what moewatch could not record</p>"
+                         f"<ul>{items}</ul>")
         parts.append(_html_table(_COLUMNS, _layer_rows(rep)))
         groups = _groups(rep.analysis.alerts)
         if groups:

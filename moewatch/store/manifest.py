@@ -80,3 +80,17 @@ def new_manifest(**fields: Any) -> dict[str, Any]:
         "heartbeat": now,
         **fields,
     }
+
+
+def problem_lines(manifest: dict[str, Any], limit: int = 20) -> list[str]:
+    """The capture problems run.json records (``problems``: silent routers, unreadable outputs, failing hooks, MoE
+    blocks with no router found), one readable line each, oldest first; the report and the dashboard show these."""
+    problems = [p for p in manifest.get("problems") or [] if isinstance(p, dict)]
+    lines = []
+    for p in problems[:limit]:
+        where = p.get("router") or "model"
+        step = f", step {p['step']}" if p.get("step") is not None else ""
+        lines.append(f"{p.get('kind', 'problem')} ({where}{step}): {p.get('message', '')}".rstrip(": "))
+    if len(problems) > limit:
+        lines.append(f"... and {len(problems) - limit} more in run.json (problems)")
+    return lines
