@@ -11,6 +11,7 @@ import torch
 
 import moewatch
 from moewatch.detect import synthetic as syn
+from moewatch.detect.evaluate import observed_collapse_step
 from moewatch.reference.data import build_corpus
 from moewatch.reference.demo import (
     BASE_CONFIG,
@@ -76,6 +77,24 @@ def test_default_scenarios_differ_only_in_balancing() -> None:
     assert [s.aux_decay for s in SCENARIOS.values()].count(None) == len(SCENARIOS) - 1
 
 
+def starved_at_end(run_dir, steps: int = 20) -> int:
+    """Experts of the (one-layer) run that got under 10% of their fair share over its last ``steps`` recorded steps.
+
+    Judged over a stretch rather than the final step alone: one step of 512 tokens over 32 experts leaves a few
+    experts idle by chance, a stretch of 20 does not.
+    """
+    experts = moewatch.load(run_dir).experts
+    load = experts[experts["step"] > experts["step"].max() - steps].groupby("expert")["tokens"].sum()
+    return int((load < 0.1 * load.mean()).sum())
+
+
+# The reference model's trajectory differs between CPU models (kernel rounding, amplified by the router), so each
+# seed's run is a draw per machine. The assertions below held with these margins in every one of 36 draws (seeds 0-11
+# under AVX-512, AVX2 and no-SIMD kernels): the collapse starved 21-28 of the 32 experts over its last 20 steps (the
+# line: 16) while the balanced runs starved at most 2; a balanced run's final-step CV was at most 0.40x the collapse's
+# (the line: 0.6x), its max share at most 0.22 (0.8) and its idle experts at most 7 (16). The demo's own single-step
+# criterion (ScenarioSummary.collapsed) held too, but with 17 idle experts for the line's 16 in one draw: the test
+# reads the collapse over a stretch instead.
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_collapse_collapses_and_balancing_keeps_cv_well_below(seed: int, corpus, tmp_path) -> None:
     results = {
@@ -91,11 +110,11 @@ def test_collapse_collapses_and_balancing_keeps_cv_well_below(seed: int, corpus,
         for name in ("collapse", "aux-loss", "aux-free-bias")
     }
     collapse = results["collapse"]
-    assert collapse.collapsed, collapse
-    assert max(collapse.max_share) >= 0.8 or max(collapse.dead) >= SMALL.n_experts / 2
+    assert starved_at_end(tmp_path / "collapse") >= SMALL.n_experts / 2, collapse
     for name in ("aux-loss", "aux-free-bias"):
         healthy = results[name]
         assert not healthy.collapsed, healthy
+        assert starved_at_end(tmp_path / name) < SMALL.n_experts / 4, healthy
         assert max(healthy.cv) < 0.6 * max(collapse.cv), (name, healthy.cv, collapse.cv)
     # The summary agrees with what moewatch recorded for the final step (the collapse is in the run
     # directory).
@@ -225,10 +244,14 @@ def test_aux_decay_schedule() -> None:
 
 def test_collapse_scenarios_record_their_observed_collapse_step(tmp_path, corpus) -> None:
     """The ground truth the detector's evaluation uses comes from the recorded counts, written after the run."""
-    train_scenario(small("collapse"), steps=60, device="cpu", seed=0, run_dir=tmp_path / "c", corpus=corpus,
+    # 100 steps: the observed collapse needs 20 recorded steps of holding after it, and it completed by step 9-24 in
+    # every one of 36 draws of this run (seeds 0-11, three CPU kernel settings), so it is recorded with room to spare.
+    train_scenario(small("collapse"), steps=100, device="cpu", seed=0, run_dir=tmp_path / "c", corpus=corpus,
                    progress=False)
-    meta = moewatch.load(tmp_path / "c").meta["meta"]
-    assert meta["label"] == "collapse_at_start" and 0 < meta["collapse_step"] < 40
+    run = moewatch.load(tmp_path / "c")
+    meta, view = run.meta["meta"], run.global_view()
+    assert meta["collapse_step"] == observed_collapse_step(view.layers, view.experts)  # from the recorded counts
+    assert meta["label"] == "collapse_at_start" and 0 < meta["collapse_step"] < 50
     # A collapse scenario whose router held on: no collapse to record, so no label either.
     syn.simulate(syn.Scenario("held", "healthy", "healthy", steps=200)).write(tmp_path / "held")
     _record_collapse_step(tmp_path / "held", after=50)

@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import moewatch
+from moewatch.detect import CRITICAL, WARNING
 from moewatch.detect import synthetic as syn
 from moewatch.detect.evaluate import (
     Scores,
@@ -87,20 +89,78 @@ def test_labeled_sample_runs_in_the_repo():
     check_demo(Scores(tuple(labeled_runs(root))))
 
 
+# The reference model's trajectory is not bit-reproducible across CPU models: the kernels' rounding differs (AVX2 and
+# AVX-512 builds of the same matmul and softmax), and a router amplifies it, so sample_runs/aux-annealed retrained
+# with seed 0 on an AVX-512 machine parts from the recorded (AVX2) run at step 22. What a given seed's run does is a
+# draw per machine: the test below asserts only what held, with a margin, in every draw of 3 kernel settings (AVX-512,
+# AVX2, no SIMD) x 8 seeds x the 5 labelled scenarios, plus 48 draws of the annealed run (4 settings x 12 seeds), each
+# run judged against its own recorded counts. To draw again on one machine: ATEN_CPU_CAPABILITY=avx2|default with
+# MKL_ENABLE_INSTRUCTIONS=AVX2|SSE4_2 (the AVX2 setting retrains sample_runs/aux-annealed bit for bit), or cpu_threads=2.
+ALL_SCENARIO_SEEDS = (1, 2)
+ANNEALED_SEEDS = (1, 2, 3, 4)
+
+
 @pytest.mark.slow
 def test_reference_model_demo_runs_on_more_seeds(tmp_path):
-    """The demo's labelled scenarios trained afresh on seeds 1 and 2 at full demo size (~90 s): the slow collapse
-    is flagged tens of steps before it completes, the start-of-run collapse is critical from its onset, the
-    balanced runs stay quiet and the bias-balanced one gets warnings at most."""
+    """The demo's labelled scenarios trained afresh at full demo size (seeds 1 and 2, and the annealed one on 3 and 4
+    too: 12 runs, 70-100 s), held to what is true on any CPU:
+
+    - the balanced runs get no warning (the worst two consecutive windows' noise-corrected CV was 0.38 over all draws,
+      the warning line 0.5) and the start-of-run collapse is critical from its onset;
+    - the bias-balanced run ends with no critical alert holding: statuses healthy, warning or recovered (in one draw of
+      24 its start-up imbalance, which the bias needs ~150 steps to undo, lasted one window past the warm-up and was
+      critical there; from step 140 on its CV stayed under 0.65, the critical line 1.0, and its entropy at the end
+      above 0.14, the critical line 0.05). The recorded sample run is held to "no critical at all", above;
+    - every annealed run is quiet while its balancing holds and ends collapsed: an ongoing critical collapse alert (at
+      the end its worst layer's CV was 1.3 or more in every draw);
+    - an annealed run whose recorded counts show the collapse completing (``observed_collapse_step``, which the demo
+      writes into run.json) is flagged at most two detector windows after that step: its lead ranged from -9 to +146
+      steps over the draws, so "before the collapse completes" does not hold on every CPU (the detector needs two
+      windows, the observed collapse can complete within one). That strict collapse (half the experts starved for
+      20 steps) completed in 43 of 48 draws: at least one of the four is asked for, so the scoring is exercised.
+    """
     from moewatch.reference.demo import SCENARIOS, run_demo
 
+    for seed in sorted({*ALL_SCENARIO_SEEDS, *ANNEALED_SEEDS}):
+        chosen = [s for s in SCENARIOS.values() if s.label and (seed in ALL_SCENARIO_SEEDS or s.name == "aux-annealed")]
+        run_demo(tmp_path / f"seed{seed}", device="cpu", seed=seed, scenarios=chosen, progress=False)
+    check_retrained_demo(tmp_path, ALL_SCENARIO_SEEDS, ANNEALED_SEEDS)
+
+
+def check_retrained_demo(root: Path, all_scenario_seeds: tuple[int, ...], annealed_seeds: tuple[int, ...]) -> None:
+    """What test_reference_model_demo_runs_on_more_seeds states, on demo runs under ``root/seed<n>/<scenario>``: every
+    labelled scenario for ``all_scenario_seeds``, the annealed one for ``annealed_seeds``."""
+    from moewatch.detect import DetectorConfig, detect, status_of
+    from moewatch.reference.demo import DEFAULT_STEPS, SCENARIOS
+
     labelled = [s for s in SCENARIOS.values() if s.label]
-    for seed in (1, 2):
-        run_demo(tmp_path / f"seed{seed}", device="cpu", seed=seed, scenarios=labelled, progress=False)
-    scores = Scores(tuple(labeled_runs(tmp_path)))
-    assert len(scores.cases) == 2 * len(labelled) and len(scores.leads) == 2, scores.table()
-    check_demo(scores)
-    assert scores.median_lead >= 20, scores.table()  # 38 and 46 steps when measured
+    annealed = SCENARIOS["aux-annealed"]
+    scores = Scores(tuple(labeled_runs(root)))
+    report = scores.table()
+    others = [c for c in scores.cases if c.label != "collapse"]
+    expected = sorted(s.label for s in labelled if s is not annealed) * len(all_scenario_seeds)
+    assert sorted(c.label for c in others) == sorted(expected), report
+    assert scores.false_alarms == [], report
+    assert all(c.onset_found for c in scores.cases if c.label == "collapse_at_start"), report
+    degraded = {c.name: status_of(list(c.alerts)) for c in scores.cases if c.label == "degraded"}
+    assert set(degraded.values()) <= {"healthy", "warning", "recovered"}, (degraded, report)
+
+    window = DetectorConfig().window_steps
+    balancing_goes = annealed.collapse_after(DEFAULT_STEPS)
+    collapsed = []
+    for seed in annealed_seeds:
+        run = moewatch.load(root / f"seed{seed}" / annealed.name)
+        alerts = detect(run)
+        flagged = [a for a in alerts if a.severity in (WARNING, CRITICAL)]
+        where = f"seed {seed}: {[(a.kind, a.severity, a.first_step, a.detected_step) for a in flagged]}\n{report}"
+        assert flagged and min(a.first_step for a in flagged) >= balancing_goes, where
+        assert status_of(alerts) == "collapsed", where
+        step = run.meta["meta"]["collapse_step"]
+        if step is not None:
+            collapsed.append(seed)
+            assert min(a.detected_step for a in flagged) <= step + 2 * window, (step, where)
+    assert collapsed, f"no annealed run's recorded counts show its collapse completing\n{report}"
+    assert [c.label for c in scores.cases].count("collapse") == len(collapsed), report
 
 
 def _frames(counts_SE: np.ndarray, top_k: int = 1, layer: str = "l0", steps: np.ndarray | None = None):
