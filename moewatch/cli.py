@@ -133,7 +133,7 @@ def demo(
     scenario: Annotated[list[str] | None, typer.Option(help="Run only these scenarios (repeatable).")] = None,
 ) -> None:
     """Train the reference MoE under several balancing scenarios with moewatch attached."""
-    from moewatch.reference.demo import SCENARIOS, format_summary_table, run_demo
+    from moewatch.reference.demo import SCENARIOS, format_summary_table, judge, run_demo
 
     if steps is not None and steps < 1:
         fail(f"--steps must be >= 1, got {steps}")
@@ -151,7 +151,7 @@ def demo(
         fail(f"--out {out} is a file; pass a folder")
     summaries = run_demo(out, steps=steps, device=dev, seed=seed, scenarios=names, progress=True)
     typer.echo("")
-    typer.echo(format_summary_table(summaries))
+    typer.echo(format_summary_table(summaries, judge(summaries)))
     typer.echo(f"\nOpen the dashboard:   moewatch serve {out}")
     typer.echo(f"Collapse report:      moewatch report {out}")
 

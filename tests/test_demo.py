@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import moewatch
+from moewatch.detect import STATUSES
 from moewatch.detect import synthetic as syn
 from moewatch.detect.evaluate import observed_collapse_step
 from moewatch.reference.data import build_corpus
@@ -21,6 +22,7 @@ from moewatch.reference.demo import (
     _record_collapse_step,
     default_scenarios,
     format_summary_table,
+    judge,
     routing_stats,
     run_demo,
     train_scenario,
@@ -158,7 +160,9 @@ def test_run_demo_records_every_scenario_with_its_settings(tmp_path, corpus) -> 
             assert biases > 0  # the bias moved, and moewatch saw it
         else:
             assert biases == 0 or math.isnan(biases)
-    table = format_summary_table(summaries)
+    statuses = judge(summaries)
+    assert set(statuses) == set(SCENARIOS) and set(statuses.values()) <= set(STATUSES)
+    table = format_summary_table(summaries, statuses)
     assert all(name in table for name in SCENARIOS)
 
 
@@ -224,7 +228,11 @@ def test_collapse_criterion() -> None:
     lines = table.splitlines()
     assert "collapsed" not in next(line for line in lines if line.startswith("good"))
     bad = next(line for line in lines if line.startswith("bad"))
-    assert "collapsed" in bad and "6,7" in bad and "25.0%" in bad
+    assert "collapsed at the final step" in bad and "6,7" in bad and "25.0%" in bad
+    # With the detector's statuses (what `moewatch demo` prints), the table speaks the report's vocabulary.
+    judged = format_summary_table([summary(name="good"), summary(name="bad")], {"good": "healthy", "bad": "critical"})
+    assert judged.splitlines()[0].endswith("status") and "<-" not in judged
+    assert judged.splitlines()[2].endswith("healthy") and judged.splitlines()[3].endswith("critical")
 
 
 def test_aux_decay_schedule() -> None:

@@ -392,17 +392,39 @@ def run_demo(
     ]
 
 
-def format_summary_table(summaries: list[ScenarioSummary]) -> str:
-    """A plain-text table, one row per scenario: CV and max share of the worst layer, dead per layer."""
+def format_summary_table(summaries: list[ScenarioSummary], statuses: dict[str, str] | None = None) -> str:
+    """A plain-text table, one row per scenario: CV and max share of the worst layer and dead experts per layer at
+    the final step, and the detector's status of the run (``statuses``: scenario name -> status, from
+    :func:`judge`; the same word `moewatch report` prints), or, without one, the final-step collapse criterion."""
     columns = ("loss", "CV", "max share", "dead/layer", "drop rate", "time")
     widths = (6, 6, 9, 12, 9, 7)
     header = f"{'scenario':<14} " + " ".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True))
+    header += "  status" if statuses is not None else ""
     rows = [header, "-" * len(header)]
     for s in summaries:
         dead = ",".join(str(d) for d in s.dead)
-        flag = "  <- collapsed" if s.collapsed else ""
+        if statuses is not None:
+            flag = f"  {statuses.get(s.name, '-')}"
+        else:
+            flag = "  <- collapsed at the final step" if s.collapsed else ""
         rows.append(
             f"{s.name:<14} {s.final_loss:>6.3f} {max(s.cv):>6.2f} {max(s.max_share):>9.2f} {dead:>12} "
             f"{s.drop_rate:>9.1%} {s.seconds:>6.1f}s{flag}"
         )
     return "\n".join(rows)
+
+
+def judge(summaries: list[ScenarioSummary]) -> dict[str, str]:
+    """The detector's status of each scenario's recorded run (healthy, warning, recovered, critical, collapsed)."""
+    from moewatch.detect import DetectorConfig
+    from moewatch.report import ReportInputError, build_report
+
+    out = {}
+    for s in summaries:
+        if s.run_dir is None:
+            continue
+        try:
+            out[s.name] = build_report(Path(s.run_dir), DetectorConfig()).status
+        except ReportInputError:
+            out[s.name] = "-"
+    return out
