@@ -108,6 +108,13 @@ def assert_run_matches(run, truth: StackTruth, *, logits: bool = True, distribut
                 assert math.isnan(lrow.z_loss) and math.isnan(lrow.logit_std) and math.isnan(lrow.logit_abs_max)
 
 
+def assert_bias_matches(run, biases: dict[tuple[int, str], torch.Tensor]) -> None:
+    """The recorded bias column equals the stack's own bias buffer at each (step, layer) in ``biases``."""
+    for (step, layer), bias in biases.items():
+        rows = run.experts[(run.experts.layer == layer) & (run.experts.step == step)].sort_values("expert")
+        np.testing.assert_allclose(rows.bias.to_numpy(), bias.numpy(), rtol=1e-6)
+
+
 def _approx(x: float, rel: float):
     import pytest
 

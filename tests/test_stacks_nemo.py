@@ -9,14 +9,13 @@ left out as the gate's ``token_mask`` says, logits from its projection. (Its ful
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import moewatch
 from tests.stack_import import import_stack
-from tests.stack_truth import StackTruth, assert_run_matches, bincount
+from tests.stack_truth import StackTruth, assert_bias_matches, assert_run_matches, bincount
 
 import_stack("nemo_automodel.components.moe.layers", "NeMo Automodel")
 
@@ -105,9 +104,7 @@ def test_nemo_automodel_moe_exact_counts_and_distribution(tmp_path, monkeypatch,
             watch.step()
     run = moewatch.load(tmp_path)
     assert_run_matches(run, truth, tokens_per_step={s: 21 for s in range(STEPS)})
-    for (step, layer), bias in biases.items():
-        rows = run.experts[(run.experts.layer == layer) & (run.experts.step == step)].sort_values("expert")
-        np.testing.assert_allclose(rows.bias.to_numpy(), bias.numpy(), rtol=1e-6)
+    assert_bias_matches(run, biases)
     if biases:
         assert run.experts.bias.abs().max() > 0
     assert run.meta["problems"] == []

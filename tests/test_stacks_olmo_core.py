@@ -9,7 +9,6 @@ the experts and the rest must be drops. The expert modules are not routers (no p
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,7 +16,7 @@ from torch import nn
 import moewatch
 from tests import olmo_cpu_ops
 from tests.stack_import import import_stack
-from tests.stack_truth import StackTruth, assert_run_matches, bincount
+from tests.stack_truth import StackTruth, assert_bias_matches, assert_run_matches, bincount
 
 import_stack("olmo_core.nn.moe", "OLMo-core")
 
@@ -117,9 +116,7 @@ def test_olmo_core_moe_exact_counts_drops_and_distribution(tmp_path, monkeypatch
         assert run.layers.dropped.sum() > 0, "the test should make OLMo-core drop assignments"
     else:
         assert run.layers.dropped.sum() == 0
-    for (step, layer), bias in biases.items():
-        rows = run.experts[(run.experts.layer == layer) & (run.experts.step == step)].sort_values("expert")
-        np.testing.assert_allclose(rows.bias.to_numpy(), bias.numpy(), rtol=1e-6)
+    assert_bias_matches(run, biases)
     if biases:
         assert run.experts.bias.abs().max() > 0
     assert run.meta["problems"] == []

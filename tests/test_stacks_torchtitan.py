@@ -15,7 +15,7 @@ from torch import nn
 
 import moewatch
 from tests.stack_import import import_stack
-from tests.stack_truth import StackTruth, assert_run_matches, bincount
+from tests.stack_truth import StackTruth, assert_bias_matches, assert_run_matches, bincount
 
 import_stack("torchtitan.models.common.moe", "torchtitan")
 
@@ -104,7 +104,5 @@ def test_torchtitan_moe_exact_counts_and_router_distribution(tmp_path, score_fun
             watch.step()
     run = moewatch.load(tmp_path)
     assert_run_matches(run, truth, tokens_per_step={s: 24 for s in range(STEPS)})
-    for (step, layer), bias in biases.items():
-        rows = run.experts[(run.experts.layer == layer) & (run.experts.step == step)].sort_values("expert")
-        np.testing.assert_allclose(rows.bias.to_numpy(), bias.numpy(), rtol=1e-6)
+    assert_bias_matches(run, biases)
     assert run.meta["problems"] == []
