@@ -25,7 +25,7 @@ from moewatch.detect import (
     Alert,
     Analysis,
     DetectorConfig,
-    analyze_frames,
+    analyze,
     fails,
     parse_pairs,
 )
@@ -35,8 +35,6 @@ from moewatch.store.manifest import problem_lines
 
 FORMATS = ("text", "markdown", "json", "html")
 FAIL_ON = ("warning", "recovered", "critical")
-# Expert rows above which reading a run gets a per-layer progress bar too.
-_BIG_RUN_ROWS = 5_000_000
 
 
 class ReportInputError(ValueError):
@@ -109,33 +107,46 @@ def find_run_dirs(paths: Iterable[Path]) -> list[Path]:
 
 
 def build_report(path: Path, config: DetectorConfig, progress: bool = False) -> RunReport:
-    """Load one run and run the detector on its global view."""
-    from moewatch.store.reader import RunError, load
+    """Judge one run on its all-ranks global view, streamed layer by layer (``moewatch.store.dense``): memory holds
+    one group of layers' counts at a time, never the run's long table."""
+    from moewatch.detect.windows import layer_data_from_dense
+    from moewatch.store.dense import iter_dense_layers
+    from moewatch.store.manifest import run_state
+    from moewatch.store.reader import RunError, read_run_manifest
 
     try:
-        run = load(path, eval=False)
+        meta = read_run_manifest(path)
     except RunError as exc:
         raise ReportInputError(str(exc)) from None
-    except OSError as exc:
-        raise ReportInputError(f"cannot read {path}: {exc}") from None
-    if run.layers.empty and run.experts.empty:
-        problems = problem_lines(run.meta, limit=3)
-        why = f"; run.json records: {'; '.join(problems)}" if problems else ""
-        raise ReportInputError(f"{path} has no recorded steps yet: report it once training has flushed some{why}")
-    view = run.global_view()
+    steps: np.ndarray = np.zeros(0, np.int64)
+
+    def stream():
+        nonlocal steps
+        for dense in iter_dense_layers(path, skipped=[]):
+            steps = np.union1d(steps, dense.steps)
+            yield layer_data_from_dense(dense)
+
     wrap = None
-    if progress and len(view.experts) > _BIG_RUN_ROWS:
+    routers = len(meta.get("routers") or [])
+    if progress and routers > 1:
         from tqdm.auto import tqdm
 
         def wrap(items):
-            return tqdm(items, desc=f"layers of {path.name}", unit="layer", leave=False, disable=None, file=sys.stderr)
+            return tqdm(items, total=routers, desc=f"layers of {path.name}", unit="layer", leave=False,
+                        disable=None, file=sys.stderr, mininterval=1.0)
 
     try:
-        analysis = analyze_frames(view.layers, view.experts, config, progress=wrap)
+        analysis = analyze(stream(), config, progress=wrap)
     except ValueError as exc:
         raise ReportInputError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise ReportInputError(f"cannot read {path}: {exc}") from None
+    if not analysis.layers:
+        problems = problem_lines(meta, limit=3)
+        why = f"; run.json records: {'; '.join(problems)}" if problems else ""
+        raise ReportInputError(f"{path} has no recorded steps yet: report it once training has flushed some{why}")
     analysis.alerts = analysis.shown_alerts()
-    return RunReport(path, run.meta, run.status, run.steps, analysis)
+    return RunReport(path, meta, run_state(meta), len(steps), analysis)
 
 
 def report_paths(paths: list[Path], fmt: str = "text", config: DetectorConfig | None = None,

@@ -310,10 +310,11 @@ def analyze_layer(data: LayerData, config: DetectorConfig) -> LayerResult:
 
 def analyze(layers: Iterable[LayerData], config: DetectorConfig | None = None,
             progress: Callable[[Iterable], Iterable] | None = None) -> Analysis:
-    """Run every rule on every layer; ``progress`` wraps the layer iterable (e.g. ``tqdm``)."""
+    """Run every rule on every layer (any iterable, consumed once); ``progress`` wraps it (e.g. ``tqdm``)."""
     config = config or DetectorConfig()
-    items = list(layers)
-    results = [analyze_layer(d, config) for d in (progress(items) if progress else items)]
+    # Layers are judged one at a time and only their results kept, so a stream of layers (the report reading a
+    # big run layer by layer) never holds more than one layer's arrays here.
+    results = [analyze_layer(d, config) for d in (progress(layers) if progress else layers)]
     return Analysis(results, sort_alerts([a for r in results for a in r.alerts]), config)
 
 

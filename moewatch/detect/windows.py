@@ -198,6 +198,21 @@ def _empty_windows(data: LayerData) -> Windows:
     )
 
 
+def layer_data_from_dense(dense) -> LayerData:
+    """A layer streamed by :func:`moewatch.store.dense.iter_dense_layers` (all ranks summed) as the rules' input.
+
+    Same rules as :func:`layer_data_from_frames`: no drops array when nothing was dropped, no bias unless it moves,
+    and a missing per-step token count falls back to assignments / k.
+    """
+    stats = {k: np.asarray(dense.stats[k], np.float64).copy() for k in LAYER_STATS}
+    no_tok = ~np.isfinite(stats["tokens"])
+    if no_tok.any():
+        stats["tokens"][no_tok] = dense.tokens[no_tok].sum(axis=1) / max(dense.top_k, 1)
+    dropped = dense.dropped if dense.dropped is not None and dense.dropped.any() else None
+    bias = dense.bias if bias_moves(dense.bias) else None
+    return LayerData(dense.layer, dense.num_experts, dense.top_k, dense.steps, dense.tokens, stats, dropped, bias)
+
+
 def layer_data_from_frames(layers: pd.DataFrame, experts: pd.DataFrame) -> list[LayerData]:
     """Split the (global-view) ``layers`` and ``experts`` tables into per-layer arrays, vectorized.
 

@@ -82,6 +82,17 @@ def new_manifest(**fields: Any) -> dict[str, Any]:
     }
 
 
+def run_state(manifest: dict[str, Any]) -> str:
+    """running / finished / crashed; a `running` run whose heartbeat stopped long ago is reported crashed."""
+    status = str(manifest.get("status", "running"))
+    if status == "running":
+        beat = float(manifest.get("heartbeat", 0) or 0)
+        stale_after = 3 * min(float(manifest.get("flush_seconds", 30.0) or 30.0), 30.0) + 60.0
+        if beat and time.time() - beat > stale_after:
+            return "crashed"
+    return status
+
+
 def problem_lines(manifest: dict[str, Any], limit: int = 20) -> list[str]:
     """The capture problems run.json records (``problems``: silent routers, unreadable outputs, failing hooks, MoE
     blocks with no router found), one readable line each, oldest first; the report and the dashboard show these."""
