@@ -376,6 +376,9 @@ def alerts_view(catalog: Catalog, run_id: str | None, marker: dict | None, state
     note = det.message if det.state != OK else ""
     if det.state == OK and det.generation != run.generation:
         note = "updating with the newest steps…"
+    elif det.state == OK and not det.alerts and (det.health is None or len(det.health) == 0):
+        # Nothing judged yet (fewer steps than half a detector window): "healthy on every layer" would overclaim.
+        note = det.sentence or "No alerts yet: too few steps for the detector's first window."
     return alerts_panel(list(det.alerts), note, marker), {"key": key}
 
 

@@ -591,3 +591,16 @@ def test_a_cache_built_from_one_more_part_equals_a_fresh_one(tmp_path):
     b.refresh()
     np.testing.assert_array_equal(a.tokens("l1"), b.tokens("l1"))
     np.testing.assert_array_equal(a.series("l1")["cv"], b.series("l1")["cv"])
+
+
+def test_a_run_too_short_for_a_detector_window_is_not_called_healthy_on_every_layer(tmp_path):
+    """Three steps: no detector window yet. The alerts panel and the header say nothing was judged yet instead of
+    "the detector finds routing healthy on every layer"."""
+    run = tmp_path / "short"
+    write_manifest(run, ["l0"], 4)
+    write_part(run, {"l0": random_counts(np.random.default_rng(0), 3, 4)}, np.arange(3), n=0)
+    cat = Catalog(tmp_path, background=False, min_refresh_seconds=0)
+    run_id = cat.entries()[0].run_id
+    panel = text_of(cb.alerts_view(cat, run_id, None, None)[0])
+    assert "healthy on every layer" not in panel and "too few steps to judge yet" in panel
+    assert "too few steps to judge yet" in text_of(cb.header_view(cat, run_id, 5))

@@ -281,3 +281,63 @@ def test_bad_cli_arguments_get_one_line_and_exit_2(tmp_path):
         assert done.returncode == 2 and len(lines) == 1, (args, done.stderr)
         assert lines[0].startswith("moewatch: error: ") and needle in lines[0], (args, lines)
     assert cli("version").returncode == 0
+
+
+# ------------------------------------------------------------------------------- verdicts on edge cases
+
+
+def _frames(shares_per_step: np.ndarray, tokens: int = 1024, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One layer's tables from per-step expert shares ``[S, E]`` (multinomial counts, top-1)."""
+    rng = np.random.default_rng(seed)
+    steps, e = shares_per_step.shape
+    counts = np.stack([rng.multinomial(tokens, p) for p in shares_per_step])
+    layers = pd.DataFrame({"step": np.arange(steps), "layer": "l0", "top_k": 1, "num_experts": e,
+                           "tokens": tokens, "dropped": 0})
+    experts = pd.DataFrame({"step": np.repeat(np.arange(steps), e), "layer": "l0",
+                            "expert": np.tile(np.arange(e), steps), "tokens": counts.reshape(-1)})
+    return layers, experts
+
+
+def test_a_run_too_short_for_a_window_is_not_called_judged_healthy():
+    """A run with fewer steps than the detector's first window has nothing judged: the verdict says so instead of
+    "no warning on any layer"."""
+    from moewatch.detect.verdict import verdict
+
+    layers, experts = _frames(np.full((3, 8), 1 / 8))
+    analysis = analyze_frames(layers, experts)
+    assert analysis.status == "healthy" and len(analysis.health()) == 0
+    text = verdict(analysis)
+    assert text.startswith("HEALTHY: too few steps to judge yet: 3 recorded") and "no warning on any" not in text
+    # One window is enough to be judged.
+    layers, experts = _frames(np.full((20, 8), 1 / 8))
+    assert verdict(analyze_frames(layers, experts)) == "HEALTHY: no warning on any of 1 layer."
+
+
+def test_a_warning_still_counting_down_to_clear_is_said_to_be_clearing():
+    """An imbalance warning whose last two windows are balanced again still holds (hysteresis clears after three):
+    the verdict's value now is back under the threshold, so it must say the warning is clearing; one that still
+    breaches in the last window must not."""
+    from moewatch.detect.verdict import verdict
+
+    e, steps = 8, 400
+    hot = np.full(e, 0.7 / e)
+    hot[0] += 0.3  # CV 0.3 * sqrt(7) ~ 0.79: a warning, never critical
+    flat = np.full(e, 1 / e)
+    config = DetectorConfig(warmup_steps=0)
+    clearing = np.stack([hot if 100 <= t < steps - 40 else flat for t in range(steps)])
+    analysis = analyze_frames(*_frames(clearing), config)
+    assert analysis.status == "warning"
+    held = [a for a in analysis.alerts if a.kind == "imbalance" and a.ongoing]
+    assert held and all(a.last_step < steps - 40 and a.latest < a.threshold for a in held)
+    assert "(clearing)" in verdict(analysis) and verdict(analysis).endswith("it holds at the end.")
+    holding = np.stack([hot if t >= 100 else flat for t in range(steps)])
+    analysis = analyze_frames(*_frames(holding), config)
+    assert analysis.status == "warning" and "(clearing)" not in verdict(analysis)
+
+
+def test_nonfinite_message_names_its_unit_once():
+    layers, experts = _frames(np.full((200, 8), 1 / 8))
+    layers["nonfinite"] = np.where((layers["step"] >= 60) & (layers["step"] < 80), 5, 0)
+    analysis = analyze_frames(layers, experts)
+    (a,) = [a for a in analysis.alerts if a.kind == "nonfinite"]
+    assert "(NaN/inf values per window): 100 when it ended at step 79 (its peak)." in a.message, a.message

@@ -344,7 +344,8 @@ def describe(kind: str, layer: str, experts: tuple[int, ...], value: float, thre
         return (f"Router logits in {layer} keep growing from step {first_step} (warning level {threshold:.3g}): "
                 f"max |logit| {vals('{:.3g}')}.")
     if kind == "nonfinite":
-        return f"Non-finite (NaN/inf) router logits in {layer} from step {first_step}: {vals('{:.0f}')} per window."
+        return (f"Non-finite (NaN/inf) router logits in {layer} from step {first_step} (NaN/inf values per window): "
+                f"{vals('{:.0f}')}.")
     if kind == "bias_runaway":
         return (f"The spread of the balancing bias in {layer} keeps growing ({vals('+{:.0%}')} over the trend fit) "
                 f"while the load imbalance does not fall, from step {first_step}.")

@@ -36,18 +36,25 @@ def verdict(analysis: Analysis) -> str:
     alerts = analysis.alerts
     n = len(analysis.layers)
     experts = {layer.layer: layer.num_experts for layer in analysis.layers}
-    end = max((int(layer.series["last"][-1]) for layer in analysis.layers if len(layer.series["last"])), default=None)
+    ends = {layer.layer: int(layer.series["last"][-1]) for layer in analysis.layers if len(layer.series["last"])}
+    end = max(ends.values(), default=None)
     at_end = f" (step {end})" if end is not None else ""
     status = status_of(alerts)
+    if status == HEALTHY and n and not ends:
+        # No layer has a detector window yet: nothing was judged, so "no warning" would overclaim.
+        steps = max(layer.steps for layer in analysis.layers)
+        need = min(max(1, (layer.window + 1) // 2) for layer in analysis.layers)
+        return (f"HEALTHY: too few steps to judge yet: {steps} recorded, the detector's first window needs {need} "
+                f"(no warning so far).")
     critical = [a for a in alerts if a.severity == CRITICAL]
     warnings = [a for a in alerts if a.severity == WARNING]
     if status in (COLLAPSED, CRITICAL):
         holding = [a for a in critical if a.ongoing and (status != COLLAPSED or a.kind in COLLAPSE_KINDS)]
         rest = [a for a in critical if a.ongoing and a not in holding]
-        text = (f"{status.upper()}: {_what(holding, n, experts, now=True)}, since step "
+        text = (f"{status.upper()}: {_what(holding, n, experts, now=True, ends=ends)}, since step "
                 f"{min(a.first_step for a in holding)}; it holds at the end{at_end}")
         if rest:
-            text += f"; also {_what(rest, n, experts, now=True)}"
+            text += f"; also {_what(rest, n, experts, now=True, ends=ends)}"
         return text + "."
     if status == RECOVERED:
         last = max(a.last_step for a in critical)
@@ -55,20 +62,25 @@ def verdict(analysis: Analysis) -> str:
                 f"{min(a.first_step for a in critical)} and {last}; no critical alert holds at the end{at_end}")
         still = [a for a in warnings if a.ongoing]
         if still:
-            text += f", but {_what(still, n, experts, now=True)} still warns"
+            text += f", but {_what(still, n, experts, now=True, ends=ends)} still warns"
         return text + "."
     if status == WARNING:
         still = [a for a in warnings if a.ongoing]
         shown = still or warnings
-        text = (f"WARNING: {_what(shown, n, experts, now=bool(still))}, from step "
+        text = (f"WARNING: {_what(shown, n, experts, now=bool(still), ends=ends)}, from step "
                 f"{min(a.first_step for a in shown)}; no critical alert")
         return text + ("; it holds at the end." if still else "; cleared by the end.")
     assert status == HEALTHY
     return f"HEALTHY: no warning on any of {n} layer{'s' if n != 1 else ''}."
 
 
-def _what(alerts: list[Alert], n_layers: int, experts: dict[str, int], now: bool) -> str:
-    """'25% of assignments dropped at capacity on 2 of 2 layers; 9 of 16 experts starved on 1 of 2 layers'."""
+def _what(alerts: list[Alert], n_layers: int, experts: dict[str, int], now: bool,
+          ends: dict[str, int] | None = None) -> str:
+    """'25% of assignments dropped at capacity on 2 of 2 layers; 9 of 16 experts starved on 1 of 2 layers'.
+
+    With ``now``, a kind whose every alert still holds only while its hysteresis counts down (its last breaching
+    window is not its layer's last window, so the value now is back past the threshold) says so: "(clearing)".
+    """
     by_kind: dict[str, list[Alert]] = {}
     for a in alerts:
         by_kind.setdefault(a.kind, []).append(a)
@@ -83,5 +95,8 @@ def _what(alerts: list[Alert], n_layers: int, experts: dict[str, int], now: bool
         layers = len({a.layer for a in group})
         word = "peak " if not now and kind not in ("nonfinite", "bias_runaway") else ""
         phrase = _PHRASES[kind](value, e[0] if len(e) == 1 else f"{e[0]}–{e[-1]}")
-        parts.append(f"{word}{phrase} on {layers} of {n_layers} layer{'s' if n_layers != 1 else ''}")
+        clearing = now and ends is not None and all(
+            a.ongoing and a.last_step < ends.get(a.layer, a.last_step) for a in group)
+        parts.append(f"{word}{phrase} on {layers} of {n_layers} layer{'s' if n_layers != 1 else ''}"
+                     + (" (clearing)" if clearing else ""))
     return "; ".join(parts)
