@@ -37,6 +37,7 @@ class FailOn(str, Enum):
     warning = "warning"
     recovered = "recovered"
     critical = "critical"
+    collapsed = "collapsed"
 
 
 class Device(str, Enum):
@@ -84,8 +85,8 @@ def report(
 ) -> None:
     """Print a collapse report. Statuses: healthy, warning, recovered, critical, collapsed.
 
-    Exit 1 when a run is critical or collapsed at its end (a CI gate; --fail-on recovered or warning tightens it),
-    0 otherwise, 2 on bad input.
+    Exit 1 when a run is critical or collapsed at its end (a CI gate; --fail-on recovered or warning tightens it,
+    --fail-on collapsed lets drops and NaNs pass), 0 otherwise, 2 on bad input.
     """
     from moewatch.report import ReportInputError, build_config, report_paths
 

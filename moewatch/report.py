@@ -34,7 +34,7 @@ from moewatch.detect.verdict import verdict
 from moewatch.store.manifest import problem_lines
 
 FORMATS = ("text", "markdown", "json", "html")
-FAIL_ON = ("warning", "recovered", "critical")
+FAIL_ON = ("warning", "recovered", "critical", "collapsed")
 
 
 class ReportInputError(ValueError):
@@ -238,9 +238,11 @@ class _Group:
 
     @property
     def head(self) -> Alert:
-        # The message shown is the worst episode's; onset is the first episode's.
+        # The message shown is the episode holding at the end if there is one (so the row agrees with the layer
+        # table's last window), else the worst episode's; onset is the first episode's.
         pick = max if self.alerts[0].kind not in ("entropy_collapse",) else min
-        return pick(self.alerts, key=lambda a: a.value if math.isfinite(a.value) else -math.inf)
+        pool = [a for a in self.alerts if a.ongoing] or self.alerts
+        return pick(pool, key=lambda a: a.value if math.isfinite(a.value) else -math.inf)
 
     @property
     def first(self) -> Alert:

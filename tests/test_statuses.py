@@ -341,3 +341,31 @@ def test_nonfinite_message_names_its_unit_once():
     analysis = analyze_frames(layers, experts)
     (a,) = [a for a in analysis.alerts if a.kind == "nonfinite"]
     assert "(NaN/inf values per window): 100 when it ended at step 79 (its peak)." in a.message, a.message
+
+
+def test_a_report_row_for_a_condition_that_came_back_shows_the_episode_holding_now(capsys):
+    """Two imbalance episodes on one layer: a strong one that ended, a weaker one holding at the end. The report's
+    row (one per kind and layer) must describe the one holding now, which is what the layer table shows."""
+    from moewatch.report import RunReport, render_text
+
+    steps, e = 1000, 8
+    rng = np.random.default_rng(0)
+    c = np.where((np.arange(steps) >= 200) & (np.arange(steps) < 400), 0.9, np.where(np.arange(steps) >= 700, 0.5, 0))
+    p = np.full((steps, e), 0.0) + ((1 - c) / e)[:, None]
+    p[:, 0] += c
+    tokens = np.stack([rng.multinomial(1024, row) for row in p])
+    layers = pd.DataFrame({"step": np.arange(steps), "layer": "l0", "top_k": 1, "num_experts": e, "tokens": 1024,
+                           "dropped": 0})
+    experts = pd.DataFrame({"step": np.repeat(np.arange(steps), e), "layer": "l0",
+                            "expert": np.tile(np.arange(e), steps), "tokens": tokens.reshape(-1)})
+    analysis = analyze_frames(layers, experts, DetectorConfig())
+    analysis.alerts = analysis.shown_alerts()
+    imbalance = [a for a in analysis.alerts if a.kind == "imbalance" and a.severity == "critical"]
+    assert len(imbalance) == 2 and sum(a.ongoing for a in imbalance) == 1
+    text = render_text([RunReport(Path("flap"), {"model_class": "x"}, "finished", steps, analysis)])
+    lines = text.splitlines()
+    row = next(i for i, line in enumerate(lines) if "CRITICAL imbalance" in line)
+    holding = next(a for a in imbalance if a.ongoing)
+    assert "(ongoing)" in lines[row] and lines[row + 1].strip() == holding.message and " now" in holding.message
+    cv_now = analysis.layers[0].summary()["cv"]
+    assert f"CV {cv_now:.2f} now" in lines[row + 1]  # the table's CV, named as the latest value
