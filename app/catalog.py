@@ -91,8 +91,10 @@ class Catalog:
     """Runs found under `root` and their cached data. Thread-safe."""
 
     def __init__(self, root: str | Path, *, detector: Detector | None = None, max_bytes: int = 8 << 30,
-                 rescan_seconds: float = 2.0, min_refresh_seconds: float = 0.5, background: bool = True):
+                 rescan_seconds: float = 2.0, min_refresh_seconds: float = 0.5, background: bool = True,
+                 config: Any = None):
         self.root = Path(root).resolve()
+        self.config = config  # the detector's thresholds (moewatch.detect.DetectorConfig; None: the defaults)
         self.detector = detector or Detector(background=background)
         self.max_bytes = max_bytes
         self.rescan_seconds = rescan_seconds
@@ -157,6 +159,7 @@ class Catalog:
             data = self._data.get(run_id)
             if data is None:
                 data = self._data[run_id] = RunData(entry.path, run_id)
+                data.detector_config = self.config
             self._data.move_to_end(run_id)
         if refresh and (data.generation == 0 or time.monotonic() - data.last_refresh >= self.min_refresh_seconds):
             data.refresh()

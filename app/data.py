@@ -91,6 +91,7 @@ class RunData:
     def __init__(self, path: str | Path, run_id: str = ""):
         self.path = Path(path)
         self.run_id = run_id
+        self.detector_config: Any = None  # the detector's thresholds for this run (None: the defaults)
         self.instance = next(_INSTANCES)  # tells a reloaded run from its evicted predecessor in figure caches
         self.lock = threading.RLock()
         self.meta: dict[str, Any] = {}

@@ -85,7 +85,7 @@ def run_detector(run: RunData) -> Any:
     """The detector's `Analysis` of `run`; raises ImportError when the detector is not installed."""
     from moewatch.detect import analyze
 
-    return analyze(run.detector_layers())
+    return analyze(run.detector_layers(), getattr(run, "detector_config", None))
 
 
 def judge(run: RunData, generation: int = -1, seconds_from: float | None = None) -> Detection:

@@ -510,14 +510,15 @@ def shares_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None, 
     return {"data": traces, "layout": layout}, FigureInfo(not down and not sort and not window, len(traces), hi, note)
 
 
-def detector_thresholds(num_experts: int, top_k: int, windowed: bool) -> dict[str, tuple[float, float]]:
+def detector_thresholds(num_experts: int, top_k: int, windowed: bool, config: Any = None
+                        ) -> dict[str, tuple[float, float]]:
     """(warning, critical) lines for the metric panels, the detector's own (moewatch.detect.config). The CV
     thresholds apply to window CV with sampling noise removed, so raw per-step CV gets none."""
     try:
         from moewatch.detect.config import DetectorConfig, LayerThresholds
     except ImportError:
         return {}
-    config = DetectorConfig()
+    config = config or DetectorConfig()
     th = LayerThresholds.resolve(config, num_experts, top_k)
     out = {"entropy_norm": (config.entropy_warning, config.entropy_critical),
            "drop_rate": (config.drop_warning, config.drop_critical)}
@@ -581,7 +582,7 @@ def metrics_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None,
         if down:
             points = len(xs)
     layout = _stacked_layout(rows, f"metrics:{run.run_id}:{lay.name}")
-    ref = detector_thresholds(E, k, bool(window))
+    ref = detector_thresholds(E, k, bool(window), getattr(run, "detector_config", None))
     for i, (key, _, _) in enumerate(rows):
         for level, colour in zip(ref.get(key, ()), ("#e0a800", "#d62728"), strict=False):
             layout["shapes"].append({"type": "line", "xref": "x domain", "yref": f"y{'' if i == 0 else i + 1}",

@@ -37,6 +37,13 @@ class Bins:
         return len(self.edges) - 1
 
 
+def config_of(run: RunData) -> Any:
+    """The detector thresholds the server judges `run` with (`moewatch serve --config/--set`; else the defaults)."""
+    from moewatch.detect.config import DetectorConfig
+
+    return getattr(run, "detector_config", None) or DetectorConfig()
+
+
 def detector_window(run: RunData, layer: str, detection: Any = None) -> int | None:
     """The detector's window (recorded steps) for `layer`: from its result when ready, else computed the same way
     (`moewatch.detect.windows.window_size` on the layer's first recorded steps). None when the detector is not
@@ -47,11 +54,11 @@ def detector_window(run: RunData, layer: str, detection: Any = None) -> int | No
     if result is not None and getattr(result, "window", 0) > 0:
         return int(result.window)
     try:
-        from moewatch.detect.config import DetectorConfig
         from moewatch.detect.windows import window_size
+
+        config = config_of(run)
     except ImportError:
         return None
-    config = DetectorConfig()
     with run.lock:
         rows = run.layer_rows(layer)
         head = run.tokens(layer, 0, config.window_steps) if rows is None else \
@@ -115,7 +122,7 @@ def binned_load(run: RunData, layer: str, bins: Bins) -> tuple[np.ndarray, np.nd
 def window_series(run: RunData, layer: str, bins: Bins) -> dict[str, Any]:
     """Per bin: first/last step, the detector's window metrics (cv with sampling noise removed, max_share, dead,
     entropy_norm, drop_rate, z_loss, logit_abs_max), aux_loss (token-weighted), bias at the bin's last step."""
-    from moewatch.detect.config import DetectorConfig, LayerThresholds
+    from moewatch.detect.config import LayerThresholds
     from moewatch.detect.rules import window_metrics
     from moewatch.detect.windows import Windows
 
@@ -137,7 +144,7 @@ def window_series(run: RunData, layer: str, bins: Bins) -> dict[str, Any]:
     win = Windows(first=first, last=last, load=load, tokens=tok, dropped=sums["dropped"],
                   entropy_norm=sums["ent_w"] * per_tok / math.log(max(E, 2)), z_loss=sums["z_w"] * per_tok,
                   logit_abs_max=logit, nonfinite=sums["nonfinite"], bias=None)
-    config = DetectorConfig()
+    config = config_of(run)
     m = window_metrics(win, E, k, LayerThresholds.resolve(config, E, k), config)
     return {"first": first, "last": last, "cv": m["cv"], "max_share": m["max_share"],
             "dead": m["dead"].sum(axis=1).astype(np.float64), "entropy_norm": m["entropy_norm"],

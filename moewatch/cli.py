@@ -106,6 +106,9 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8050,
     refresh: Annotated[float, typer.Option(help="Seconds between live updates of running runs.")] = 5.0,
     debug: Annotated[bool, typer.Option(help="Dash debug mode (never on a shared host).")] = False,
+    config: Annotated[Path | None, typer.Option(help="TOML file of detector thresholds (as for report).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override one threshold: key=value (repeatable).")]
+    = None,
 ) -> None:
     """Open the dashboard of expert load over time (live while runs are training)."""
     if not path.exists():
@@ -116,9 +119,15 @@ def serve(
         fail(f"--port must be between 1 and 65535, got {port}")
     if refresh <= 0:
         fail(f"--refresh must be > 0 seconds, got {refresh}")
+    from moewatch.report import ReportInputError, build_config
+
+    try:
+        detector_config = build_config(config, set_ or [])
+    except ReportInputError as e:
+        fail(str(e))
     from moewatch.app import create_app
 
-    dash_app = create_app(path, refresh_seconds=refresh)
+    dash_app = create_app(path, refresh_seconds=refresh, config=detector_config)
     typer.echo(f"moewatch: serving {path.resolve()} at http://{host}:{port}/  (Ctrl+C to stop)")
     dash_app.run(host=host, port=port, debug=debug)
 

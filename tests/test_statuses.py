@@ -369,3 +369,22 @@ def test_a_report_row_for_a_condition_that_came_back_shows_the_episode_holding_n
     assert "(ongoing)" in lines[row] and lines[row + 1].strip() == holding.message and " now" in holding.message
     cv_now = analysis.layers[0].summary()["cv"]
     assert f"CV {cv_now:.2f} now" in lines[row + 1]  # the table's CV, named as the latest value
+
+
+def test_the_dashboard_judges_with_the_report_s_thresholds(tmp_path):
+    """`moewatch serve --config/--set` and `moewatch report --config/--set` build one DetectorConfig: with the same
+    thresholds the page's status, verdict and alerts are the report's."""
+    from moewatch.app.catalog import Catalog
+    from moewatch.report import build_config
+
+    if not SAMPLES.is_dir():
+        pytest.skip("sample_runs/ is not in this checkout")
+    strict = build_config(None, ["drop_critical=0.9", "drop_warning=0.5"])  # 25% drops pass as healthy now
+    for config, expected in ((DetectorConfig(), "critical"), (strict, "healthy")):
+        rep = build_report(SAMPLES / "capacity-1.0", config)
+        assert rep.status == expected
+        catalog = Catalog(SAMPLES, background=False, config=config)
+        run_id = next(e.run_id for e in catalog.entries() if e.name == "capacity-1.0")
+        det = catalog.detector.get(catalog.run(run_id))
+        assert det.status == rep.status and det.sentence == rep.verdict
+        assert sorted(a.message for a in det.alerts) == sorted(a.message for a in rep.analysis.alerts)
