@@ -3,7 +3,7 @@ what to do about it.
 
 ``detect(run)`` judges a loaded run on its all-ranks global view; ``analyze_frames`` works on the tables directly
 and returns an :class:`Analysis` (alerts, per-layer window series, ``status``); ``health(run)`` gives the per-layer,
-per-window levels the alerts imply (the dashboard's strip); ``AlertTracker`` evaluates the same rules live, one flush
+per-window levels the alerts imply (the dashboard's strip); ``AlertTracker`` evaluates the same rules live (alerts in the order raised), one flush
 at a time. Thresholds live in ``DetectorConfig``; statuses are ``healthy | warning | recovered | critical |
 collapsed`` (``STATUSES``).
 """

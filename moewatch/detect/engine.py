@@ -374,4 +374,5 @@ class AlertTracker:
             win, used = make_windows(pending, det.window, include_tail=False)
             self._pending[name] = pending.slice(used)
             new.extend(det.to_alert(ep) for ep in det.process(win))
-        return sort_alerts(new)
+        # Live alerts go out in the order they were raised (most severe first within one step).
+        return sorted(new, key=lambda a: (a.detected_step, -a.rank, a.first_step, a.layer, a.kind))
