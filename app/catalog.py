@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from moewatch.store.manifest import read_manifest
-from moewatch.store.reader import Run, find_runs, part_files
+from moewatch.store.manifest import read_manifest, run_state
+from moewatch.store.reader import find_runs, part_files
 from moewatch.store.schema import EXPERTS, LAYERS, MANIFEST
 
 from .arrays import human_bytes
@@ -257,7 +257,7 @@ class Catalog:
                 meta = read_manifest(entry.path)
             except (OSError, ValueError) as e:
                 problem = f"unreadable run.json: {e}"
-        status = Run(entry.path, meta, None, None).status if meta else "unknown"  # type: ignore[arg-type]
+        status = run_state(meta) if meta else "unknown"
         model_full = str(meta.get("model_class") or "–")
         known = self._known.get(entry.run_id)
         verdict, note = (known.verdict, known.note) if known else (None, "checking…")

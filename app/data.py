@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from moewatch.store.manifest import read_manifest
-from moewatch.store.reader import Run, newest_rows, part_files, read_parts
+from moewatch.store.manifest import read_manifest, run_state
+from moewatch.store.reader import newest_rows, part_files, read_parts
 from moewatch.store.schema import EXPERTS, LAYERS
 
 from .arrays import Rows, by_rank, count_metrics, dense_steps, part_columns
@@ -462,7 +462,7 @@ class RunData:
         """running / finished / crashed, with the loader's rule for a stale heartbeat."""
         if not self.meta:
             return "unknown"
-        return Run(self.path, self.meta, None, None).status  # type: ignore[arg-type]
+        return run_state(self.meta)
 
     def layer(self, name_or_index: str | int) -> Layer:
         if isinstance(name_or_index, str):
