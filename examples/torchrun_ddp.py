@@ -1,5 +1,6 @@
 """Data-parallel training under torchrun with plain `moewatch.attach`: every rank records the routing of its own
-data shard into its own part files; rank 0 writes run.json; `global_view()` sums the ranks.
+data shard, the ranks sum their steps in a background thread (over the world group, the default) and rank 0 writes
+them once, with run.json; `--per-rank` also keeps each rank's own rows under `<run-dir>/ranks/`.
 
     torchrun --nproc_per_node 2 examples/torchrun_ddp.py --run-dir runs/ddp-example
     python -c "import moewatch; print(moewatch.load('runs/ddp-example').global_view().layers)"
@@ -11,7 +12,7 @@ What matters for moewatch:
 - attach to the *unwrapped* model, before `DistributedDataParallel` wraps it (router names stay free of `module.`);
 - call `watch.step()` once per optimizer step on every rank: the micro-batches of gradient accumulation (here under
   `no_sync()`) sum into that step;
-- `watch.close()` on every rank; read the run once all ranks have closed (the barrier below).
+- `watch.close()` on every rank, at the same point; read the run once all ranks have closed (the barrier below).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="sequences per micro-batch per rank")
     parser.add_argument("--seq-len", type=int, default=16)
     parser.add_argument("--backend", default="gloo")
+    parser.add_argument("--per-rank", action="store_true", help="also keep each rank's own rows (ranks/)")
     args = parser.parse_args(argv)
 
     distributed = "WORLD_SIZE" in os.environ  # set by torchrun, with RANK, MASTER_ADDR and MASTER_PORT
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     rank = dist.get_rank() if distributed else 0
 
     model = build_model()
-    watch = moewatch.attach(model, args.run_dir, meta={"example": "torchrun_ddp", "accumulate": args.accumulate})
+    watch = moewatch.attach(model, args.run_dir, per_rank=args.per_rank,
+                            meta={"example": "torchrun_ddp", "accumulate": args.accumulate})
     ddp = DistributedDataParallel(model) if distributed else model
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
     data = torch.Generator().manual_seed(1000 + rank)  # each rank trains on its own shard

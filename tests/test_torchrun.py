@@ -1,4 +1,5 @@
-"""A real 2-process torchrun launch (gloo, CPU) of examples/torchrun_ddp.py: the global view is the sum of the ranks.
+"""A real 2-process torchrun launch (gloo, CPU) of examples/torchrun_ddp.py: the ranks' steps are summed at capture
+and written once by rank 0; with --per-rank each rank's own rows are kept under ranks/.
 
 Each rank runs the example's own `main()`; a driver adds, before training, a separate forward hook on every
 router that dumps that rank's counts (straight from the router's top-k indices) to a JSON file.
@@ -15,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import moewatch
@@ -69,7 +71,7 @@ def test_two_rank_torchrun_global_view_is_the_sum_of_the_ranks(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(driver),
            "--run-dir", str(run_dir), "--steps", str(STEPS), "--accumulate", str(ACCUMULATE),
-           "--batch-size", str(BATCH), "--seq-len", str(SEQ)]
+           "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--per-rank"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -78,9 +80,12 @@ def test_two_rank_torchrun_global_view_is_the_sum_of_the_ranks(tmp_path):
     run = moewatch.load(run_dir)
     assert run.meta["status"] == "finished" and run.meta["world_size"] == 2
     assert run.meta["meta"]["example"] == "torchrun_ddp"
-    assert sorted(run.layers["rank"].unique()) == [0, 1]
+    assert sorted(run.layers["rank"].unique()) == [0], "the ranks' sum is written once, by rank 0"
+    assert not run.experts.duplicated(["step", "layer", "expert"]).any()
     parts = sorted(p.name[:5] for p in (run_dir / "experts").glob("*.parquet"))
-    assert set(parts) == {"r0000", "r0001"}, "each rank writes its own parts"
+    assert set(parts) == {"r0000"}
+    own = pd.read_parquet(run_dir / "ranks" / "experts")  # --per-rank: each rank's own rows
+    assert sorted(own["rank"].unique()) == [0, 1]
 
     per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     layers = sorted(per_rank[0])
@@ -94,8 +99,7 @@ def test_two_rank_torchrun_global_view_is_the_sum_of_the_ranks(tmp_path):
         differ |= not np.array_equal(steps[0], steps[1])
         for step in range(STEPS):
             for r in (0, 1):
-                mine = run.experts[(run.experts["rank"] == r) & (run.experts.layer == layer)
-                                   & (run.experts.step == step)].sort_values("expert")
+                mine = own[(own["rank"] == r) & (own.layer == layer) & (own.step == step)].sort_values("expert")
                 np.testing.assert_array_equal(mine.tokens.to_numpy(), steps[r][step])
             got = g.experts[(g.experts.layer == layer) & (g.experts.step == step)].sort_values("expert")
             expected = steps[0][step] + steps[1][step]

@@ -4,6 +4,11 @@ The training thread only ever launches small device ops (moewatch.metrics.observ
 one cat + zero per device at `step()`, one non-blocking device->host copy at a flush). Everything that needs the
 values — metrics, Arrow, Parquet, the heartbeat — runs in the writer thread (moewatch.store.writer.FlushWorker).
 
+Across ranks (`attach(..., group=)`, torch.distributed initialized): the ranks of the group sum their steps in a
+background thread (moewatch.capture.reduce) and the group's first rank writes them; the training thread only hands
+over each flush. Every rank keeps a rank manifest `ranks/r<rank>.json` (its routers, its group, a fallback if the
+sum failed); rank 0 merges them into run.json.
+
 Never silent: `attach` logs one line saying what it found (`moewatch.capture.summary`) and warns about modules that
 look like MoE blocks but hold no router; during training a router that records nothing in its first
 ``silent_steps`` training steps, a reader that cannot parse an output, and a hook that fails each warn once. Every
@@ -32,9 +37,9 @@ from torch import nn
 from moewatch import metrics
 from moewatch.capture.summary import RouterInfo, summary_line
 from moewatch.capture.types import Probe, RouterSpec, Routing, UnreadableOutput
-from moewatch.store.manifest import new_manifest, read_manifest, write_manifest
+from moewatch.store.manifest import atomic_write_bytes, new_manifest, read_manifest, write_manifest
 from moewatch.store.schema import LAYERS, MANIFEST, TABLES
-from moewatch.store.writer import Chunk, FlushWorker, LayerSlot, PartWriter
+from moewatch.store.writer import RANKS_DIR, Chunk, FlushWorker, LayerSlot, PartWriter
 
 log = logging.getLogger("moewatch")
 
@@ -47,6 +52,7 @@ PROBLEM_KINDS = {
     "silent_router": "a router recorded nothing in the first training steps",
     "unreadable_output": "a router's reader could not find the routing in its output",
     "hook_error": "a router's hook raised; recording of that router stopped",
+    "replicated_ranks": "ranks of a process group recorded identical routing (tensor-parallel replicas summed)",
 }
 
 
@@ -58,6 +64,8 @@ class WatchConfig:
     flush_seconds: float = 30.0
     record_eval: bool = False
     silent_steps: int = 3  # warn about a router that recorded nothing in this many training steps (0: never)
+    per_rank: bool = False  # with a process group: also keep each rank's own rows (under ranks/)
+    reduce_timeout: float = 60.0  # seconds a collective of the rank sum may take before the ranks fall back
 
     def __post_init__(self) -> None:
         if not isinstance(self.flush_steps, int) or self.flush_steps < 1:
@@ -66,6 +74,8 @@ class WatchConfig:
             raise ValueError(f"silent_steps must be an integer >= 0, got {self.silent_steps!r}")
         if not self.flush_seconds > 0:
             raise ValueError(f"flush_seconds must be > 0, got {self.flush_seconds!r}")
+        if not self.reduce_timeout > 0:
+            raise ValueError(f"reduce_timeout must be > 0, got {self.reduce_timeout!r}")
 
 
 def _in_backward() -> bool:
@@ -80,6 +90,22 @@ def _dist_rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _group_members(group: Any, rank: int) -> tuple[int, ...]:
+    """The global ranks of `group` in group order (its first one writes); this rank must be one of them."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("attach(..., group=...) needs torch.distributed to be initialized (init_process_group)")
+    try:
+        members = tuple(int(r) for r in dist.get_process_group_ranks(group))
+    except Exception as e:
+        raise ValueError(f"attach(..., group=...): not a process group of this job ({e})") from None
+    if rank not in members:
+        raise ValueError(f"attach(..., group=...): rank {rank} is not in the group {list(members)}; pass the group "
+                         "this rank belongs to (e.g. its data-parallel group)")
+    return members
 
 
 class _LayerState:
@@ -107,10 +133,18 @@ class Watch:
         meta: Mapping[str, Any] | None = None,
         on_tables: Callable | None = None,
         problems: list[dict[str, Any]] | None = None,
+        group: Any = None,
     ):
         self.run_dir = Path(run_dir)
         self.config = config
         self.rank, self.world_size = _dist_rank_world()
+        # The process group whose ranks are summed (None: this rank's rows are its own, summed when loading).
+        self._members = _group_members(group, self.rank) if group is not None and self.world_size > 1 else None
+        self._reducer: Any = None
+        self._registry: list[tuple[str, int, int, bool]] = []  # routers in registration order (the sum's layout)
+        self._step_log: list[tuple[int, int, float, int]] = []  # group mode: every step() since the last flush
+        self._held: list[Chunk] = []  # group mode: chunks closed early (a router joined), sent at the next flush
+        self._rank_lock = threading.Lock()
         self._layers: dict[str, _LayerState] = {}
         self._root_depth = 0
         self._root_mode = (False, False)
@@ -130,19 +164,30 @@ class Watch:
         self._prepare_dir()
         self._next_step = self._resume_step()
         self._manifest = self._initial_manifest(model, meta)
+        self._rank_manifest = self._initial_rank_manifest()
         for spec in specs:
             self._add_layer(spec)
         for problem in problems or []:
             extra = {k: v for k, v in problem.items() if k not in ("kind", "router", "message")}
             self._problem(problem["kind"], problem.get("router"), problem["message"], warn=False, **extra)
+        self._write_rank_manifest()
         self._write_manifest_now()
         self._worker = FlushWorker(
             PartWriter(self.run_dir, self.rank, self._session),
-            heartbeat=self._heartbeat if self.rank == 0 else None,
+            heartbeat=self._heartbeat if self.rank == 0 or self.world_size > 1 else None,
             heartbeat_seconds=max(1.0, min(config.flush_seconds, 30.0)),
             on_tables=on_tables,
         )
         self._worker.start()
+        if self._members is not None and len(self._members) > 1:
+            from moewatch.capture.reduce import GroupReducer
+
+            self._reducer = GroupReducer(
+                members=self._members, rank=self.rank, worker=self._worker,
+                phases=PHASES if config.record_eval else ("train",), timeout=config.reduce_timeout,
+                session=self._session, per_rank=config.per_rank, on_session=self._on_session,
+                on_fallback=self._on_fallback, on_problem=lambda kind, message: self._problem(kind, None, message))
+            self._reducer.start()
         if model is not None:
             self._handles.append(model.register_forward_pre_hook(self._root_pre))
             self._handles.append(model.register_forward_hook(self._root_post, always_call=True))
@@ -161,19 +206,25 @@ class Watch:
         pattern = re.compile(rf"^r{self.rank:04d}-s(\d+)-\d+\.parquet$")
         sessions = [0]
         for table in TABLES:
-            folder = self.run_dir / table
-            if folder.is_dir():
-                sessions += [int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))]
+            for folder in (self.run_dir / table, self.run_dir / RANKS_DIR / table):
+                if folder.is_dir():
+                    sessions += [int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))]
+        if self.world_size > 1:  # a rank of a group may have written no rows itself: its rank manifest knows
+            sessions += [int(k) for k in self._read_rank_manifest().get("sessions", {}) if str(k).isdigit()]
         self._session = max(sessions) + 1
 
     def _resume_step(self) -> int:
         folder = self.run_dir / LAYERS
-        if self._session == 1 or not folder.is_dir():
+        # In a group only the first rank writes, so every member resumes after the group's rows.
+        if (self._session == 1 and self._members is None) or not folder.is_dir():
             return 0
         import pyarrow.dataset as ds
 
         try:
-            files = sorted(str(p) for p in folder.glob(f"r{self.rank:04d}-*.parquet"))
+            owners = self._members or (self.rank,)
+            prefixes = tuple(f"r{r:04d}-" for r in owners)
+            files = sorted(str(folder / f) for f in os.listdir(folder)
+                           if f.endswith(".parquet") and f.startswith(prefixes))
             if not files:
                 return 0
             col = ds.dataset(files, format="parquet").to_table(columns=["step"]).column("step")
@@ -210,7 +261,109 @@ class Watch:
         if meta:
             manifest["meta"] = {**manifest.get("meta", {}), **dict(meta)}
         manifest.setdefault("meta", {})
+        if self.world_size > 1:
+            manifest.update({
+                "aggregation": "group" if self._members is not None else "rank",
+                "per_rank": self.config.per_rank,
+                "reduce_timeout": self.config.reduce_timeout,
+            })
         return manifest
+
+    # ------------------------------------------------------------------ rank manifests (ranks/r<rank>.json)
+    def _rank_manifest_path(self) -> Path:
+        return self.run_dir / RANKS_DIR / f"r{self.rank:04d}.json"
+
+    def _read_rank_manifest(self) -> dict[str, Any]:
+        import json
+
+        try:
+            data = json.loads(self._rank_manifest_path().read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) and isinstance(data.get("sessions"), dict) else {}
+
+    def _initial_rank_manifest(self) -> dict[str, Any] | None:
+        if self.world_size <= 1:
+            return None
+        sessions = self._read_rank_manifest().get("sessions", {})
+        members = self._members
+        sessions[str(self._session)] = {
+            "aggregation": "group" if members is not None else "rank",
+            "group": list(members) if members is not None else None,
+            "writer": members[0] if members is not None else self.rank,
+            "agreed": members is not None and len(members) == 1,  # a group of one needs no agreement
+            "per_rank": self.config.per_rank, "fallback": None, "started": time.time(),
+        }
+        return {"rank": self.rank, "world_size": self.world_size, "routers": [], "sessions": sessions,
+                "status": "running", "heartbeat": time.time()}
+
+    def _write_rank_manifest(self) -> None:
+        if self._rank_manifest is None:
+            return
+        import json
+
+        with self._rank_lock:
+            self._rank_manifest["routers"] = [RouterInfo(s.spec).as_dict() for s in self._layers.values()]
+            self._rank_manifest["heartbeat"] = time.time()
+            data = json.dumps(self._rank_manifest, indent=1, default=str).encode("utf-8")
+            try:
+                path = self._rank_manifest_path()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, data)
+            except OSError as e:
+                if not hasattr(self, "_worker"):
+                    raise
+                log.warning("moewatch: could not update %s: %s", self._rank_manifest_path(), e)
+
+    def _on_session(self, session: int, agreed: bool) -> None:
+        """From the reducer: the group agreed on a session number (the largest any member proposed)."""
+        if agreed and session != self._session:
+            self._worker.set_session(session)
+            with self._rank_lock:
+                entries = self._rank_manifest["sessions"]
+                entries[str(session)] = entries.pop(str(self._session))
+            self._session = session
+            self._manifest["sessions"] = max(int(self._manifest.get("sessions") or 0), session)
+        with self._rank_lock:
+            self._rank_manifest["sessions"][str(self._session)]["agreed"] = agreed
+        self._write_rank_manifest()
+
+    def _on_fallback(self, info: dict[str, Any]) -> None:
+        """From the reducer, before this rank writes its own rows: mark them (the loader needs it, run.json shows it)."""
+        with self._rank_lock:
+            self._rank_manifest["sessions"][str(self._session)]["fallback"] = info
+        self._write_rank_manifest()
+        self._write_manifest_now()
+
+    def _merge_rank_manifests(self) -> None:
+        """Rank 0: routers of every rank (pipeline stages record different ones), groups and fallbacks into run.json."""
+        from moewatch.store.reader import read_rank_manifests
+
+        ranks = read_rank_manifests(self.run_dir)
+        if not ranks:
+            return
+        names = {r.get("name") for r in self._manifest["routers"]}
+        routers = list(self._manifest["routers"])
+        groups: dict[int, dict[str, Any]] = {}
+        fallbacks = []
+        for rank, rm in sorted(ranks.items()):
+            for info in rm.get("routers") or []:
+                if info.get("name") not in names:
+                    names.add(info.get("name"))
+                    routers.append(info)
+            sessions = rm.get("sessions") or {}
+            for key in sorted(sessions, key=lambda k: int(k) if str(k).isdigit() else 0):
+                entry = sessions[key] or {}
+                if entry.get("fallback"):
+                    fallbacks.append({"rank": rank, **entry["fallback"]})
+            latest = sessions[max(sessions, key=lambda k: int(k) if str(k).isdigit() else 0)] if sessions else {}
+            if latest.get("aggregation") == "group" and latest.get("group"):
+                g = groups.setdefault(int(latest["writer"]), {"writer": int(latest["writer"]),
+                                                              "ranks": list(latest["group"]), "routers": []})
+                g["routers"] += [i.get("name") for i in rm.get("routers") or [] if i.get("name") not in g["routers"]]
+        self._manifest["routers"] = routers
+        self._manifest["groups"] = [groups[w] for w in sorted(groups)]
+        self._manifest["fallbacks"] = fallbacks
 
     def _add_layer(self, spec: RouterSpec) -> _LayerState:
         if spec.name in self._layers:
@@ -221,6 +374,7 @@ class Watch:
             state.handles.append(probe.module.register_forward_hook(self._make_hook(state, probe), with_kwargs=True))
         routers = [r for r in self._manifest["routers"] if r.get("name") != spec.name]
         self._manifest["routers"] = [*routers, RouterInfo(spec).as_dict()]
+        self._registry.append((spec.name, spec.num_experts, spec.top_k, spec.bias is not None))
         return state
 
     @property
@@ -359,6 +513,8 @@ class Watch:
         number = self._next_step if step is None else int(step)
         self._next_step = number + 1
         now = time.time()
+        if self._reducer is not None:
+            self._step_log.append((self._seq, number, now, len(self._registry)))
         for phase in PHASES:
             self._snapshot(phase, number, now)
         if self._trained:
@@ -423,8 +579,16 @@ class Watch:
 
     def flush(self) -> None:
         """Hand every finished step to the writer thread (non-blocking; `close()` waits for the writes)."""
+        self._flush()
+
+    def _flush(self, closing: bool = False) -> None:
         for key in list(self._pending):
             self._flush_group(key)
+        if self._reducer is not None and (self._step_log or self._held or closing):
+            from moewatch.capture.reduce import StepBatch
+
+            self._reducer.submit(StepBatch(self._step_log, self._held, tuple(self._registry), closing))
+            self._step_log, self._held = [], []
         self._since_flush = 0
         self._last_flush = time.monotonic()
 
@@ -444,12 +608,27 @@ class Watch:
             states_SX = host
         elif states_SX.device.type != "cpu":
             states_SX = states_SX.to("cpu")
-        self._worker.submit(Chunk(states_SX, ready, layout, steps=[i[0] for i in info], seqs=[i[1] for i in info],
-                                  times=[i[2] for i in info], calls=[i[3] for i in info], phase=key[0]))
+        chunk = Chunk(states_SX, ready, layout, steps=[i[0] for i in info], seqs=[i[1] for i in info],
+                      times=[i[2] for i in info], calls=[i[3] for i in info], phase=key[0])
+        if self._reducer is not None:
+            self._held.append(chunk)
+        else:
+            self._worker.submit(chunk)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Flush and block until everything recorded so far is on disk (for tests and checkpoints)."""
+        """Flush and block until everything recorded so far is on disk (for tests and checkpoints).
+
+        With a process group, the steps are on disk once every rank of the group has flushed them too (call it on
+        every rank); `timeout=None` then waits at most `reduce_timeout` for the group.
+        """
         self.flush()
+        if self._reducer is not None:
+            start = time.monotonic()
+            if not self._reducer.wait_handled(self._seq - 1, self.config.reduce_timeout if timeout is None
+                                              else timeout):
+                return False
+            if timeout is not None:
+                timeout = max(0.0, timeout - (time.monotonic() - start))
         return self._worker.drain(timeout)
 
     def close(self, status: str = "finished") -> None:
@@ -459,14 +638,23 @@ class Watch:
         if any(s.calls[p] for s in self._layers.values() for p in PHASES):
             self.step()
         self._closed = True
-        self.flush()
-        self._worker.drain()
-        self._worker.stop()
+        self._flush(closing=True)
         for h in self._handles:
             h.remove()
         for s in self._layers.values():
             for h in s.handles:
                 h.remove()
+        if self._reducer is not None:
+            # Bounded: every collective has a timeout, and a rank closing alone ends the group after one more.
+            self._reducer.join(3 * self.config.reduce_timeout + 10.0)
+            if self._reducer.is_alive():
+                warnings.warn("moewatch: the rank reducer did not finish in time; steps it still held are not "
+                              "written", RuntimeWarning, stacklevel=2)
+        self._worker.drain()
+        self._worker.stop()
+        if self._rank_manifest is not None:
+            self._rank_manifest["status"] = status
+            self._write_rank_manifest()
         if self.rank == 0:
             self._manifest["status"] = status
             self._manifest["closed"] = time.time()
@@ -474,6 +662,8 @@ class Watch:
         _untrack(self)
 
     def _heartbeat(self) -> None:
+        if self._rank_manifest is not None:
+            self._write_rank_manifest()  # also carries routers registered later by record()
         self._write_manifest_now()
 
     def _write_manifest_now(self) -> None:
@@ -481,6 +671,11 @@ class Watch:
             return
         try:
             with self._manifest_lock:
+                if self.world_size > 1:
+                    try:
+                        self._merge_rank_manifests()
+                    except Exception as e:  # a damaged rank manifest must not stop run.json (or training)
+                        log.warning("moewatch: could not merge the rank manifests: %s", e)
                 write_manifest(self.run_dir, self._manifest)
         except OSError as e:
             if self._closed or not hasattr(self, "_worker"):
@@ -535,6 +730,9 @@ def attach(
     run_dir: str | os.PathLike,
     *,
     routers: Mapping[str, nn.Module | RouterSpec] | None = None,
+    group: Any = None,
+    per_rank: bool = False,
+    reduce_timeout: float = 60.0,
     flush_steps: int = 100,
     flush_seconds: float = 30.0,
     record_eval: bool = False,
@@ -553,6 +751,15 @@ def attach(
     each flush in the writer thread, logs each new alert once and calls `on_alert(alert)`. `on_tables(experts, layers)`
     is called in the writer thread with each flushed block of rows as pyarrow Tables (e.g. the TensorBoard bridge).
 
+    Under torch.distributed (world size > 1) the ranks of `group` (a ProcessGroup, e.g. the data-parallel group;
+    default: the world) sum their counts and statistics in a background thread and the group's first rank writes
+    them, once; `group=False` turns the sum off (each rank writes its own rows, summed when loading). Call `attach`,
+    `step()` and `close()` on every rank of the group, at the same steps; ranks that see the same tokens
+    (tensor-parallel replicas) must not both be in it: attach on one of them. `per_rank=True` also
+    keeps each rank's own rows under `ranks/`. A rank that dies or stalls for `reduce_timeout` seconds ends the sum:
+    the others warn once and write their own rows (marked in run.json `fallbacks`), which `moewatch.load` still
+    sums exactly. Recipes for DDP, FSDP2, DeviceMesh, Megatron-Core and DeepSpeed: docs/integrations.md.
+
     Never silent: logs one line (logger ``moewatch``, INFO) naming what it found; warns about modules that look like
     MoE blocks but hold no router, and, during training, about a router that recorded nothing in its first
     `silent_steps` training steps (0 turns that off) or whose output cannot be read. Each problem also goes to
@@ -561,7 +768,14 @@ def attach(
     from moewatch.capture.discovery import discover
 
     config = WatchConfig(flush_steps=flush_steps, flush_seconds=flush_seconds, record_eval=record_eval,
-                         silent_steps=silent_steps)
+                         silent_steps=silent_steps, per_rank=per_rank, reduce_timeout=reduce_timeout)
+    if group is False:
+        group = None
+    elif group is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            group = dist.group.WORLD
     problems: list[dict[str, Any]] = []
     if model is None:
         specs = list(discover(nn.Module(), routers)) if routers else []
@@ -579,7 +793,7 @@ def attach(
 
         sinks.append(live_alerts(detector_config, on_alert))
     return Watch(model, run_dir, specs, config, meta=meta, on_tables=_fan_out(sinks) if sinks else None,
-                 problems=problems)
+                 problems=problems, group=group)
 
 
 def _unrouted_problems(model: nn.Module, specs: list[RouterSpec]) -> list[dict[str, Any]]:

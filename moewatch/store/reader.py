@@ -1,10 +1,13 @@
 """Reading a run: `load(path) -> Run`, with resumed steps de-duplicated and an all-ranks global view.
 
 Reads every part file (a corrupt one is skipped with a warning that names it), vectorized through pyarrow and pandas.
+Rows a rank wrote after its process group's sum failed, for steps the group's writer had already written, are left
+out (`superseded_rows`), so the global view counts every rank's tokens once.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -54,6 +57,66 @@ def read_parts(files: list[Path], table: str, skipped: list[str] | None = None) 
     if not tables:
         return SCHEMAS[table].empty_table()
     return pa.concat_tables(tables)
+
+
+RANKS_DIR = "ranks"
+
+
+def read_rank_manifests(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """The rank manifests `ranks/r<rank>.json` of a multi-process run, by rank (unreadable ones are skipped)."""
+    folder = Path(run_dir) / RANKS_DIR
+    if not folder.is_dir():
+        return {}
+    out: dict[int, dict[str, Any]] = {}
+    for f in sorted(folder.glob("r*.json")):
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+            out[int(data["rank"])] = data
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def fallback_rules(ranks: dict[int, dict[str, Any]]) -> list[tuple[int, int, int, float]]:
+    """(rank, session, writer, writer's first own seq) for every rank that wrote its own rows in a session whose
+    process group had agreed to sum (its rows may repeat steps the writer wrote as the group's sum)."""
+    rules = []
+    for rank, rm in ranks.items():
+        for key, entry in (rm.get("sessions") or {}).items():
+            if not isinstance(entry, dict) or entry.get("aggregation") != "group" or not entry.get("agreed"):
+                continue
+            writer = entry.get("writer")
+            if writer is None or int(writer) == rank or not entry.get("fallback"):
+                continue
+            w_entry = ((ranks.get(int(writer)) or {}).get("sessions") or {}).get(str(key)) or {}
+            w_fallback = w_entry.get("fallback") or {}
+            limit = float(w_fallback["seq"]) if w_fallback.get("seq") is not None else float("inf")
+            rules.append((rank, int(key), int(writer), limit))
+    return rules
+
+
+def superseded_rows(table: pa.Table, rules: list[tuple[int, int, int, float]]) -> pa.Table:
+    """Drop a fallen-back rank's rows at the (step, layer)s its group's writer wrote as the group's sum.
+
+    After a failed sum a rank writes its own rows, including those of the last round it could not confirm; if the
+    writer did write that round (its rows of the session below its own fallback seq), those rows are in the sum.
+    """
+    if not rules or table.num_rows == 0:
+        return table
+    rank = table["rank"].to_numpy().astype(np.int64)
+    session = table["session"].to_numpy().astype(np.int64)
+    seq = table["seq"].to_numpy().astype(np.int64)
+    step = table["step"].to_numpy().astype(np.int64)
+    layer = pc.dictionary_encode(table["layer"]).combine_chunks().indices.to_numpy().astype(np.int64)
+    key = (step - step.min()) * (int(layer.max()) + 1) + layer
+    drop = np.zeros(table.num_rows, dtype=bool)
+    for r, sess, writer, limit in rules:
+        mine = (rank == r) & (session == sess)
+        if not mine.any():
+            continue
+        summed = (rank == writer) & (session == sess) & (seq < limit)
+        drop |= mine & np.isin(key, np.unique(key[summed]))
+    return table.filter(pa.array(~drop)) if drop.any() else table
 
 
 def has_repeats(layers: pd.DataFrame) -> bool:
@@ -235,11 +298,14 @@ def load(path: str | Path, *, eval: bool = True) -> Run:
     skipped: list[str] = []
     frames = {}
     tables = (EXPERTS, LAYERS, EVAL_EXPERTS, EVAL_LAYERS) if eval else (EXPERTS, LAYERS)
+    rules = fallback_rules(read_rank_manifests(run_dir))
     for ex, ly in ((EXPERTS, LAYERS), (EVAL_EXPERTS, EVAL_LAYERS)):
         if ly not in tables:
             continue
         ex_t = read_parts(part_files(run_dir, ex), ex, skipped)
         ly_t = read_parts(part_files(run_dir, ly), ly, skipped)
+        if rules:
+            ex_t, ly_t = superseded_rows(ex_t, rules), superseded_rows(ly_t, rules)
         layers = ly_t.to_pandas()
         if has_repeats(layers):
             ex_t, layers = newest_rows(ex_t), newest_rows(ly_t).to_pandas()

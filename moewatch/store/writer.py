@@ -57,6 +57,8 @@ class Chunk:
     times: list[float]
     calls: list[dict[str, int]]  # per step: router calls per layer (layers with 0 calls get no rows)
     phase: str  # "train" or "eval"
+    rank: int | None = None  # the rows' rank column; None: the writer's rank
+    dest: str = "main"  # "main": the run's tables; "ranks": the per-rank tables under ranks/ (attach(per_rank=True))
 
 
 def chunk_to_tables(chunk: Chunk, rank: int, session: int) -> tuple[pa.Table, pa.Table]:
@@ -130,6 +132,9 @@ def _table(parts: list[dict[str, np.ndarray]], schema: pa.Schema, rank: int, ses
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+RANKS_DIR = "ranks"  # per-rank rows (attach(per_rank=True)) and the rank manifests r<rank>.json
+
+
 class PartWriter:
     """Immutable part files `<table>/r<rank>-s<session>-<n>.parquet`, each written atomically."""
 
@@ -159,21 +164,29 @@ class FlushWorker(threading.Thread):
         heartbeat: Callable[[], None] | None,
         heartbeat_seconds: float,
         on_tables: Callable[[pa.Table, pa.Table], None] | None = None,
+        rank_writer: PartWriter | None = None,
     ):
         super().__init__(name="moewatch-flush", daemon=True)
         self.writer = writer
+        self.writers = {"main": writer, RANKS_DIR: rank_writer or PartWriter(writer.run_dir / RANKS_DIR,
+                                                                            writer.rank, writer.session)}
         self.heartbeat = heartbeat
         self.heartbeat_seconds = heartbeat_seconds
         self.on_tables = on_tables
         self.jobs: queue.Queue[Chunk | None | threading.Event] = queue.Queue()
-        self.pending: list[tuple[str, pa.Table]] = []
+        self.pending: list[tuple[PartWriter, str, pa.Table]] = []
         self.errors = 0
         self._warned_disk = False
         self._last_beat = 0.0
 
-    # -- called from the training thread
+    # -- called from the training thread (or the rank reducer)
     def submit(self, chunk: Chunk) -> None:
         self.jobs.put(chunk)
+
+    def set_session(self, session: int) -> None:
+        """The session in part names (a process group agrees on one); call before anything is submitted."""
+        for w in self.writers.values():
+            w.session = session
 
     def drain(self, timeout: float | None = None) -> bool:
         """Block until everything submitted so far is written (or failed); True if it finished in time."""
@@ -212,13 +225,14 @@ class FlushWorker(threading.Thread):
     def _convert(self, chunk: Chunk) -> None:
         if chunk.ready is not None:
             chunk.ready.synchronize()
-        experts, layers = chunk_to_tables(chunk, self.writer.rank, self.writer.session)
+        writer = self.writers["main" if chunk.dest == "main" else RANKS_DIR]
+        experts, layers = chunk_to_tables(chunk, writer.rank if chunk.rank is None else chunk.rank, writer.session)
         names = (EXPERTS, LAYERS) if chunk.phase == "train" else (EVAL_EXPERTS, EVAL_LAYERS)
         if experts.num_rows:
-            self.pending.append((names[0], experts))
+            self.pending.append((writer, names[0], experts))
         if layers.num_rows:
-            self.pending.append((names[1], layers))
-        if chunk.phase == "train" and self.on_tables is not None and layers.num_rows:
+            self.pending.append((writer, names[1], layers))
+        if chunk.dest == "main" and chunk.phase == "train" and self.on_tables is not None and layers.num_rows:
             try:
                 self.on_tables(experts, layers)
             except Exception as e:
@@ -227,9 +241,9 @@ class FlushWorker(threading.Thread):
 
     def _write_pending(self) -> None:
         while self.pending:
-            name, table = self.pending[0]
+            writer, name, table = self.pending[0]
             try:
-                self.writer.write(name, table)
+                writer.write(name, table)
             except OSError as e:
                 self.errors += 1
                 if not self._warned_disk:
@@ -243,9 +257,9 @@ class FlushWorker(threading.Thread):
         self._warned_disk = False
 
     def _bound_pending(self) -> None:
-        rows = sum(t.num_rows for _, t in self.pending)
+        rows = sum(t.num_rows for _, _, t in self.pending)
         while rows > MAX_PENDING_ROWS and len(self.pending) > 1:
-            _, t = self.pending.pop(0)
+            _, _, t = self.pending.pop(0)
             rows -= t.num_rows
             log.warning("moewatch: dropped %d unwritten rows: the disk has refused writes too long", t.num_rows)
 
