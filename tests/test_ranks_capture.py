@@ -120,6 +120,10 @@ WORKER = textwrap.dedent(
         if layout == "fsdp":
             opt.step()
             opt.zero_grad()
+        if opts.get("manual_from") is not None and step >= opts["manual_from"] and watch is not None:
+            ids = torch.randint(0, 4, (3 + rank, 2), generator=gen)  # a router recorded by hand, from a later step
+            watch.record("manual.gate", indices=ids, num_experts=4)
+            current["manual.gate"] = torch.bincount(ids.flatten(), minlength=4)
         for name in [n for n in current if not n.startswith("eval:")] + [n for n in counts if n.startswith("eval:")]:
             counts.setdefault(name, []).append(current.get(name, torch.zeros(4, dtype=torch.long)).tolist())
         for name in [n for n in current if n.startswith("eval:") and n not in counts]:
@@ -255,7 +259,7 @@ def test_dp4_sums_once_even_with_time_based_flushes(tmp_path):
 @pytest.mark.slow
 def test_resumed_group_run_continues_the_group_numbering(tmp_path):
     steps = 3
-    run_dir, out = launch(tmp_path, world=2, layout="dp", steps=steps, flush_steps=2, resume=True)
+    run_dir, out = launch(tmp_path, world=2, layout="dp", steps=steps, flush_steps=2, resume=True, manual_from=1)
     truth = rank_counts(out, range(2))
     run = moewatch.load(run_dir)
     assert_one_row_each(run)
@@ -263,6 +267,12 @@ def test_resumed_group_run_continues_the_group_numbering(tmp_path):
     assert sorted(run.layers.session.unique()) == [1, 2] and run.meta["sessions"] == 2
     for layer in LAYERS:
         np.testing.assert_array_equal(experts_grid(run.experts, layer), truth[0][layer] + truth[1][layer])
+    # a router registered by watch.record() in a later step (1) joins the sum from that step, in both sessions
+    manual = run.experts[run.experts.layer == "manual.gate"]
+    assert sorted(manual.step.unique()) == [1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(experts_grid(run.experts, "manual.gate"),
+                                  truth[0]["manual.gate"] + truth[1]["manual.gate"])
+    assert run.meta["fallbacks"] == []
     rank1 = json.loads((run_dir / "ranks" / "r0001.json").read_text())
     assert sorted(rank1["sessions"]) == ["1", "2"] and all(e["agreed"] for e in rank1["sessions"].values())
 

@@ -145,6 +145,7 @@ class Watch:
         self._step_log: list[tuple[int, int, float, int]] = []  # group mode: every step() since the last flush
         self._held: list[Chunk] = []  # group mode: chunks closed early (a router joined), sent at the next flush
         self._rank_lock = threading.Lock()
+        self._rank_routers = 0  # routers in the rank manifest on disk
         self._layers: dict[str, _LayerState] = {}
         self._root_depth = 0
         self._root_mode = (False, False)
@@ -303,6 +304,7 @@ class Watch:
         import json
 
         with self._rank_lock:
+            self._rank_routers = len(self._layers)
             self._rank_manifest["routers"] = [RouterInfo(s.spec).as_dict() for s in self._layers.values()]
             self._rank_manifest["heartbeat"] = time.time()
             data = json.dumps(self._rank_manifest, indent=1, default=str).encode("utf-8")
@@ -662,8 +664,8 @@ class Watch:
         _untrack(self)
 
     def _heartbeat(self) -> None:
-        if self._rank_manifest is not None:
-            self._write_rank_manifest()  # also carries routers registered later by record()
+        if self._rank_manifest is not None and self._rank_routers != len(self._layers):
+            self._write_rank_manifest()  # a router registered later by record(); no write otherwise (1000s of ranks)
         self._write_manifest_now()
 
     def _write_manifest_now(self) -> None:
