@@ -8,7 +8,6 @@ out (`superseded_rows`), so the global view counts every rank's tokens once.
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from moewatch.store.manifest import read_manifest
+from moewatch.store.manifest import read_manifest, run_state
 from moewatch.store.schema import (
     EVAL_EXPERTS,
     EVAL_LAYERS,
@@ -170,13 +169,7 @@ class Run:
     @property
     def status(self) -> str:
         """running / finished / crashed; a `running` run whose heartbeat stopped long ago is reported crashed."""
-        status = str(self.meta.get("status", "running"))
-        if status == "running":
-            beat = float(self.meta.get("heartbeat", 0) or 0)
-            stale_after = 3 * min(float(self.meta.get("flush_seconds", 30.0) or 30.0), 30.0) + 60.0
-            if beat and time.time() - beat > stale_after:
-                return "crashed"
-        return status
+        return run_state(self.meta)
 
     @property
     def steps(self) -> int:
@@ -277,8 +270,9 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob(MANIFEST) if not any(part.startswith(".") for part in p.parts))
 
 
-def load(path: str | Path, *, eval: bool = True) -> Run:
-    """Load a run directory. Raises RunError (one line, says what to do) when `path` is not a run."""
+def read_run_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of the run at `path`, checked: RunError (one line, says what to do) when it is not a run this
+    moewatch can read."""
     run_dir = Path(path)
     if not run_dir.exists():
         raise RunError(f"{run_dir} does not exist: pass a run directory written by moewatch.attach")
@@ -295,6 +289,13 @@ def load(path: str | Path, *, eval: bool = True) -> Run:
     if isinstance(version, int) and version > SCHEMA_VERSION:
         raise RunError(f"{run_dir} uses schema version {version}, newer than this moewatch ({SCHEMA_VERSION}): "
                        "upgrade moewatch")
+    return meta
+
+
+def load(path: str | Path, *, eval: bool = True) -> Run:
+    """Load a run directory. Raises RunError (one line, says what to do) when `path` is not a run."""
+    run_dir = Path(path)
+    meta = read_run_manifest(run_dir)
     skipped: list[str] = []
     frames = {}
     tables = (EXPERTS, LAYERS, EVAL_EXPERTS, EVAL_LAYERS) if eval else (EXPERTS, LAYERS)
