@@ -6,7 +6,7 @@
 Attaches at `on_train_begin` to the Trainer's model, ends one moewatch step at every `on_step_end` (once per optimizer
 step, so the micro-batches of gradient accumulation sum into one step) numbered with `state.global_step` (1, 2, ...
 as the Trainer counts), and closes at `on_train_end`. The run goes to `<output_dir>/moewatch` unless `run_dir` is
-given. Under torchrun every rank records its own part files; only rank 0 writes run.json (the Watch does that).
+given. Under torchrun the ranks' counts are summed over the world group and written once (the Watch does that).
 """
 
 from __future__ import annotations
