@@ -375,6 +375,7 @@ def test_the_dashboard_judges_with_the_report_s_thresholds(tmp_path):
     """`moewatch serve --config/--set` and `moewatch report --config/--set` build one DetectorConfig: with the same
     thresholds the page's status, verdict and alerts are the report's."""
     from moewatch.app.catalog import Catalog
+
     from moewatch.report import build_config
 
     if not SAMPLES.is_dir():
