@@ -164,8 +164,11 @@ def _snippet_problems(markdown: Path, only_integrations: bool) -> tuple[int, lis
     examples = {p.name: p.read_text().splitlines() for p in sorted((ROOT / "examples").glob("*.py"))}
     keys = ("moewatch.integrations", "MoEWatchCallback", "TensorBoardBridge", "DistributedDataParallel", "torchrun")
     checked, problems = 0, []
-    for lang, body in re.findall(r"```(\w*)\n(.*?)```", markdown.read_text(), flags=re.S):
+    for marker, lang, body in re.findall(r"(<!-- recipe[^>]*-->\n)?```(\w*)\n(.*?)```", markdown.read_text(),
+                                         flags=re.S):
         if lang not in ("python", "bash") or (only_integrations and not any(k in body for k in keys)):
+            continue
+        if marker:  # a pattern for a stack that cannot run here (Megatron, DeepSpeed, a GPU mesh), labelled as such
             continue
         # compared without indentation: the example's code may sit in a function, its commands in the docstring
         lines = [line.strip() for line in body.splitlines() if line.strip() and line.strip() != "..."]
