@@ -29,7 +29,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moewatch.store.manifest import read_manifest, run_state
-from moewatch.store.reader import newest_rows, part_files, read_parts
+from moewatch.store.reader import (
+    fallback_rules,
+    newest_rows,
+    part_files,
+    read_parts,
+    read_rank_manifests,
+    superseded_rows,
+)
 from moewatch.store.schema import EXPERTS, LAYERS
 
 from .arrays import Rows, by_rank, count_metrics, dense_steps, part_columns
@@ -109,6 +116,7 @@ class RunData:
         self._ranks: set[int] = set()
         self._dirty: list[tuple[int, int]] = []  # (generation, first step index changed in it)
         self._capacity = 0  # rows to allocate for arrays created later (a layer first seen mid-load)
+        self._rules: list = []  # the loader's fallback rules (a multi-process run whose group sum failed)
 
     # ------------------------------------------------------------------ reading
 
@@ -120,10 +128,14 @@ class RunData:
             batch = _Batch()
             new = {table: [f for f in part_files(self.path, table) if f.name not in self._read[table]]
                    for table in (LAYERS, EXPERTS)}
-            self._reserve_for(new[LAYERS])
-            for table in (LAYERS, EXPERTS):
-                for f in new[table]:
-                    self._read_file(table, f, batch)
+            rules = fallback_rules(read_rank_manifests(self.path))
+            if rules or self._rules:
+                self._read_with_rules(new, rules, batch)
+            else:
+                self._reserve_for(new[LAYERS])
+                for table in (LAYERS, EXPERTS):
+                    for f in new[table]:
+                        self._read_file(table, f, batch)
             if batch.recompute_from is not None:
                 self._recompute(batch.recompute_from, batch)
             self._finish(batch)
@@ -185,6 +197,31 @@ class RunData:
         self._file_max_step[(table, f.name)] = int(arrays["step"].max())
         self._ingest(table, arrays, batch, check=True)
 
+    def _read_with_rules(self, new: dict[str, list[Path]], rules: list, batch: _Batch) -> None:
+        """A multi-process run whose group sum failed: some ranks rewrote rows the group's sum already holds, and
+        only the loader's rule (`superseded_rows`, across files) tells which. Rare, so correctness over speed: the
+        new parts' steps (every step when the rules changed) are re-read through that rule."""
+        low = None
+        for table in (LAYERS, EXPERTS):
+            for f in new[table]:
+                self._read[table].add(f.name)
+                try:
+                    steps = pq.read_table(f, columns=["step"])["step"].to_numpy()
+                except (OSError, pa.ArrowException, ValueError, KeyError) as e:
+                    msg = f"skipped corrupt part file {f.parent.name}/{f.name} ({type(e).__name__}: {e})"
+                    warnings.warn(f"moewatch: {msg}", RuntimeWarning, stacklevel=3)
+                    self.skipped.append(msg)
+                    continue
+                if len(steps):
+                    self._file_max_step[(table, f.name)] = int(steps.max())
+                    low = int(steps.min()) if low is None else min(low, int(steps.min()))
+        changed = repr(rules) != repr(self._rules)
+        self._rules = rules
+        if changed:
+            batch.collide(-(2**62))  # every step: what the rules drop may lie anywhere
+        elif low is not None:
+            batch.collide(low)
+
     def _recompute(self, step0: int, batch: _Batch) -> None:
         """Re-read steps >= step0 from every part with the loader's de-duplication (a resumed run re-wrote them)."""
         i0 = int(np.searchsorted(self._steps.a, step0))
@@ -205,6 +242,8 @@ class RunData:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # already reported when first read
                 whole = read_parts(sorted(files), table)
+            if self._rules:
+                whole = superseded_rows(whole, self._rules)
             df = newest_rows(whole.filter(pc.greater_equal(whole["step"], step0))).to_pandas()
             if df.empty:
                 continue
