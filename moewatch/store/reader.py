@@ -36,10 +36,10 @@ class RunError(ValueError):
 
 
 def part_files(run_dir: Path, table: str) -> list[Path]:
-    folder = Path(run_dir) / table
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_")))
+    """A table's part files to read, sorted: parts a compacted part replaces are left out (moewatch.store.compact)."""
+    from moewatch.store.compact import live_parts
+
+    return live_parts(Path(run_dir) / table)
 
 
 def read_parts(files: list[Path], table: str, skipped: list[str] | None = None) -> pa.Table:
