@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from moewatch.store.compact import COMPACTED, replaced_by
 from moewatch.store.manifest import read_manifest, run_state
 from moewatch.store.reader import (
     fallback_rules,
@@ -103,9 +104,13 @@ class RunData:
         self.lock = threading.RLock()
         self.meta: dict[str, Any] = {}
         self.meta_error: str | None = None
-        self.skipped: list[str] = []
         self.generation = 0
         self.last_refresh = 0.0
+        self._clear()
+
+    def _clear(self) -> None:
+        """Empty arrays and no part read (a new cache, or one rebuilt after a compaction it cannot follow)."""
+        self.skipped: list[str] = []
         self._steps = Rows((), np.int64)
         self._m = {name: Rows((0,), np.float64 if name in SUMS else np.float32) for name in COLS}
         self._layers: list[Layer] = []
@@ -128,6 +133,10 @@ class RunData:
             batch = _Batch()
             new = {table: [f for f in part_files(self.path, table) if f.name not in self._read[table]]
                    for table in (LAYERS, EXPERTS)}
+            if not self._follow_compaction(new):
+                self._clear()  # a compacted part mixes rows read and not read: read the run afresh
+                batch.changed(0)
+                new = {table: part_files(self.path, table) for table in (LAYERS, EXPERTS)}
             rules = fallback_rules(read_rank_manifests(self.path))
             if rules or self._rules:
                 self._read_with_rules(new, rules, batch)
@@ -196,6 +205,28 @@ class RunData:
             return
         self._file_max_step[(table, f.name)] = int(arrays["step"].max())
         self._ingest(table, arrays, batch, check=True)
+
+    def _follow_compaction(self, new: dict[str, list[Path]]) -> bool:
+        """Take compacted parts whose rows are all in the cache already as read (in place of the parts they
+        replace), dropping them from ``new``; False when one holds rows both read and not read."""
+        for table, files in new.items():
+            keep = []
+            for f in files:
+                replaces = replaced_by(f) if COMPACTED.match(f.name) else []
+                seen = [n for n in replaces if n in self._read[table]]
+                if not seen:
+                    keep.append(f)
+                    continue
+                if len(seen) < len(replaces):
+                    return False
+                self._read[table].add(f.name)
+                tops = [self._file_max_step.pop((table, n), None) for n in seen]
+                self._read[table].difference_update(seen)
+                tops = [t for t in tops if t is not None]
+                if tops:
+                    self._file_max_step[(table, f.name)] = max(tops)
+            new[table] = keep
+        return True
 
     def _read_with_rules(self, new: dict[str, list[Path]], rules: list, batch: _Batch) -> None:
         """A multi-process run whose group sum failed: some ranks rewrote rows the group's sum already holds, and

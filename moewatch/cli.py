@@ -167,6 +167,30 @@ def demo(
 
 
 @app.command()
+def compact(
+    path: Annotated[Path, typer.Argument(help="A run directory, or a folder of runs (each is compacted).")],
+    rows: Annotated[int, typer.Option(help="Rows per compacted part file.")] = 4_000_000,
+) -> None:
+    """Merge a run's small part files into few large ones, crash-safely (safe while it is still training)."""
+    from moewatch.report import ReportInputError, find_run_dirs
+    from moewatch.store.compact import compact as compact_run
+
+    if rows < 1:
+        fail(f"--rows must be >= 1, got {rows}")
+    try:
+        runs = find_run_dirs([path])
+    except ReportInputError as e:
+        fail(str(e))
+    for run in runs:
+        done = compact_run(run, rows=rows)
+        what = (f"merged {done.merged} part files into {done.written}" if done.written
+                else "nothing to merge (already compact)")
+        extra = f"; removed {done.deleted - done.merged} left over by an interrupted compaction" \
+            if done.deleted > done.merged else ""
+        typer.echo(f"{run}: {what}{extra}")
+
+
+@app.command()
 def version() -> None:
     """Print the moewatch version."""
     from moewatch import __version__

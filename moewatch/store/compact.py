@@ -1,8 +1,8 @@
 """Compaction: many small part files of a table merged into a few, crash-safely, so a 100k-step run does not leave
 thousands of files per table (which parallel file systems punish and every reader pays to open).
 
-A compacted part ``<table>/r<rank>-s<session>-c<first>-<last>.parquet`` holds, in order, the rows of the parts
-``r<rank>-s<session>-<n>.parquet`` for ``first <= n <= last`` that it replaces, and names them in its Parquet
+A compacted part ``<table>/r<rank>-s<session>-c<first>-<last>.parquet`` holds, in order, the rows of consecutive
+parts ``r<rank>-s<session>-<n>.parquet`` (``first`` to ``last``) that it replaces, and names them in its Parquet
 key-value metadata (``moewatch.replaces``: a JSON list of file names). Readers list a table through
 :func:`live_parts`, which leaves out every part that a present compacted part replaces. So at any moment each row is
 read exactly once: before the compacted part is renamed into place (atomically, like every moewatch file) readers
@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,8 @@ from moewatch.store.schema import SCHEMAS, TABLES
 REPLACES = b"moewatch.replaces"
 RANKS_DIR = "ranks"
 _PLAIN = re.compile(r"^r(\d+)-s(\d+)-(\d+)\.parquet$")
-_COMPACTED = re.compile(r"^r(\d+)-s(\d+)-c(\d+)-(\d+)\.parquet$")
+COMPACTED = re.compile(r"^r(\d+)-s(\d+)-c(\d+)-(\d+)\.parquet$")
+STALE_SECONDS = 3600.0
 DEFAULT_ROWS = 4_000_000  # rows per compacted part: ~20 flushes of 32 layers x 64 experts x 100 steps
 
 
@@ -49,7 +51,7 @@ def live_parts(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_")))
     replaced: set[str] = set()
     for f in files:
-        if _COMPACTED.match(f.name):
+        if COMPACTED.match(f.name):
             replaced.update(replaced_by(f))
     return [f for f in files if f.name not in replaced] if replaced else files
 
@@ -100,7 +102,8 @@ def _table_folders(run_dir: Path) -> list[Path]:
 
 
 def _batches(parts: list[tuple[int, Path]], rows: int) -> Iterable[list[tuple[int, Path]]]:
-    """Runs of consecutive part numbers whose rows add up to at most ``rows`` (a part over it stays alone)."""
+    """Runs of consecutive parts (in writing order) whose rows add up to at most ``rows`` (a part over it stays
+    alone); a part that cannot be read ends a run and stays where it is."""
     batch: list[tuple[int, Path]] = []
     size = 0
     for n, f in parts:
@@ -111,7 +114,7 @@ def _batches(parts: list[tuple[int, Path]], rows: int) -> Iterable[list[tuple[in
                 yield batch
             batch, size = [], 0  # a corrupt part is left where it is (readers skip it with a warning)
             continue
-        if batch and (n != batch[-1][0] + 1 or size + count > rows):
+        if batch and size + count > rows:
             yield batch
             batch, size = [], 0
         batch.append((n, f))
@@ -133,12 +136,21 @@ def _merge(folder: Path, table: str, rank: int, session: int, batch: list[tuple[
 
 
 def _sweep(folder: Path) -> int:
-    """Delete the sources that present compacted parts replace (left behind by an interrupted compaction)."""
+    """Delete the sources that present compacted parts replace (left behind by an interrupted compaction), and
+    temporary files of writes killed mid-way (dot-names no reader lists) once they are ``STALE_SECONDS`` old: a
+    live write renames its file within seconds, on this host or any other sharing the file system."""
     present = {p.name for p in folder.iterdir()}
     stale = []
+    now = time.time()
     for f in folder.iterdir():
-        if _COMPACTED.match(f.name):
+        if COMPACTED.match(f.name):
             stale.extend(folder / n for n in replaced_by(f) if n in present)
+        elif f.name.startswith(".tmp-"):
+            try:
+                if now - f.stat().st_mtime > STALE_SECONDS:
+                    stale.append(f)
+            except FileNotFoundError:
+                pass
     return _delete(stale)
 
 
