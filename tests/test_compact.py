@@ -153,3 +153,16 @@ def test_compact_cli(run, tmp_path):
     again = runner.invoke(app, ["compact", str(run)])
     assert again.exit_code == 0 and "nothing to merge" in again.stdout
     assert runner.invoke(app, ["compact", str(tmp_path / "nope")]).exit_code == 2
+
+
+def test_compacted_parts_keep_a_row_group_per_layer_so_readers_skip_the_rest(run):
+    import pyarrow.parquet as pq
+
+    from moewatch.store.dense import _row_groups
+
+    compact(run, rows=10_000)
+    part = next((run / "experts").glob("*-c*.parquet"))
+    meta = pq.read_metadata(part)
+    layers = pq.read_table(part, columns=["layer"])["layer"].unique().to_pylist()
+    assert len(layers) >= 2 and meta.num_row_groups == len(layers)
+    assert len(_row_groups(meta, {layers[0]})) == 1  # the other layers' row groups are not even decoded

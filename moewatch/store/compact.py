@@ -1,9 +1,9 @@
 """Compaction: many small part files of a table merged into a few, crash-safely, so a 100k-step run does not leave
 thousands of files per table (which parallel file systems punish and every reader pays to open).
 
-A compacted part ``<table>/r<rank>-s<session>-c<first>-<last>.parquet`` holds, in order, the rows of consecutive
-parts ``r<rank>-s<session>-<n>.parquet`` (``first`` to ``last``) that it replaces, and names them in its Parquet
-key-value metadata (``moewatch.replaces``: a JSON list of file names). Readers list a table through
+A compacted part ``<table>/r<rank>-s<session>-c<first>-<last>.parquet`` holds the rows of consecutive
+parts ``r<rank>-s<session>-<n>.parquet`` (``first`` to ``last``) that it replaces, grouped by layer with a row group per
+layer (so readers of a few layers skip the rest by statistics), and names them in its Parquet key-value metadata (``moewatch.replaces``: a JSON list of file names). Readers list a table through
 :func:`live_parts`, which leaves out every part that a present compacted part replaces. So at any moment each row is
 read exactly once: before the compacted part is renamed into place (atomically, like every moewatch file) readers
 see the sources; from then on they see the compacted part, whether or not the sources are deleted yet. A compaction
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moewatch.store.manifest import atomic_write_bytes
@@ -128,8 +129,16 @@ def _merge(folder: Path, table: str, rank: int, session: int, batch: list[tuple[
     merged = pa.concat_tables([pq.read_table(f, schema=schema) for _, f in batch])
     names = [f.name for _, f in batch]
     merged = merged.replace_schema_metadata({**(merged.schema.metadata or {}), REPLACES: json.dumps(names).encode()})
+    # Grouped by layer (a stable sort: writing order within a layer), a row group per layer: a reader after a few
+    # layers skips the others' row groups by their statistics instead of decoding them.
+    merged = merged.take(pc.sort_indices(merged, sort_keys=[("layer", "ascending")]))
     buf = io.BytesIO()
-    pq.write_table(merged, buf, compression="zstd")
+    with pq.ParquetWriter(buf, merged.schema, compression="zstd") as out:
+        layer = merged["layer"].combine_chunks()
+        bounds = [0, *(pc.indices_nonzero(pc.not_equal(layer[1:], layer[:-1])).to_numpy() + 1).tolist(),
+                  merged.num_rows] if merged.num_rows else [0]
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            out.write_table(merged.slice(lo, hi - lo))
     path = folder / f"r{rank:04d}-s{session:04d}-c{batch[0][0]:08d}-{batch[-1][0]:08d}.parquet"
     atomic_write_bytes(path, buf.getvalue())  # from here on readers see this part instead of its sources
     return path

@@ -30,7 +30,7 @@ from moewatch.store.reader import (
 )
 from moewatch.store.schema import EXPERTS, LAYERS
 
-DEFAULT_BUDGET = 1 << 30  # bytes of dense per-expert counts held at once (a pass holds one group of layers)
+DEFAULT_BUDGET = 2 << 30  # bytes of dense per-expert arrays held at once (a pass holds one group of layers)
 _LAYER_COLUMNS = ["step", "layer", "tokens", "top_k", "num_experts", "entropy", "z_loss", "logit_abs_max",
                   "dropped", "nonfinite", "rank", "session", "seq"]
 
@@ -178,10 +178,7 @@ def _read_group(files: list[Path], plan: _Plan, group: list[str], skipped: list[
     slot = {n: i for i, n in enumerate(group)}
     contiguous = len(axis) > 0 and int(axis[-1] - axis[0]) + 1 == len(axis)
     index = {n: i for i, n in enumerate(plan.names)}
-    for f in files:
-        t, single = _read_part(f, plan, skipped)
-        if t is None or t.num_rows == 0:
-            continue
+    for t, single in _part_batches(files, plan, set(group), skipped):
         names, codes = _dictionary(t["layer"])
         lut = np.array([slot.get(n, -1) for n in names], np.int64)
         local = lut[codes]
@@ -270,24 +267,42 @@ def _in_range(step: np.ndarray, expert: np.ndarray, axis: np.ndarray, width: np.
     return int(step.min()) >= int(axis[0]) and int(step.max()) <= int(axis[-1])
 
 
-def _read_part(f: Path, plan: _Plan, skipped: list[str] | None) -> tuple[pa.Table | None, bool]:
-    """The columns of one experts part this pass needs (drops and bias only where the part has any; provenance
-    only when some recordings are dropped) and whether it holds one rank's rows; None for a corrupt part (warned
-    once)."""
-    try:
-        meta = pq.read_metadata(f)
-        columns = ["step", "layer", "expert", "tokens"]
-        if plan.winners is not None:
-            columns += ["rank", "session", "seq"]
-        columns += [c for c in ("dropped", "bias") if _may_hold_values(meta, c)]
-        return pq.read_table(f, columns=columns, read_dictionary=["layer"]), _single_valued(meta, "rank")
-    except (OSError, pa.ArrowException, ValueError, KeyError) as e:
-        if skipped is None or str(f) not in skipped:  # warned once per file, not once per pass
-            warnings.warn(f"moewatch: skipped corrupt part file {f} ({type(e).__name__}: {e})",
-                          RuntimeWarning, stacklevel=3)
-            if skipped is not None:
-                skipped.append(str(f))
-        return None, True
+def _part_batches(files: list[Path], plan: _Plan, group: set[str], skipped: list[str] | None
+                  ) -> Iterator[tuple[pa.Table, bool]]:
+    """The experts rows a pass needs, a row group at a time (so a part of 15 M rows never sits decoded whole), with
+    whether each part holds one rank's rows. Only the columns needed are read (drops and bias only where a part has
+    any; provenance only when some recordings are dropped), and row groups whose statistics show they hold only
+    other layers are skipped (compacted parts keep a row group per layer). A corrupt part is warned about once."""
+    for f in files:
+        try:
+            pf = pq.ParquetFile(f, read_dictionary=["layer"])
+            meta = pf.metadata
+            columns = ["step", "layer", "expert", "tokens"]
+            if plan.winners is not None:
+                columns += ["rank", "session", "seq"]
+            columns += [c for c in ("dropped", "bias") if _may_hold_values(meta, c)]
+            single = _single_valued(meta, "rank")
+            for g in _row_groups(meta, group):
+                yield pf.read_row_group(g, columns=columns), single
+        except (OSError, pa.ArrowException, ValueError, KeyError) as e:
+            if skipped is None or str(f) not in skipped:  # warned once per file, not once per pass
+                warnings.warn(f"moewatch: skipped corrupt part file {f} ({type(e).__name__}: {e})",
+                              RuntimeWarning, stacklevel=3)
+                if skipped is not None:
+                    skipped.append(str(f))
+
+
+def _row_groups(meta: pq.FileMetaData, group: set[str]) -> list[int]:
+    """Row groups that may hold a layer of ``group``: all but those whose layer statistics name one other layer."""
+    schema = meta.schema.to_arrow_schema()
+    j = schema.get_field_index("layer")
+    out = []
+    for g in range(meta.num_row_groups):
+        stats = meta.row_group(g).column(j).statistics if j >= 0 else None
+        if stats is not None and stats.has_min_max and stats.min == stats.max and stats.min not in group:
+            continue
+        out.append(g)
+    return out
 
 
 def _single_valued(meta: pq.FileMetaData, column: str) -> bool:
