@@ -122,11 +122,14 @@ def chunk_tables(rng, lo: int, hi: int, total: int, layers: int, E: int, k: int,
     return ex, lyt
 
 
-def make_run(path: Path, steps: int, layers: int, experts: int, part_steps: int, status: str = "running") -> None:
+def make_run(path: Path, steps: int, layers: int, experts: int, part_steps: int, status: str = "running",
+             top_k: int = 2, tokens: int = 4096) -> None:
     params = {"steps": steps, "layers": layers, "experts": experts, "part_steps": part_steps, "v": 2}
+    if (top_k, tokens) != (2, 4096):
+        params.update(top_k=top_k, tokens=tokens)
     manifest = {"schema_version": SCHEMA_VERSION, "status": status, "model_class": "benchmark.SyntheticMoE",
                 "world_size": 1, "heartbeat": time.time(), "flush_seconds": 30.0,
-                "routers": [{"name": layer_name(i), "num_experts": experts, "top_k": 2} for i in range(layers)]}
+                "routers": [{"name": layer_name(i), "num_experts": experts, "top_k": top_k} for i in range(layers)]}
     stamp = path / "bench.json"
     if stamp.exists() and json.loads(stamp.read_text()) == params:
         (path / MANIFEST).write_text(json.dumps(manifest))  # "running": live reads keep headroom to append into
@@ -137,7 +140,7 @@ def make_run(path: Path, steps: int, layers: int, experts: int, part_steps: int,
     t0 = time.perf_counter()
     for n, lo in enumerate(range(0, steps, part_steps)):
         hi = min(steps, lo + part_steps)
-        ex, ly = chunk_tables(rng, lo, hi, steps, layers, experts, 2, 4096, lo)
+        ex, ly = chunk_tables(rng, lo, hi, steps, layers, experts, top_k, tokens, lo)
         write_part(path, EXPERTS, ex, n)
         write_part(path, LAYERS, ly, n)
         print(f"\r  writing synthetic run: {hi:,}/{steps:,} steps", end="", file=sys.stderr, flush=True)
