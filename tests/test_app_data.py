@@ -471,32 +471,13 @@ def test_run_list_rereads_a_run_only_when_its_parts_change(tmp_path):
     assert {r.name: r.steps for r in cat.summaries()} == {"a": 25, "b": 20}
 
 
-def _fallback_run(run_dir: Path, writer_parts: bool = True) -> Path:
-    """The loader test's multi-process run whose group sum failed after step 3 (tests/test_ranks_capture.py)."""
-    from moewatch.store.manifest import new_manifest, write_manifest
-    from tests.test_ranks_capture import _write_rows
-
-    run_dir.mkdir()
-    write_manifest(run_dir, new_manifest(routers=[], world_size=2))
-    group_sum = {0: [3, 1], 1: [2, 2], 2: [4, 0], 3: [1, 3]}
-    own = {0: {4: [1, 0], 5: [0, 1]}, 1: {2: [1, 1], 3: [0, 2], 4: [2, 0], 5: [1, 1]}}
-    _write_rows(run_dir, 0, 1, 0, [(s, s, t) for s, t in group_sum.items()])
-    _write_rows(run_dir, 0, 1, 2, [(s, s, t) for s, t in own[0].items()])
-    _write_rows(run_dir, 1, 1, 0, [(s, s, t) for s, t in own[1].items()])
-    (run_dir / "ranks").mkdir()
-    for rank, seq in ((0, 4), (1, 2)):
-        entry = {"aggregation": "group", "group": [0, 1], "writer": 0, "agreed": True,
-                 "fallback": {"session": 1, "seq": seq, "step": seq, "reason": "test"}}
-        (run_dir / "ranks" / f"r{rank:04d}.json").write_text(json.dumps({"rank": rank, "sessions": {"1": entry}}))
-    return run_dir
-
-
 def test_the_cache_counts_a_fallen_back_rank_s_rows_once(tmp_path):
     """After a failed group sum the dashboard applies the loader's rule too: every token once, like global_view()."""
     from moewatch.store.dense import iter_dense_layers
+    from tests.run_builders import FALLBACK_TOKENS, fallback_run
 
-    run_dir = _fallback_run(tmp_path / "run")
-    expected = [[3, 1], [2, 2], [4, 0], [1, 3], [3, 0], [1, 2]]
+    run_dir = fallback_run(tmp_path / "run")
+    expected = FALLBACK_TOKENS
     data = RunData(run_dir)
     data.refresh()
     np.testing.assert_array_equal(data.tokens("gate"), expected)

@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 import moewatch
@@ -17,6 +15,7 @@ from moewatch.detect.windows import layer_data_from_dense, layer_data_from_frame
 from moewatch.report import build_report
 from moewatch.store import schema
 from moewatch.store.dense import iter_dense_layers
+from tests.run_builders import fallback_run, ranked_run, rewrite_parts, split_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,16 +39,6 @@ def assert_same_as_global_view(path: Path, budget: int = 1 << 30) -> None:
             np.testing.assert_allclose(g.stats[k], r.stats[k], rtol=1e-9, equal_nan=True, err_msg=k)
 
 
-def _rewrite(path: Path, table: str, frames: list) -> None:
-    folder = path / table
-    for f in folder.glob("*.parquet"):
-        f.unlink()
-    sch = schema.SCHEMAS[table]
-    for i, df in enumerate(frames):
-        pq.write_table(pa.Table.from_pandas(df[sch.names], schema=sch, preserve_index=False),
-                       folder / f"part-{i:03d}.parquet")
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> tuple[Path, syn.SyntheticRun]:
     sc = syn.Scenario("c", "sudden", "collapse", onset=300, ramp=60, steps=600, layers=3, num_experts=8, top_k=2,
@@ -69,30 +58,8 @@ def test_sample_runs_and_every_budget():
 
 def test_ranks_resumed_steps_and_a_corrupt_part(base):
     root, run = base
-    layers, experts = run.frames()
-    path = run.write(root / "ranks")
-    # Two ranks: each expert's tokens split unevenly between them, the layer rows' counts too.
-    ex0, ex1 = experts.copy(), experts.copy()
-    ex0["tokens"] = experts["tokens"] // 3
-    ex1["tokens"] = experts["tokens"] - ex0["tokens"]
-    ex1["rank"] = np.int32(1)
-    # A moving balancing bias that the two ranks hold slightly differently: the global view averages it.
-    ex0["bias"] = ex0["step"] * 1e-3 + ex0["expert"]
-    ex1["bias"] = ex0["bias"] + 0.5
-    ly0, ly1 = layers.copy(), layers.copy()
-    ly0["tokens"] = layers["tokens"] // 3
-    ly1["tokens"] = layers["tokens"] - ly0["tokens"]
-    ly1["rank"] = np.int32(1)
-    ly1["entropy"] = layers["entropy"] * 0.5
-    # A resumed session re-wrote rank 0's steps 200-299 with other counts: those must win.
-    again = ex0[(ex0["step"] >= 200) & (ex0["step"] < 300)].copy()
-    again["tokens"] = again["tokens"][::-1].to_numpy()
-    again["session"] = np.int32(1)
-    again_l = ly0[(ly0["step"] >= 200) & (ly0["step"] < 300)].copy()
-    again_l["session"] = np.int32(1)
-    _rewrite(path, schema.EXPERTS, [ex0, ex1, again])
-    _rewrite(path, schema.LAYERS, [ly0, ly1, again_l])
-    (path / schema.EXPERTS / "part-999.parquet").write_bytes(b"not parquet")
+    path = ranked_run(root / "ranks")
+    ex0, ex1, ly0, ly1 = split_ranks(run)
     with pytest.warns(RuntimeWarning, match="corrupt part"):
         assert_same_as_global_view(path)
     with pytest.warns(RuntimeWarning, match="corrupt part"):
@@ -101,8 +68,8 @@ def test_ranks_resumed_steps_and_a_corrupt_part(base):
     import pandas as pd
 
     mixed = run.write(root / "mixed")
-    _rewrite(mixed, schema.EXPERTS, [pd.concat([ex0, ex1], ignore_index=True)])
-    _rewrite(mixed, schema.LAYERS, [pd.concat([ly0, ly1], ignore_index=True)])
+    rewrite_parts(mixed, schema.EXPERTS, [pd.concat([ex0, ex1], ignore_index=True)])
+    rewrite_parts(mixed, schema.LAYERS, [pd.concat([ly0, ly1], ignore_index=True)])
     assert_same_as_global_view(mixed)
     skipped: list[str] = []
     with pytest.warns(RuntimeWarning) as caught:
@@ -124,9 +91,39 @@ def test_report_on_the_stream_judges_as_the_frames_path(base):
     assert streamed.status == frames.status and len(streamed.layers) == 3
 
 
+def test_a_multi_process_run_whose_group_sum_failed(tmp_path):
+    assert_same_as_global_view(fallback_run(tmp_path / "fallback"))
+
+
 def test_only_the_layers_asked_for(base):
     root, run = base
     path = run.write(root / "subset")
     names = [layer.name for layer in run.layers]
     got = [d.layer for d in iter_dense_layers(path, layers=[names[2], names[0]])]
     assert got == [names[0], names[2]]  # in the run's order
+
+
+def test_a_router_without_a_distribution_is_never_an_entropy_collapse(base):
+    """Routers that hand over no distribution (or no logits) record NaN entropy and z-loss. Every reader keeps them
+    NaN, on one rank and summed over ranks; read as 0 they would raise a critical entropy collapse."""
+    from moewatch.app.catalog import Catalog
+
+    root, run = base
+    ex0, ex1, ly0, ly1 = split_ranks(run)
+    for ly in (ly0, ly1):
+        ly["entropy"] = np.nan
+        ly["entropy_norm"] = np.nan
+        ly["z_loss"] = np.nan
+    for name, parts in (("one", ([ex0], [ly0])), ("two", ([ex0, ex1], [ly0, ly1]))):
+        path = run.write(root / f"nodist-{name}")
+        rewrite_parts(path, schema.EXPERTS, parts[0])
+        rewrite_parts(path, schema.LAYERS, parts[1])
+        assert_same_as_global_view(path)
+        assert moewatch.load(path).global_view().layers["entropy_norm"].isna().all()
+        rep = build_report(path, DetectorConfig())
+        assert not [a for a in rep.analysis.alerts if a.kind == "entropy_collapse"], name
+        catalog = Catalog(root, background=False)
+        run_id = next(e.run_id for e in catalog.entries() if e.name == f"nodist-{name}")
+        det = catalog.detector.get(catalog.run(run_id))
+        assert not [a for a in det.alerts if a.kind == "entropy_collapse"], name
+        assert det.status == rep.status

@@ -4,7 +4,6 @@ docs/format.md ("Reading a run") run and agree with them."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import warnings
@@ -16,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import moewatch
-from moewatch.detect import synthetic as syn
 from moewatch.store import reader, schema
 from moewatch.store.reader import Run
-from tests.test_dense_reader import _rewrite
+from tests.run_builders import fallback_run
+from tests.run_builders import ranked_run as build_ranked_run
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = ("experts", "layers", "eval_experts", "eval_layers")
@@ -103,55 +102,9 @@ def assert_filtered_reads(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def ranked_run(tmp_path_factory) -> Path:
-    """Two ranks (uneven token split, different biases and entropies), rank 0's steps 200-299 re-recorded by a
-    resumed session with other counts, and a corrupt experts part."""
-    sc = syn.Scenario("c", "sudden", "collapse", onset=300, ramp=60, steps=600, layers=3, num_experts=8, top_k=2,
-                      capacity_factor=1.0)
-    run = syn.simulate(sc)
-    layers, experts = run.frames()
-    path = run.write(tmp_path_factory.mktemp("lazy") / "ranks")
-    ex0, ex1 = experts.copy(), experts.copy()
-    ex0["tokens"] = experts["tokens"] // 3
-    ex1["tokens"] = experts["tokens"] - ex0["tokens"]
-    ex1["rank"] = np.int32(1)
-    ex0["bias"] = ex0["step"] * 1e-3 + ex0["expert"]
-    ex1["bias"] = ex0["bias"] + 0.5
-    ly0, ly1 = layers.copy(), layers.copy()
-    ly0["tokens"] = layers["tokens"] // 3
-    ly1["tokens"] = layers["tokens"] - ly0["tokens"]
-    ly1["rank"] = np.int32(1)
-    ly1["entropy"] = layers["entropy"] * 0.5
-    again = ex0[(ex0["step"] >= 200) & (ex0["step"] < 300)].copy()
-    again["tokens"] = again["tokens"][::-1].to_numpy()
-    again["session"] = np.int32(1)
-    again_l = ly0[(ly0["step"] >= 200) & (ly0["step"] < 300)].copy()
-    again_l["session"] = np.int32(1)
-    # Parts of 100 steps, as the writer leaves them (so step filters can skip whole files' row groups).
-    chunks = lambda df: [df[(df["step"] >= s) & (df["step"] < s + 100)] for s in range(0, 600, 100)]  # noqa: E731
-    _rewrite(path, schema.EXPERTS, [*chunks(ex0), *chunks(ex1), again])
-    _rewrite(path, schema.LAYERS, [*chunks(ly0), *chunks(ly1), again_l])
-    (path / schema.EXPERTS / "part-999.parquet").write_bytes(b"not parquet")
-    return path
-
-
-def fallback_run(run_dir: Path) -> Path:
-    """A two-process run whose group sum failed after step 3 (the loader test in tests/test_ranks_capture.py)."""
-    from moewatch.store.manifest import new_manifest, write_manifest
-    from tests.test_ranks_capture import _write_rows
-
-    run_dir.mkdir()
-    write_manifest(run_dir, new_manifest(routers=[], world_size=2))
-    group_sum = {0: [3, 1], 1: [2, 2], 2: [4, 0], 3: [1, 3]}
-    own = {0: {4: [1, 0], 5: [0, 1]}, 1: {2: [1, 1], 3: [0, 2], 4: [2, 0], 5: [1, 1]}}
-    _write_rows(run_dir, 0, 1, 0, [(s, s, t) for s, t in group_sum.items()])
-    _write_rows(run_dir, 0, 1, 2, [(s, s, t) for s, t in own[0].items()])
-    _write_rows(run_dir, 1, 1, 0, [(s, s, t) for s, t in own[1].items()])
-    (run_dir / "ranks").mkdir()
-    for rank, seq in ((0, 4), (1, 2)):
-        entry = {"aggregation": "group", "group": [0, 1], "writer": 0, "agreed": True,
-                 "fallback": {"session": 1, "seq": seq, "step": seq, "reason": "test"}}
-        (run_dir / "ranks" / f"r{rank:04d}.json").write_text(json.dumps({"rank": rank, "sessions": {"1": entry}}))
-    return run_dir
+    """Two ranks, a resumed session and a corrupt part, in parts of 100 steps as the writer leaves them (so step
+    filters can skip whole files' row groups)."""
+    return build_ranked_run(tmp_path_factory.mktemp("lazy") / "ranks", part_steps=100)
 
 
 def test_load_reads_no_part_until_a_table_is_asked_for(tmp_path, monkeypatch):

@@ -381,58 +381,17 @@ def test_a_rank_that_dies_or_stalls_hangs_nobody(tmp_path, how):
     print(f"{how}: {elapsed:.1f} s")
 
 
-def _write_rows(run_dir: Path, rank: int, session: int, n: int, rows: list[tuple[int, int, list[int]]]) -> None:
-    """A part file pair of `rank` holding (seq, step, per-expert tokens) rows of one layer, top-1, no logits."""
-    import pyarrow as pa
-
-    from moewatch.store.schema import EXPERTS, LAYERS, SCHEMAS
-    from moewatch.store.writer import PartWriter
-
-    ex = {f.name: [] for f in SCHEMAS[EXPERTS]}
-    ly = {f.name: [] for f in SCHEMAS[LAYERS]}
-    for seq, step, tokens in rows:
-        for e, t in enumerate(tokens):
-            for k, v in dict(step=step, layer="gate", expert=e, tokens=t, dropped=0, prob_mean=None, bias=None,
-                             rank=rank, session=session, seq=seq).items():
-                ex[k].append(v)
-        c = np.asarray(tokens, float)
-        for k, v in dict(step=step, layer="gate", tokens=int(c.sum()), top_k=1, num_experts=len(tokens),
-                         cv=c.std() / c.mean(), max_share=c.max() / c.sum(), dead=int((c == 0).sum()), dropped=0,
-                         drop_rate=0.0, nonfinite=0, calls=1, time=0.0, rank=rank, session=session, seq=seq).items():
-            ly[k].append(v)
-    for name in ly:
-        if not ly[name]:
-            ly[name] = [None] * len(rows)
-    writer = PartWriter(run_dir, rank, session)
-    writer.count = n
-    writer.write(EXPERTS, pa.table(ex, schema=SCHEMAS[EXPERTS]))
-    writer.write(LAYERS, pa.table(ly, schema=SCHEMAS[LAYERS]))
-
-
 def test_loader_drops_fallback_rows_the_group_sum_already_holds(tmp_path):
     """After a failed sum, rank 1 rewrote the round it could not confirm (steps 2-3) although the writer had
     written it; from step 4 both write their own rows. The loader keeps each token once."""
-    from moewatch.store.manifest import new_manifest, write_manifest
+    from tests.run_builders import FALLBACK_TOKENS, fallback_run
 
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    write_manifest(run_dir, new_manifest(routers=[], world_size=2))
-    group_sum = {0: [3, 1], 1: [2, 2], 2: [4, 0], 3: [1, 3]}  # steps 0-3 summed over ranks 0 and 1
-    own = {0: {4: [1, 0], 5: [0, 1]}, 1: {2: [1, 1], 3: [0, 2], 4: [2, 0], 5: [1, 1]}}
-    _write_rows(run_dir, 0, 1, 0, [(s, s, t) for s, t in group_sum.items()])
-    _write_rows(run_dir, 0, 1, 2, [(s, s, t) for s, t in own[0].items()])
-    _write_rows(run_dir, 1, 1, 0, [(s, s, t) for s, t in own[1].items()])
-    (run_dir / "ranks").mkdir()
-    for rank, seq in ((0, 4), (1, 2)):
-        entry = {"aggregation": "group", "group": [0, 1], "writer": 0, "agreed": True,
-                 "fallback": {"session": 1, "seq": seq, "step": seq, "reason": "test"}}
-        (run_dir / "ranks" / f"r{rank:04d}.json").write_text(json.dumps({"rank": rank, "sessions": {"1": entry}}))
+    run_dir = fallback_run(tmp_path / "run")
     run = moewatch.load(run_dir)
     assert sorted(zip(run.layers["rank"], run.layers.step, strict=True)) == [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (0, 5),
                                                                 (1, 4), (1, 5)]
     g = run.global_view()
-    expected = [group_sum[0], group_sum[1], group_sum[2], group_sum[3], [3, 0], [1, 2]]
-    np.testing.assert_array_equal(experts_grid(g.experts, "gate"), expected)
+    np.testing.assert_array_equal(experts_grid(g.experts, "gate"), FALLBACK_TOKENS)
     # Without the writer's fallback mark, its own rows at steps 4-5 would count as the group's sum and rank 1's
     # rows there would be dropped: the mark is what keeps them.
     assert g.layers.set_index("step").tokens.to_dict() == {0: 4, 1: 4, 2: 4, 3: 4, 4: 3, 5: 3}
