@@ -389,9 +389,11 @@ class RunData:
         m = {name: rows.a for name, rows in self._m.items()}
         m["tokens"][si, li] += tok
         m["dropped"][si, li] += col("dropped")
-        m["ent_w"][si, li] += np.nan_to_num(col("entropy") * tok)
-        m["z_w"][si, li] += np.nan_to_num(col("z_loss") * tok)
-        m["aux_w"][si, li] += np.nan_to_num(col("aux_loss") * tok)
+        # NaN stays NaN (a router that hands over no distribution, or no logits): read as 0 it would look like an
+        # entropy collapse. Ranks record the same metrics, so a NaN beside a number does not happen in practice.
+        m["ent_w"][si, li] += col("entropy") * tok
+        m["z_w"][si, li] += col("z_loss") * tok
+        m["aux_w"][si, li] += col("aux_loss") * tok
         m["nonfinite"][si, li] += col("nonfinite")
         m["logit_abs_max"][si, li] = np.fmax(m["logit_abs_max"][si, li], col("logit_abs_max"))
         m["rows"][si, li] += 1

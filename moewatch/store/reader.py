@@ -631,21 +631,24 @@ def global_frames(experts: pd.DataFrame, layers: pd.DataFrame) -> tuple[pd.DataF
     ly = layers.copy()
     w = ly["tokens"].astype("float64")
     n_logit = w * ly["num_experts"]
-    ly["_w"] = w
+    # Each mean is weighted by the tokens of the ranks that recorded the metric: a router that hands over no
+    # distribution (or no logits) records NaN, which must stay NaN, not read as an entropy (or z-loss) of 0.
+    ly["_w"] = w.where(ly["entropy"].notna(), 0.0)
+    ly["_wz"] = w.where(ly["z_loss"].notna(), 0.0)
     ly["_ent"] = ly["entropy"].fillna(0) * w
     ly["_z"] = ly["z_loss"].fillna(0) * w
     ly["_ls"] = ly["logit_mean"].fillna(0) * n_logit
     ly["_lsq"] = (ly["logit_std"].fillna(0) ** 2 + ly["logit_mean"].fillna(0) ** 2) * n_logit
-    ly["_nl"] = n_logit
+    ly["_nl"] = n_logit.where(ly["logit_mean"].notna(), 0.0)
     g = ly.groupby(["step", "layer"], sort=True)
     out = g.agg(tokens=("tokens", "sum"), top_k=("top_k", "first"), num_experts=("num_experts", "first"),
                 dropped=("dropped", "sum"), logit_abs_max=("logit_abs_max", "max"), nonfinite=("nonfinite", "sum"),
-                calls=("calls", "sum"), time=("time", "max"), _w=("_w", "sum"), _ent=("_ent", "sum"),
-                _z=("_z", "sum"), _ls=("_ls", "sum"), _lsq=("_lsq", "sum"), _nl=("_nl", "sum")).reset_index()
-    wsum = out["_w"].where(out["_w"] > 0)
-    out["entropy"] = out["_ent"] / wsum
+                calls=("calls", "sum"), time=("time", "max"), _w=("_w", "sum"), _wz=("_wz", "sum"),
+                _ent=("_ent", "sum"), _z=("_z", "sum"), _ls=("_ls", "sum"), _lsq=("_lsq", "sum"),
+                _nl=("_nl", "sum")).reset_index()
+    out["entropy"] = out["_ent"] / out["_w"].where(out["_w"] > 0)
     out["entropy_norm"] = out["entropy"] / np.log(out["num_experts"].clip(lower=2))
-    out["z_loss"] = out["_z"] / wsum
+    out["z_loss"] = out["_z"] / out["_wz"].where(out["_wz"] > 0)
     nl = out["_nl"].where(out["_nl"] > 0)
     out["logit_mean"] = out["_ls"] / nl
     out["logit_std"] = np.sqrt((out["_lsq"] / nl - out["logit_mean"] ** 2).clip(lower=0))
