@@ -109,7 +109,7 @@ def find_run_dirs(paths: Iterable[Path]) -> list[Path]:
 def build_report(path: Path, config: DetectorConfig, progress: bool = False) -> RunReport:
     """Judge one run on its all-ranks global view, streamed layer by layer (``moewatch.store.dense``): memory holds
     one group of layers' counts at a time, never the run's long table."""
-    from moewatch.detect.windows import layer_data_from_dense
+    from moewatch.detect.windows import layer_data_from_dense, window_size
     from moewatch.store.dense import iter_dense_layers
     from moewatch.store.manifest import run_state
     from moewatch.store.reader import RunError, read_run_manifest
@@ -121,10 +121,22 @@ def build_report(path: Path, config: DetectorConfig, progress: bool = False) -> 
     steps: np.ndarray = np.zeros(0, np.int64)
 
     def stream():
+        # Rollups (exact block sums, when up to date) where the layer's windows are whole blocks; else per step.
         nonlocal steps
-        for dense in iter_dense_layers(path, skipped=[]):
+        for dense in iter_dense_layers(path, skipped=[], rollups=True):
+            data = None
+            if dense.block != 1:
+                try:
+                    data = layer_data_from_dense(dense)
+                    short_head = config.window_steps > len(dense.head) < len(dense.steps)
+                    if short_head or window_size(data, config) % dense.block:
+                        data = None
+                except ValueError:
+                    data = None
+                if data is None:
+                    (dense,) = iter_dense_layers(path, layers=[dense.layer], skipped=[])
             steps = np.union1d(steps, dense.steps)
-            yield layer_data_from_dense(dense)
+            yield data if data is not None else layer_data_from_dense(dense)
 
     wrap = None
     routers = len(meta.get("routers") or [])

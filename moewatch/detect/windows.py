@@ -41,11 +41,15 @@ class LayerData:
     stats: dict[str, np.ndarray]
     dropped: np.ndarray | None = None
     bias: np.ndarray | None = None
+    block: int = 1  # > 1: tokens/dropped/bias hold exact sums over blocks of this many steps (rollups)
+    head: np.ndarray | None = None  # with blocks: the first steps' counts, per step (for the window size)
 
     def __len__(self) -> int:
         return len(self.steps)
 
     def slice(self, start: int, stop: int | None = None) -> LayerData:
+        if self.block != 1:
+            raise ValueError("a layer read from rollups cannot be sliced by step")
         sl = slice(start, stop)
         return LayerData(
             self.layer,
@@ -113,7 +117,10 @@ def window_size(data: LayerData | np.ndarray, config: DetectorConfig) -> int:
     Decided from the first ``window_steps`` recorded steps, so a live tracker, a batch report and the dashboard's
     charts agree.
     """
-    tokens = data.tokens if isinstance(data, LayerData) else np.asarray(data)
+    if isinstance(data, LayerData):
+        tokens = data.tokens if data.block == 1 else data.head
+    else:
+        tokens = np.asarray(data)
     head = tokens[: config.window_steps]
     per_step = float(np.median(head.sum(axis=1))) if len(head) else 0.0
     if per_step <= 0:
@@ -139,6 +146,10 @@ def make_windows(data: LayerData, size: int, include_tail: bool) -> tuple[Window
         return _empty_windows(data), 0
     idx = np.asarray(starts, dtype=np.int64)
     ends = np.append(idx[1:], used) - 1
+    if data.block != 1 and size % data.block:
+        raise ValueError(f"windows of {size} steps cannot be cut from blocks of {data.block}")
+    b = data.block
+    cut = -(-used // b)  # blocks the windows use: whole blocks, the last one partial only at the run's end
     tokens = data.stats["tokens"][:used].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         wsum = np.add.reduceat(tokens, idx)
@@ -149,15 +160,16 @@ def make_windows(data: LayerData, size: int, include_tail: bool) -> tuple[Window
         Windows(
             first=data.steps[idx],
             last=data.steps[ends],
-            load=_window_sum(data.tokens, size, full, used),
+            load=_window_sum(data.tokens, size, full, used) if b == 1 else _block_sum(data.tokens, idx // b, cut),
             tokens=wsum,
             dropped=np.add.reduceat(data.stats["dropped"][:used].astype(np.float64), idx),
             entropy_norm=entropy,
             z_loss=z_loss,
             logit_abs_max=np.fmax.reduceat(logit, idx),
             nonfinite=np.add.reduceat(data.stats["nonfinite"][:used].astype(np.float64), idx),
-            dropped_e=None if data.dropped is None else _window_sum(data.dropped, size, full, used),
-            bias=None if data.bias is None else data.bias[ends],
+            dropped_e=None if data.dropped is None else (
+                _window_sum(data.dropped, size, full, used) if b == 1 else _block_sum(data.dropped, idx // b, cut)),
+            bias=None if data.bias is None else data.bias[ends // b],
         ),
         used,
     )
@@ -170,6 +182,11 @@ def _window_sum(arr: np.ndarray, size: int, full: int, used: int) -> np.ndarray:
     if used > full * size:
         head = np.concatenate([head, arr[full * size : used].sum(axis=0, dtype=acc)[None, :]])
     return head.astype(np.float64)
+
+
+def _block_sum(blocks: np.ndarray, starts: np.ndarray, cut: int) -> np.ndarray:
+    """[blocks, E] -> [W, E] float64 sums of the blocks from each window's first block."""
+    return np.add.reduceat(blocks[:cut], starts, axis=0, dtype=np.float64)
 
 
 def _weighted_mean(values: np.ndarray, weights: np.ndarray, idx: np.ndarray, wsum: np.ndarray) -> np.ndarray:
@@ -206,11 +223,14 @@ def layer_data_from_dense(dense) -> LayerData:
     """
     stats = {k: np.asarray(dense.stats[k], np.float64).copy() for k in LAYER_STATS}
     no_tok = ~np.isfinite(stats["tokens"])
+    if no_tok.any() and dense.block != 1:
+        raise ValueError(f"layer {dense.layer!r} has steps without a token count: read it per step, not from rollups")
     if no_tok.any():
         stats["tokens"][no_tok] = dense.tokens[no_tok].sum(axis=1) / max(dense.top_k, 1)
     dropped = dense.dropped if dense.dropped is not None and dense.dropped.any() else None
     bias = dense.bias if bias_moves(dense.bias) else None
-    return LayerData(dense.layer, dense.num_experts, dense.top_k, dense.steps, dense.tokens, stats, dropped, bias)
+    return LayerData(dense.layer, dense.num_experts, dense.top_k, dense.steps, dense.tokens, stats, dropped, bias,
+                     dense.block, dense.head)
 
 
 def layer_data_from_frames(layers: pd.DataFrame, experts: pd.DataFrame) -> list[LayerData]:

@@ -43,6 +43,7 @@ class Compaction:
     written: int = 0
     deleted: int = 0
     tables: list[str] = field(default_factory=list)
+    rollups: bool = False
 
 
 def live_parts(folder: Path) -> list[Path]:
@@ -67,10 +68,11 @@ def replaced_by(f: Path) -> list[str]:
 
 
 def compact(run_dir: str | Path, *, rows: int = DEFAULT_ROWS, min_parts: int = 2, rank: int | None = None,
-            session: int | None = None) -> Compaction:
+            session: int | None = None, rollups: bool = True) -> Compaction:
     """Merge consecutive plain parts of each table (and of ``ranks/`` tables) into parts of up to ``rows`` rows,
     per (rank, session); only ``rank``/``session`` when given (a writer compacting its own parts). Parts are
-    immutable once written, so this is safe while the run is still training. Returns what it did."""
+    immutable once written, so this is safe while the run is still training. A whole-run compaction then writes
+    the run's rollups (``moewatch.store.rollup``) unless ``rollups`` is False. Returns what it did."""
     run_dir = Path(run_dir)
     done = Compaction()
     for folder in _table_folders(run_dir):
@@ -94,6 +96,10 @@ def compact(run_dir: str | Path, *, rows: int = DEFAULT_ROWS, min_parts: int = 2
                 done.deleted += _delete(f for _, f in batch)
         if groups:
             done.tables.append(str(folder.relative_to(run_dir)))
+    if rank is None and session is None and rollups:
+        from moewatch.store.rollup import write_rollups
+
+        done.rollups = write_rollups(run_dir) is not None
     return done
 
 

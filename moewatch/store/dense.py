@@ -49,6 +49,8 @@ class DenseLayer:
     stats: dict[str, np.ndarray]
     dropped: np.ndarray | None = None
     bias: np.ndarray | None = None
+    block: int = 1  # > 1: tokens/dropped/bias are exact sums over blocks of this many steps (moewatch.store.rollup)
+    head: np.ndarray | None = None  # with blocks: the first steps' counts, per step
 
 
 @dataclass
@@ -74,14 +76,29 @@ class _Plan:
 
 
 def iter_dense_layers(run_dir: str | Path, budget_bytes: int = DEFAULT_BUDGET, layers: list[str] | None = None,
-                      skipped: list[str] | None = None) -> Iterator[DenseLayer]:
+                      skipped: list[str] | None = None, rollups: bool = False) -> Iterator[DenseLayer]:
     """Every router's :class:`DenseLayer` (or only ``layers``), in the order they first appear in the run.
 
     A corrupt part file is skipped with a warning (named in ``skipped`` when given), as ``moewatch.load`` does.
+    ``rollups``: when the run's rollup file is up to date (``moewatch.store.rollup``), yield block sums from it
+    (``block`` > 1) instead of reading the per-step expert rows at all.
     """
     run_dir = Path(run_dir)
     plan = _plan(run_dir, skipped)
     names = [n for n in plan.names if layers is None or n in layers]
+    if rollups:
+        from moewatch.store.rollup import open_rollups
+
+        reader = open_rollups(run_dir)
+        if reader is not None:
+            for name in names:
+                b = reader.layer(name, plan.num_experts[name])
+                if b is None or len(b.tokens) != -(-len(plan.steps[name]) // b.block):
+                    yield from iter_dense_layers(run_dir, budget_bytes, [name], skipped)  # not rolled up
+                    continue
+                yield DenseLayer(name, plan.num_experts[name], plan.top_k[name], plan.steps[name], b.tokens,
+                                 plan.stats[name], b.dropped, b.bias, b.block, b.head)
+            return
     files = part_files(run_dir, EXPERTS)
     width = plan.cell_bytes(bias=any(_has_bias(f) for f in files))
     group: list[str] = []
