@@ -115,7 +115,7 @@ def iter_dense_layers(run_dir: str | Path, budget_bytes: int = DEFAULT_BUDGET, l
 
 
 def _plan(run_dir: Path, skipped: list[str] | None) -> _Plan:
-    table = read_parts(part_files(run_dir, LAYERS), LAYERS, skipped)
+    table = read_parts(part_files(run_dir, LAYERS), LAYERS, skipped, columns=_LAYER_COLUMNS)
     rules = fallback_rules(read_rank_manifests(run_dir))
     filtered = bool(rules)
     if rules:  # rows a rank wrote after its group's sum failed, for steps the sum already holds (as load does)

@@ -46,19 +46,22 @@ def part_files(run_dir: Path, table: str) -> list[Path]:
     return live_parts(Path(run_dir) / table)
 
 
-def read_parts(files: list[Path], table: str, skipped: list[str] | None = None) -> pa.Table:
-    """Concatenate part files into one table; a part that cannot be read is skipped with a warning."""
+def read_parts(files: list[Path], table: str, skipped: list[str] | None = None,
+               columns: list[str] | None = None) -> pa.Table:
+    """Concatenate part files into one table (only ``columns`` when given); a part that cannot be read is skipped
+    with a warning."""
     tables = []
     for f in files:
         try:
-            tables.append(pq.read_table(f, schema=SCHEMAS[table]))
+            tables.append(pq.read_table(f, schema=SCHEMAS[table], columns=columns))
         except (OSError, pa.ArrowException, ValueError) as e:
             msg = f"moewatch: skipped corrupt part file {f} ({type(e).__name__}: {e})"
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             if skipped is not None:
                 skipped.append(str(f))
     if not tables:
-        return SCHEMAS[table].empty_table()
+        empty = SCHEMAS[table].empty_table()
+        return empty.select(columns) if columns is not None else empty
     return pa.concat_tables(tables)
 
 
