@@ -309,32 +309,30 @@ def _part_batches(files: list[Path], plan: _Plan, group: set[str], skipped: list
                     skipped.append(str(f))
 
 
+def column_stats(meta: pq.FileMetaData, column: str) -> list | None:
+    """The column's statistics in each row group (an entry is None where none were written); None when the part
+    has no such column."""
+    schema = meta.schema.to_arrow_schema()
+    if column not in schema.names:
+        return None
+    j = schema.get_field_index(column)
+    return [meta.row_group(g).column(j).statistics for g in range(meta.num_row_groups)]
+
+
+def one_value(stats) -> bool:
+    return stats is not None and stats.has_min_max and stats.min == stats.max
+
+
 def _row_groups(meta: pq.FileMetaData, group: set[str]) -> list[int]:
     """Row groups that may hold a layer of ``group``: all but those whose layer statistics name one other layer."""
-    schema = meta.schema.to_arrow_schema()
-    j = schema.get_field_index("layer")
-    out = []
-    for g in range(meta.num_row_groups):
-        stats = meta.row_group(g).column(j).statistics if j >= 0 else None
-        if stats is not None and stats.has_min_max and stats.min == stats.max and stats.min not in group:
-            continue
-        out.append(g)
-    return out
+    stats = column_stats(meta, "layer") or [None] * meta.num_row_groups
+    return [g for g, st in enumerate(stats) if not (one_value(st) and st.min not in group)]
 
 
 def _single_valued(meta: pq.FileMetaData, column: str) -> bool:
     """Whether the row-group statistics prove the column holds one value in the whole part."""
-    schema = meta.schema.to_arrow_schema()
-    if column not in schema.names:
-        return False
-    j = schema.get_field_index(column)
-    values = set()
-    for g in range(meta.num_row_groups):
-        stats = meta.row_group(g).column(j).statistics
-        if stats is None or not stats.has_min_max or stats.min != stats.max:
-            return False
-        values.add(stats.min)
-    return len(values) <= 1
+    stats = column_stats(meta, column)
+    return stats is not None and all(one_value(st) for st in stats) and len({st.min for st in stats}) <= 1
 
 
 def _has_bias(f: Path) -> bool:
@@ -346,17 +344,15 @@ def _has_bias(f: Path) -> bool:
 
 def _may_hold_values(meta: pq.FileMetaData, column: str) -> bool:
     """False when the row-group statistics show the column is all null (bias) or all zero (dropped)."""
-    schema = meta.schema.to_arrow_schema()
-    if column not in schema.names:
+    stats = column_stats(meta, column)
+    if stats is None:
         return False
-    j = schema.get_field_index(column)
-    for g in range(meta.num_row_groups):
-        stats = meta.row_group(g).column(j).statistics
-        if stats is None or not stats.has_min_max:
-            if stats is None or stats.null_count != meta.row_group(g).num_rows:
+    for g, st in enumerate(stats):
+        if st is None or not st.has_min_max:
+            if st is None or st.null_count != meta.row_group(g).num_rows:
                 return True
             continue
-        if column == "bias" or stats.min != 0 or stats.max != 0:
+        if column == "bias" or st.min != 0 or st.max != 0:
             return True
     return False
 

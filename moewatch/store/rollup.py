@@ -120,13 +120,12 @@ class RollupReader:
 
     def __init__(self, path: Path, block: int):
         self.block = block
+        from moewatch.store.dense import column_stats, one_value
+
         self._pf = pq.ParquetFile(path)
-        meta = self._pf.metadata
-        j = self._pf.schema_arrow.get_field_index("layer")
         self._groups: dict[str, list[int]] = {}
-        for g in range(meta.num_row_groups):
-            stats = meta.row_group(g).column(j).statistics
-            if stats is None or not stats.has_min_max or stats.min != stats.max:
+        for g, stats in enumerate(column_stats(self._pf.metadata, "layer") or []):
+            if not one_value(stats):
                 raise ValueError("a rollup row group mixes layers")
             self._groups.setdefault(str(stats.min), []).append(g)
 
