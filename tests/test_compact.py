@@ -164,3 +164,18 @@ def test_compacted_parts_keep_a_row_group_per_layer_so_readers_skip_the_rest(run
     layers = pq.read_table(part, columns=["layer"])["layer"].unique().to_pylist()
     assert len(layers) >= 2 and meta.num_row_groups == len(layers)
     assert len(_row_groups(meta, {layers[0]})) == 1  # the other layers' row groups are not even decoded
+
+
+def test_a_session_resumed_after_compaction_gets_a_new_number_and_keeps_its_rows(tmp_path):
+    """attach numbers a new session after the sessions its part names show: a compaction that merged every plain
+    part of the last session let the next attach reuse its number, and the new parts (named like the replaced ones)
+    were hidden by the compacted part, then deleted by the next compaction."""
+    run_dir = tmp_path / "run"
+    record(run_dir, 12)
+    compact(run_dir, rows=10**6)
+    record(run_dir, 6, session_start=12)
+    assert {int(f.name[7:11]) for f in live_parts(run_dir / "layers")} == {1, 2}
+    assert moewatch.load(run_dir).steps == 18
+    compact(run_dir, rows=10**6)
+    assert moewatch.load(run_dir).steps == 18
+    assert frames(run_dir)[1].groupby("session").step.nunique().to_dict() == {1: 12, 2: 6}

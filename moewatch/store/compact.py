@@ -87,7 +87,11 @@ def compact(run_dir: str | Path, *, rows: int = DEFAULT_ROWS, min_parts: int = 2
             if (rank is None or key[0] == rank) and (session is None or key[1] == session):
                 groups.setdefault(key, []).append((int(m.group(3)), f))
         for (r, s), parts in groups.items():
-            for batch in _batches(sorted(parts), rows):
+            # The newest plain part of a session stays as it is: attach numbers a resumed session after the
+            # sessions its part names show (``r<rank>-s<session>-<n>``, not compacted names), so merging them all
+            # would let the next attach reuse this session number, and its new parts (named like the replaced
+            # ones) would be hidden by this compacted part, then deleted by the next compaction.
+            for batch in _batches(sorted(parts)[:-1], rows):
                 if len(batch) < min_parts:
                     continue
                 _merge(folder, table, r, s, batch)
