@@ -179,3 +179,28 @@ def test_a_session_resumed_after_compaction_gets_a_new_number_and_keeps_its_rows
     compact(run_dir, rows=10**6)
     assert moewatch.load(run_dir).steps == 18
     assert frames(run_dir)[1].groupby("session").step.nunique().to_dict() == {1: 12, 2: 6}
+
+
+def test_a_crash_between_a_flush_s_two_writes_is_never_counted_twice(tmp_path):
+    """A kill after a flush's layers part and before its experts part, then a resume: the resume numbers steps after
+    everything on disk, and every reader sees each step once (the torn flush's steps without counts)."""
+    run_dir = tmp_path / "run"
+    record(run_dir, 12)  # flushes of 3 steps
+    # The torn flush: the last part the writer wrote (the highest part number) never made it to disk.
+    parts = [*(run_dir / "experts").glob("*.parquet"), *(run_dir / "layers").glob("*.parquet")]
+    max(parts, key=lambda f: int(f.stem.split("-")[-1])).unlink()
+    model = ToyMoE()
+    with Watch(model, run_dir, toy_specs(model), WatchConfig(flush_steps=3, flush_seconds=3600)) as watch:
+        for _ in range(6):
+            model(torch.randn(2, 5, 8)).sum().backward()
+            watch.step()  # numbered after the last step on disk
+    run = moewatch.load(run_dir)
+    view = run.global_view()
+    assert sorted(view.layers.step.unique()) == list(range(18))
+    assert not view.experts.duplicated(["step", "layer", "expert"]).any()
+    dense = {d.layer: d for d in iter_dense_layers(run_dir)}
+    for layer, d in dense.items():
+        grid = view.experts[view.experts.layer == layer].pivot(index="step", columns="expert", values="tokens")
+        full = grid.reindex(d.steps).fillna(0).to_numpy()
+        np.testing.assert_array_equal(d.tokens, full)
+        assert d.tokens[9:12].sum() == 0 and d.tokens[12:].sum() > 0

@@ -38,7 +38,7 @@ from moewatch import metrics
 from moewatch.capture.summary import RouterInfo, summary_line
 from moewatch.capture.types import Probe, RouterSpec, Routing, UnreadableOutput
 from moewatch.store.manifest import atomic_write_bytes, new_manifest, read_manifest, write_manifest
-from moewatch.store.schema import LAYERS, MANIFEST, TABLES
+from moewatch.store.schema import EXPERTS, LAYERS, MANIFEST, TABLES
 from moewatch.store.writer import RANKS_DIR, Chunk, FlushWorker, LayerSlot, PartWriter
 
 log = logging.getLogger("moewatch")
@@ -204,7 +204,9 @@ class Watch:
         except OSError as e:
             raise OSError(f"moewatch: cannot write to run directory {self.run_dir} ({e}); "
                           "pick a writable path for attach(model, run_dir)") from None
-        pattern = re.compile(rf"^r{self.rank:04d}-s(\d+)-\d+\.parquet$")
+        # Plain parts and compacted ones (r<rank>-s<session>-c<first>-<last>): a session whose parts were all
+        # compacted still counts, or a resume would reuse its number and its part names.
+        pattern = re.compile(rf"^r{self.rank:04d}-s(\d+)-(?:c\d+-)?\d+\.parquet$")
         sessions = [0]
         for table in TABLES:
             for folder in (self.run_dir / table, self.run_dir / RANKS_DIR / table):
@@ -215,28 +217,34 @@ class Watch:
         self._session = max(sessions) + 1
 
     def _resume_step(self) -> int:
-        folder = self.run_dir / LAYERS
+        """The step after the last one recorded, in the experts and the layers tables: a crash between a flush's
+        experts part and its layers part leaves expert rows whose steps must not be recorded again."""
+        folders = [self.run_dir / t for t in (EXPERTS, LAYERS) if (self.run_dir / t).is_dir()]
         # In a group only the first rank writes, so every member resumes after the group's rows.
-        if (self._session == 1 and self._members is None) or not folder.is_dir():
+        if (self._session == 1 and self._members is None) or not folders:
             return 0
-        import pyarrow.dataset as ds
+        import pyarrow.parquet as pq
 
-        try:
-            owners = self._members or (self.rank,)
-            prefixes = tuple(f"r{r:04d}-" for r in owners)
-            files = sorted(str(folder / f) for f in os.listdir(folder)
-                           if f.endswith(".parquet") and f.startswith(prefixes))
-            if not files:
-                return 0
-            col = ds.dataset(files, format="parquet").to_table(columns=["step"]).column("step")
-            import pyarrow.compute as pc
+        from moewatch.store.dense import column_stats
 
-            last = pc.max(col).as_py()
-            return 0 if last is None else int(last) + 1
-        except Exception as e:  # a corrupt part must not stop training; numbering restarts after what we can read
-            warnings.warn(f"moewatch: could not read previous steps in {folder} ({e}); numbering steps from 0",
-                          RuntimeWarning, stacklevel=3)
-            return 0
+        last = -1
+        for folder in folders:
+            try:
+                owners = self._members or (self.rank,)
+                prefixes = tuple(f"r{r:04d}-" for r in owners)
+                for name in os.listdir(folder):
+                    if not (name.endswith(".parquet") and name.startswith(prefixes)):
+                        continue
+                    f = folder / name
+                    stats = column_stats(pq.read_metadata(f), "step") or []
+                    if all(st is not None and st.has_min_max for st in stats):  # the footer says: no data read
+                        last = max([last, *(int(st.max) for st in stats)])
+                    else:
+                        last = max(last, int(pq.read_table(f, columns=["step"])["step"].to_numpy().max(initial=-1)))
+            except Exception as e:  # a corrupt part must not stop training; numbering goes on after what we read
+                warnings.warn(f"moewatch: could not read previous steps in {folder} ({e}); numbering steps after "
+                              "the ones it could read", RuntimeWarning, stacklevel=3)
+        return last + 1
 
     def _initial_manifest(self, model: nn.Module | None, meta: Mapping[str, Any] | None) -> dict[str, Any]:
         base: dict[str, Any] = {}

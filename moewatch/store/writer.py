@@ -228,10 +228,13 @@ class FlushWorker(threading.Thread):
         writer = self.writers["main" if chunk.dest == "main" else RANKS_DIR]
         experts, layers = chunk_to_tables(chunk, writer.rank if chunk.rank is None else chunk.rank, writer.session)
         names = (EXPERTS, LAYERS) if chunk.phase == "train" else (EVAL_EXPERTS, EVAL_LAYERS)
-        if experts.num_rows:
-            self.pending.append((writer, names[0], experts))
+        # The layers part first: a crash between the two writes then leaves steps whose expert rows are missing
+        # (read as no counts, by every reader alike), never expert rows without their steps, which a resume would
+        # record again.
         if layers.num_rows:
             self.pending.append((writer, names[1], layers))
+        if experts.num_rows:
+            self.pending.append((writer, names[0], experts))
         if chunk.dest == "main" and chunk.phase == "train" and self.on_tables is not None and layers.num_rows:
             try:
                 self.on_tables(experts, layers)
