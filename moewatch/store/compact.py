@@ -16,6 +16,7 @@ import io
 import json
 import re
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +95,13 @@ def compact(run_dir: str | Path, *, rows: int = DEFAULT_ROWS, min_parts: int = 2
             for batch in _batches(sorted(parts)[:-1], rows):
                 if len(batch) < min_parts:
                     continue
-                _merge(folder, table, r, s, batch)
+                try:
+                    _merge(folder, table, r, s, batch)
+                except (OSError, pa.ArrowException, ValueError) as e:
+                    # A part whose data cannot be read (or a full disk): leave this batch as it is, go on.
+                    warnings.warn(f"moewatch: compaction left {len(batch)} parts of {folder} as they are "
+                                  f"({type(e).__name__}: {e})", RuntimeWarning, stacklevel=2)
+                    continue
                 done.merged += len(batch)
                 done.written += 1
                 done.deleted += _delete(f for _, f in batch)
