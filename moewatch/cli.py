@@ -187,7 +187,8 @@ def compact(
                 else "nothing to merge (already compact)")
         extra = f"; removed {done.deleted - done.merged} left over by an interrupted compaction" \
             if done.deleted > done.merged else ""
-        typer.echo(f"{run}: {what}{extra}")
+        rolled = "; rollups written" if done.rollups else ""
+        typer.echo(f"{run}: {what}{extra}{rolled}")
 
 
 @app.command()
