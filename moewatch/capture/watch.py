@@ -38,8 +38,8 @@ from moewatch import metrics
 from moewatch.capture.summary import RouterInfo, summary_line
 from moewatch.capture.types import Probe, RouterSpec, Routing, UnreadableOutput
 from moewatch.store.manifest import atomic_write_bytes, new_manifest, read_manifest, write_manifest
-from moewatch.store.schema import EXPERTS, LAYERS, MANIFEST, TABLES
-from moewatch.store.writer import RANKS_DIR, Chunk, FlushWorker, LayerSlot, PartWriter
+from moewatch.store.schema import EXPERTS, LAYERS, MANIFEST, RANKS_DIR, TABLES
+from moewatch.store.writer import Chunk, FlushWorker, LayerSlot, PartWriter
 
 log = logging.getLogger("moewatch")
 

@@ -26,10 +26,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moewatch.store.manifest import atomic_write_bytes
-from moewatch.store.schema import SCHEMAS, TABLES
+from moewatch.store.schema import RANKS_DIR, SCHEMAS, TABLES
 
 REPLACES = b"moewatch.replaces"
-RANKS_DIR = "ranks"
 _PLAIN = re.compile(r"^r(\d+)-s(\d+)-(\d+)\.parquet$")
 COMPACTED = re.compile(r"^r(\d+)-s(\d+)-c(\d+)-(\d+)\.parquet$")
 STALE_SECONDS = 3600.0

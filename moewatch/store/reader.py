@@ -29,6 +29,7 @@ from moewatch.store.schema import (
     EXPERTS,
     LAYERS,
     MANIFEST,
+    RANKS_DIR,
     SCHEMA_VERSION,
     SCHEMAS,
     TABLES,
@@ -63,9 +64,6 @@ def read_parts(files: list[Path], table: str, skipped: list[str] | None = None,
         empty = SCHEMAS[table].empty_table()
         return empty.select(columns) if columns is not None else empty
     return pa.concat_tables(tables)
-
-
-RANKS_DIR = "ranks"
 
 
 def read_rank_manifests(run_dir: Path) -> dict[int, dict[str, Any]]:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moewatch.store.manifest import atomic_write_bytes
-from moewatch.store.schema import EXPERTS, LAYERS
+from moewatch.store.schema import EXPERTS, LAYERS, RANKS_DIR
 
 BLOCK = 10
 HEAD = 1000
@@ -63,9 +63,9 @@ def fingerprint(run_dir: Path) -> str:
     for table in (EXPERTS, LAYERS):
         for f in part_files(run_dir, table):
             items.append([table, f.name, f.stat().st_size])
-    ranks = Path(run_dir) / "ranks"
+    ranks = Path(run_dir) / RANKS_DIR
     if ranks.is_dir():
-        items.extend(["ranks", f.name, f.stat().st_size] for f in sorted(ranks.glob("r*.json")))
+        items.extend([RANKS_DIR, f.name, f.stat().st_size] for f in sorted(ranks.glob("r*.json")))
     return json.dumps(items, separators=(",", ":"))
 
 

@@ -15,6 +15,7 @@ LAYERS = "layers"
 EVAL_EXPERTS = "eval_experts"
 EVAL_LAYERS = "eval_layers"
 TABLES = (EXPERTS, LAYERS, EVAL_EXPERTS, EVAL_LAYERS)
+RANKS_DIR = "ranks"  # per-rank rows (attach(per_rank=True)) and the rank manifests r<rank>.json
 
 # Columns that identify where a row came from; the newest (session, seq) wins for a repeated (rank, step, layer).
 _PROVENANCE = [

@@ -25,7 +25,7 @@ import torch
 
 from moewatch import metrics
 from moewatch.store.manifest import atomic_write_bytes
-from moewatch.store.schema import EVAL_EXPERTS, EVAL_LAYERS, EXPERTS, LAYERS, SCHEMAS
+from moewatch.store.schema import EVAL_EXPERTS, EVAL_LAYERS, EXPERTS, LAYERS, RANKS_DIR, SCHEMAS
 
 log = logging.getLogger("moewatch")
 
@@ -132,7 +132,6 @@ def _table(parts: list[dict[str, np.ndarray]], schema: pa.Schema, rank: int, ses
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-RANKS_DIR = "ranks"  # per-rank rows (attach(per_rank=True)) and the rank manifests r<rank>.json
 
 
 class PartWriter:
