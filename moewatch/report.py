@@ -25,7 +25,7 @@ from moewatch.detect import (
     Alert,
     Analysis,
     DetectorConfig,
-    analyze,
+    analyze_run,
     fails,
     parse_pairs,
 )
@@ -107,10 +107,7 @@ def find_run_dirs(paths: Iterable[Path]) -> list[Path]:
 
 
 def build_report(path: Path, config: DetectorConfig, progress: bool = False) -> RunReport:
-    """Judge one run on its all-ranks global view, streamed layer by layer (``moewatch.store.dense``): memory holds
-    one group of layers' counts at a time, never the run's long table."""
-    from moewatch.detect.windows import layer_data_from_dense, window_size
-    from moewatch.store.dense import iter_dense_layers
+    """Judge one run on its all-ranks global view (``moewatch.detect.analyze_run``: streamed layer by layer)."""
     from moewatch.store.manifest import run_state
     from moewatch.store.reader import RunError, read_run_manifest
 
@@ -118,26 +115,6 @@ def build_report(path: Path, config: DetectorConfig, progress: bool = False) -> 
         meta = read_run_manifest(path)
     except RunError as exc:
         raise ReportInputError(str(exc)) from None
-    steps: np.ndarray = np.zeros(0, np.int64)
-
-    def stream():
-        # Rollups (exact block sums, when up to date) where the layer's windows are whole blocks; else per step.
-        nonlocal steps
-        for dense in iter_dense_layers(path, skipped=[], rollups=True):
-            data = None
-            if dense.block != 1:
-                try:
-                    data = layer_data_from_dense(dense)
-                    short_head = config.window_steps > len(dense.head) < len(dense.steps)
-                    if short_head or window_size(data, config) % dense.block:
-                        data = None
-                except ValueError:
-                    data = None
-                if data is None:
-                    (dense,) = iter_dense_layers(path, layers=[dense.layer], skipped=[])
-            steps = np.union1d(steps, dense.steps)
-            yield data if data is not None else layer_data_from_dense(dense)
-
     wrap = None
     routers = len(meta.get("routers") or [])
     if progress and routers > 1:
@@ -148,7 +125,7 @@ def build_report(path: Path, config: DetectorConfig, progress: bool = False) -> 
                         disable=None, file=sys.stderr, mininterval=1.0)
 
     try:
-        analysis = analyze(stream(), config, progress=wrap)
+        analysis = analyze_run(path, config, progress=wrap)
     except ValueError as exc:
         raise ReportInputError(f"{path}: {exc}") from None
     except OSError as exc:
@@ -158,7 +135,7 @@ def build_report(path: Path, config: DetectorConfig, progress: bool = False) -> 
         why = f"; run.json records: {'; '.join(problems)}" if problems else ""
         raise ReportInputError(f"{path} has no recorded steps yet: report it once training has flushed some{why}")
     analysis.alerts = analysis.shown_alerts()
-    return RunReport(path, meta, run_state(meta), len(steps), analysis)
+    return RunReport(path, meta, run_state(meta), analysis.steps, analysis)
 
 
 def report_paths(paths: list[Path], fmt: str = "text", config: DetectorConfig | None = None,

@@ -24,7 +24,16 @@ from .alerts import (
     worst_status,
 )
 from .config import DetectorConfig, LayerThresholds, parse_pairs
-from .engine import AlertTracker, Analysis, LayerResult, analyze, analyze_frames, detect, detect_frames
+from .engine import (
+    AlertTracker,
+    Analysis,
+    LayerResult,
+    analyze,
+    analyze_frames,
+    analyze_run,
+    detect,
+    detect_frames,
+)
 from .health import health
 
 __all__ = [
@@ -44,6 +53,7 @@ __all__ = [
     "WARNING",
     "analyze",
     "analyze_frames",
+    "analyze_run",
     "detect",
     "detect_frames",
     "fails",

@@ -19,7 +19,15 @@ from .alerts import Alert, fold_covered, lever_for, sort_alerts, status_of
 from .config import DetectorConfig, LayerThresholds
 from .rules import TREND_SERIES, Track, dead_tracks, describe, level_tracks, trend_tracks, window_metrics
 from .series import Hysteresis, hysteresis
-from .windows import LayerData, Windows, bias_moves, layer_data_from_frames, make_windows, window_size
+from .windows import (
+    LayerData,
+    Windows,
+    bias_moves,
+    layer_data_from_dense,
+    layer_data_from_frames,
+    make_windows,
+    window_size,
+)
 
 # Kinds the warm-up grace never holds back: NaN/inf logits are a bug at any step, not a start-of-training phase.
 GRACE_EXEMPT = frozenset({"nonfinite"})
@@ -277,6 +285,7 @@ class Analysis:
     layers: list[LayerResult]
     alerts: list[Alert]
     config: DetectorConfig = field(default_factory=DetectorConfig)
+    steps: int = 0  # distinct steps recorded over all layers
 
     @property
     def status(self) -> str:
@@ -314,8 +323,39 @@ def analyze(layers: Iterable[LayerData], config: DetectorConfig | None = None,
     config = config or DetectorConfig()
     # Layers are judged one at a time and only their results kept, so a stream of layers (the report reading a
     # big run layer by layer) never holds more than one layer's arrays here.
-    results = [analyze_layer(d, config) for d in (progress(layers) if progress else layers)]
-    return Analysis(results, sort_alerts([a for r in results for a in r.alerts]), config)
+    results, steps = [], np.zeros(0, np.int64)
+    for d in progress(layers) if progress else layers:
+        steps = np.union1d(steps, d.steps)
+        results.append(analyze_layer(d, config))
+    return Analysis(results, sort_alerts([a for r in results for a in r.alerts]), config, len(steps))
+
+
+def analyze_run(path, config: DetectorConfig | None = None,
+                progress: Callable[[Iterable], Iterable] | None = None) -> Analysis:
+    """Judge a run directory on its all-ranks global view, streamed layer by layer (``moewatch.store.dense``):
+    memory holds one group of layers' counts at a time, never the run's long table. A layer is read from the run's
+    rollups (exact block sums, when up to date) where its windows are whole blocks, else from its per-step rows."""
+    from moewatch.store.dense import iter_dense_layers
+
+    config = config or DetectorConfig()
+
+    def stream():
+        for dense in iter_dense_layers(path, skipped=[], rollups=True):
+            if dense.block != 1 and not _blocks_fit(dense, config):
+                (dense,) = iter_dense_layers(path, layers=[dense.layer], skipped=[])
+            yield layer_data_from_dense(dense)
+
+    return analyze(stream(), config, progress)
+
+
+def _blocks_fit(dense, config: DetectorConfig) -> bool:
+    """Whether a layer read as block sums gives the windows its per-step rows give: its window size is known from
+    the stored head steps, is a whole number of blocks, and every step has its token count."""
+    if len(dense.head) < min(config.window_steps, len(dense.steps)):
+        return False
+    if not np.isfinite(dense.stats["tokens"]).all():
+        return False
+    return window_size(dense.head, config) % dense.block == 0
 
 
 def analyze_frames(layers: pd.DataFrame, experts: pd.DataFrame, config: DetectorConfig | None = None,

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from .config import DetectorConfig
     from .engine import Analysis, LayerResult
 
-LEVEL_STATUS = {0: "healthy", 1: "warning", 2: "critical"}
 SIGNALS = ("cv", "max_share", "dead", "entropy_norm", "drop_rate", "z_loss", "logit_abs_max", "nonfinite")
 COLUMNS = ("layer", "start_step", "end_step", "level", "status", "kinds", "warmup", "num_experts", *SIGNALS)
 
@@ -32,14 +31,12 @@ COLUMNS = ("layer", "start_step", "end_step", "level", "status", "kinds", "warmu
 def health(run: Any, config: DetectorConfig | None = None) -> pd.DataFrame:
     """Per-layer, per-window health of ``run``: a run directory path, a loaded run (``moewatch.load``) or an
     :class:`~moewatch.detect.engine.Analysis` already made. Columns: ``COLUMNS`` (see the module docstring)."""
-    from .engine import Analysis, analyze_frames
+    from .engine import Analysis, analyze_frames, analyze_run
 
     if isinstance(run, Analysis):
         return health_frame(run)
     if isinstance(run, (str, Path)):
-        from moewatch.store.reader import load
-
-        run = load(run, eval=False)
+        return health_frame(analyze_run(run, config))  # streamed, as the report reads it
     view = run.global_view()
     return health_frame(analyze_frames(view.layers, view.experts, config))
 
