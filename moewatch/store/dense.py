@@ -26,6 +26,7 @@ from moewatch.store.reader import (
     part_files,
     read_parts,
     read_rank_manifests,
+    repeated,
     superseded_rows,
 )
 from moewatch.store.schema import EXPERTS, LAYERS
@@ -122,7 +123,7 @@ def _plan(run_dir: Path, skipped: list[str] | None) -> _Plan:
         table = superseded_rows(table, rules)
     table = table.select(_LAYER_COLUMNS)
     names, codes = _names_and_codes(table["layer"])
-    repeats = _repeats(_pack(table["rank"].to_numpy(), table["step"].to_numpy(), codes))
+    repeats = repeated(table["rank"].to_numpy(), table["step"].to_numpy(), codes)
     if repeats:  # a resumed run re-wrote steps: keep the newest recording of each (rank, step, layer)
         table = newest_rows(table)
         names, codes = _names_and_codes(table["layer"])
@@ -355,15 +356,6 @@ def _may_hold_values(meta: pq.FileMetaData, column: str) -> bool:
         if column == "bias" or st.min != 0 or st.max != 0:
             return True
     return False
-
-
-def _repeats(keys: np.ndarray) -> bool:
-    """Whether any key occurs twice (a sort, cheaper than a hash set on millions of rows; already-sorted runs of
-    keys, one per (rank, layer), are the common case)."""
-    if len(keys) < 2:
-        return False
-    ordered = np.sort(keys, kind="stable")
-    return bool(np.any(ordered[1:] == ordered[:-1]))
 
 
 def _is_newest(plan: _Plan, rank, step, codes, session, seq) -> np.ndarray:

@@ -457,7 +457,7 @@ class Run:
             # (rank, step) order (the full read sorts by them when the run has repeats anywhere).
             rank, step = t["rank"].to_numpy(), t["step"].to_numpy()
             if table == _PAIRS[table]:
-                repeats = _repeated(rank, step, _layer_codes(t["layer"]))
+                repeats = repeated(rank, step, _layer_codes(t["layer"]))
             else:  # expert rows repeat whenever their layer row does: the window's layer rows decide
                 repeats = self._key_scan(_PAIRS[table], expr=expr)[0]
             if not repeats and not _sorted_by(rank, step):
@@ -510,7 +510,7 @@ class Run:
             t = superseded_rows(t, self._rules)
         if _PAIRS[table] == table:  # a layers table: its own repeats decide (for its experts table too)
             codes = pc.dictionary_encode(t["layer"]).combine_chunks().indices.to_numpy() if t.num_rows else None
-            repeats = t.num_rows > 0 and _repeated(t["rank"].to_numpy(), t["step"].to_numpy(), codes)
+            repeats = t.num_rows > 0 and repeated(t["rank"].to_numpy(), t["step"].to_numpy(), codes)
             ranks = len(pd.unique(t["rank"].to_numpy())) if t.num_rows else 0
             self._scans[table] = (tuple(str(f) for f in files), repeats, ranks)
         else:
@@ -546,7 +546,7 @@ class Run:
         if self._rules:  # the fallback rule reads (rank, session, seq, step, layer), layer as any code
             keys = superseded_rows(keys, self._rules)
         rank = keys["rank"].to_numpy()
-        return _repeated(rank, keys["step"].to_numpy(), keys["layer"].to_numpy()), len(pd.unique(rank))
+        return repeated(rank, keys["step"].to_numpy(), keys["layer"].to_numpy()), len(pd.unique(rank))
 
     def _rank_count(self) -> int:
         """Ranks in the layers table (after the fallback rule), as ``global_view()`` counts them: from the part
@@ -581,7 +581,7 @@ class Run:
         return sorted(names)
 
 
-def _repeated(rank: np.ndarray, step: np.ndarray, layer_codes: np.ndarray) -> bool:
+def repeated(rank: np.ndarray, step: np.ndarray, layer_codes: np.ndarray) -> bool:
     """Whether some (rank, step, layer) occurs twice (the integer keys of ``newest_rows``)."""
     if len(step) < 2:
         return False
