@@ -197,14 +197,18 @@ class RunData:
             t = pq.read_table(f, columns=cols, read_dictionary=["layer"])
             arrays = part_columns(t)
         except (OSError, pa.ArrowException, ValueError, KeyError) as e:
-            msg = f"skipped corrupt part file {f.parent.name}/{f.name} ({type(e).__name__}: {e})"
-            warnings.warn(f"moewatch: {msg}", RuntimeWarning, stacklevel=2)
-            self.skipped.append(msg)
+            self._skip(f, e)
             return
         if len(arrays["step"]) == 0:
             return
         self._file_max_step[(table, f.name)] = int(arrays["step"].max())
         self._ingest(table, arrays, batch, check=True)
+
+    def _skip(self, f: Path, error: Exception) -> None:
+        """A part that cannot be read: warned about once (it is never read again) and listed on the run page."""
+        msg = f"skipped corrupt part file {f.parent.name}/{f.name} ({type(error).__name__}: {error})"
+        warnings.warn(f"moewatch: {msg}", RuntimeWarning, stacklevel=4)
+        self.skipped.append(msg)
 
     def _follow_compaction(self, new: dict[str, list[Path]]) -> bool:
         """Take compacted parts whose rows are all in the cache already as read (in place of the parts they
@@ -239,9 +243,7 @@ class RunData:
                 try:
                     steps = pq.read_table(f, columns=["step"])["step"].to_numpy()
                 except (OSError, pa.ArrowException, ValueError, KeyError) as e:
-                    msg = f"skipped corrupt part file {f.parent.name}/{f.name} ({type(e).__name__}: {e})"
-                    warnings.warn(f"moewatch: {msg}", RuntimeWarning, stacklevel=3)
-                    self.skipped.append(msg)
+                    self._skip(f, e)
                     continue
                 if len(steps):
                     self._file_max_step[(table, f.name)] = int(steps.max())
