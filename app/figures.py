@@ -392,6 +392,17 @@ def _window_centres(first: np.ndarray, last: np.ndarray) -> np.ndarray:
     return out.astype(np.int64) if np.all(first == last) else out
 
 
+def _windowed_load(run: RunData, layer: str, lo: int, hi: int, window: int, budget: int
+                   ) -> tuple[np.ndarray, np.ndarray, Any] | None:
+    """([columns, E] expert loads, the step at each column's centre, the bins) in detector windows, grouped into
+    whole windows to at most `budget` columns; None when the layer recorded no step in [lo, hi)."""
+    bins = windows.plan(run, layer, lo, hi, window, budget)
+    if bins is None:
+        return None
+    load, first, last = windows.binned_load(run, layer, bins)
+    return load, _window_centres(first, last), bins
+
+
 def heatmap_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None, width_px: float | None = None,
                    sort: bool = False, marker: dict | None = None, cap: float | None = None,
                    explicit_x: bool | None = None, window: int | None = None) -> tuple[dict[str, Any], FigureInfo]:
@@ -404,11 +415,10 @@ def heatmap_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None,
         if hi <= lo:
             return empty_figure("no steps recorded in this range"), FigureInfo(False, 0, hi)
         if window:
-            bins = windows.plan(run, layer, lo, hi, window, columns_for(width_px))
-            if bins is None:
+            found = _windowed_load(run, layer, lo, hi, window, columns_for(width_px))
+            if found is None:
                 return empty_figure("this layer recorded no steps in this range"), FigureInfo(False, 0, hi)
-            binned, first, last = windows.binned_load(run, layer, bins)
-            centres = _window_centres(first, last)
+            binned, centres, bins = found
         else:
             tokens = run.tokens(layer, lo, hi)
             steps = run.steps[lo:hi].copy()
@@ -467,12 +477,10 @@ def shares_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None, 
         if hi <= lo:
             return empty_figure("no steps recorded in this range"), FigureInfo(False, 0, hi)
         if window:
-            E = lay.tokens.a.shape[1]
-            bins = windows.plan(run, layer, lo, hi, window, lines_budget(E))
-            if bins is None:
+            found = _windowed_load(run, layer, lo, hi, window, lines_budget(lay.tokens.a.shape[1]))
+            if found is None:
                 return empty_figure("this layer recorded no steps in this range"), FigureInfo(False, 0, hi)
-            tokens, first, last = windows.binned_load(run, layer, bins)
-            steps = _window_centres(first, last)
+            tokens, steps, bins = found
         else:
             tokens = run.tokens(layer, lo, hi)
             steps = run.steps[lo:hi].copy()
