@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from moewatch.store.compact import live_parts
 from moewatch.store.manifest import read_manifest, run_state
 from moewatch.store.schema import (
     EVAL_EXPERTS,
@@ -42,8 +43,6 @@ class RunError(ValueError):
 
 def part_files(run_dir: Path, table: str) -> list[Path]:
     """A table's part files to read, sorted: parts a compacted part replaces are left out (moewatch.store.compact)."""
-    from moewatch.store.compact import live_parts
-
     return live_parts(Path(run_dir) / table)
 
 
