@@ -105,7 +105,8 @@ def test_run_dir_meta_flush_and_a_train_that_raised(tmp_path):
             if state.global_step == 2:
                 raise RuntimeError("boom")
 
-    callback = MoEWatchCallback(tmp_path / "mine", flush_steps=1, meta={"experiment": "e1", "max_steps": -1})
+    callback = MoEWatchCallback(tmp_path / "mine", flush_steps=1, meta={"experiment": "e1", "max_steps": -1},
+                                group=False, per_rank=True, reduce_timeout=7.0)
     trainer, _ = make_trainer(tmp_path, callback)
     trainer.add_callback(Boom())
     with pytest.raises(RuntimeError, match="boom"):
@@ -113,6 +114,8 @@ def test_run_dir_meta_flush_and_a_train_that_raised(tmp_path):
     # The Trainer has no exception hook: the Watch stays open (interpreter exit would close it as crashed).
     assert callback.watch is not None
     callback.watch.wait()
+    # the rank-aggregation settings reach the Watch (one process: nothing to sum, so run.json says nothing of it)
+    assert (callback.watch.config.per_rank, callback.watch.config.reduce_timeout) == (True, 7.0)
     assert sorted(moewatch.load(tmp_path / "mine").layers.step.unique()) == [1, 2]
 
     trainer.remove_callback(Boom)
@@ -132,6 +135,10 @@ def test_settings_are_validated_when_the_callback_is_built():
         MoEWatchCallback(flush_steps=0)
     with pytest.raises(ValueError, match="JSON"):
         MoEWatchCallback(meta={"model": object()})
+    with pytest.raises(ValueError, match="reduce_timeout"):
+        MoEWatchCallback(reduce_timeout=0)
+    with pytest.raises(TypeError, match="per_rank"):
+        MoEWatchCallback(per_rank="yes")
 
 
 def test_readme_example(tmp_path, monkeypatch):

@@ -76,6 +76,8 @@ class WatchConfig:
             raise ValueError(f"flush_seconds must be > 0, got {self.flush_seconds!r}")
         if not self.reduce_timeout > 0:
             raise ValueError(f"reduce_timeout must be > 0, got {self.reduce_timeout!r}")
+        if not isinstance(self.per_rank, bool):
+            raise TypeError(f"per_rank must be True or False, got {self.per_rank!r}")
 
 
 def _in_backward() -> bool:

@@ -51,10 +51,14 @@ class MoEWatchCallback(TrainerCallback):
         tensorboard_dir: str | os.PathLike | bool | None = None,
         alerts: bool = False,
         on_alert: Callable[[Any], None] | None = None,
+        group: Any = None,
+        per_rank: bool = False,
+        reduce_timeout: float = 60.0,
     ):
         self.config = CallbackConfig(run_dir=run_dir, flush_steps=flush_steps, flush_seconds=flush_seconds,
                                      record_eval=record_eval, meta=meta, routers=routers,
-                                     tensorboard_dir=tensorboard_dir, alerts=alerts, on_alert=on_alert)
+                                     tensorboard_dir=tensorboard_dir, alerts=alerts, on_alert=on_alert,
+                                     group=group, per_rank=per_rank, reduce_timeout=reduce_timeout)
         self._session = WatchSession(self.config)
 
     @property

@@ -49,6 +49,9 @@ class MoEWatchCallback(pl.Callback):
         tensorboard_dir: str | os.PathLike | bool | None = None,
         alerts: bool = False,
         on_alert: Callable[[Any], None] | None = None,
+        group: Any = None,
+        per_rank: bool = False,
+        reduce_timeout: float = 60.0,
     ):
         super().__init__()
         if module is not None and (not isinstance(module, str) or not module):
@@ -56,7 +59,8 @@ class MoEWatchCallback(pl.Callback):
         self.module = module
         self.config = CallbackConfig(run_dir=run_dir, flush_steps=flush_steps, flush_seconds=flush_seconds,
                                      record_eval=record_eval, meta=meta, routers=routers,
-                                     tensorboard_dir=tensorboard_dir, alerts=alerts, on_alert=on_alert)
+                                     tensorboard_dir=tensorboard_dir, alerts=alerts, on_alert=on_alert,
+                                     group=group, per_rank=per_rank, reduce_timeout=reduce_timeout)
         self._session = WatchSession(self.config)
         self._last_global_step = 0
 

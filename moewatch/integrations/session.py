@@ -24,7 +24,8 @@ class CallbackConfig:
     """Settings shared by the framework callbacks; see `moewatch.attach` for the recording options.
 
     `tensorboard_dir`: a directory for the TensorBoard bridge, `True` for the framework's own TensorBoard directory,
-    or None (no TensorBoard output).
+    or None (no TensorBoard output). `group` / `per_rank` / `reduce_timeout`: rank aggregation, as in `attach`
+    (default: summed over the world group, written once by rank 0).
     """
 
     run_dir: str | os.PathLike | None = None
@@ -36,9 +37,13 @@ class CallbackConfig:
     tensorboard_dir: str | os.PathLike | bool | None = None
     alerts: bool = False
     on_alert: Callable[[Any], None] | None = None
+    group: Any = None
+    per_rank: bool = False
+    reduce_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        WatchConfig(flush_steps=self.flush_steps, flush_seconds=self.flush_seconds, record_eval=self.record_eval)
+        WatchConfig(flush_steps=self.flush_steps, flush_seconds=self.flush_seconds, record_eval=self.record_eval,
+                    per_rank=self.per_rank, reduce_timeout=self.reduce_timeout)
         if self.meta is not None and not isinstance(self.meta, Mapping):
             raise TypeError(f"meta must be a mapping, got {type(self.meta).__name__}")
         if self.meta is not None:
@@ -89,6 +94,7 @@ class WatchSession:
                 model, run_dir, routers=c.routers, flush_steps=c.flush_steps, flush_seconds=c.flush_seconds,
                 record_eval=c.record_eval, meta={**jsonable(meta or {}), **dict(c.meta or {})},
                 alerts=c.alerts, on_alert=c.on_alert, on_tables=self.bridge,
+                group=c.group, per_rank=c.per_rank, reduce_timeout=c.reduce_timeout,
             )
         except BaseException:
             self._close_bridge()
