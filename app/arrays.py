@@ -9,8 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 
 class Rows:
@@ -74,60 +72,6 @@ def count_metrics(counts_SE: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
     c = torch.from_numpy(np.ascontiguousarray(counts_SE, dtype=np.float64))
     return metrics.cv(c).numpy(), metrics.max_share(c).numpy(), metrics.dead(c).numpy().astype(np.float64)
-
-
-def part_columns(t: pa.Table) -> dict[str, Any]:
-    """Numpy columns of one part file; the layer column stays dictionary-coded (names + int codes).
-
-    `bias` and an experts table's `dropped` are None when empty (most runs), so they cost nothing downstream."""
-    out: dict[str, Any] = {}
-    for name in t.column_names:
-        col = t[name].combine_chunks() if t[name].num_chunks != 1 else t[name].chunk(0)
-        if name == "layer":
-            if not pa.types.is_dictionary(col.type):
-                col = col.dictionary_encode()
-            out["layer_names"] = col.dictionary.to_pylist()
-            out["layer"] = col.indices.to_numpy(zero_copy_only=False)
-        elif name == "bias" and col.null_count == len(col):
-            out[name] = None
-        elif name == "dropped" and "expert" in t.column_names and not pc.max(col).as_py():
-            out[name] = None
-        elif pa.types.is_floating(col.type):
-            out[name] = col.to_numpy(zero_copy_only=False).astype(np.float64)
-        else:
-            out[name] = col.to_numpy(zero_copy_only=False)
-    if "layer" not in out or "rank" not in out:
-        raise ValueError("part file lacks the layer or rank column")
-    return out
-
-
-def by_rank(a: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
-    """Split rows by rank (a part file holds one rank; a re-read range may hold several)."""
-    rank = a["rank"]
-    lo, hi = int(rank.min()), int(rank.max())
-    if lo == hi:
-        return [(lo, a)]
-    n = len(rank)
-    out = []
-    for r in np.unique(rank):
-        sel = rank == r
-        out.append((int(r), {k: (v[sel] if isinstance(v, np.ndarray) and len(v) == n else v) for k, v in a.items()}))
-    return out
-
-
-def dense_steps(steps: np.ndarray, expert: np.ndarray, num_experts: int) -> np.ndarray | None:
-    """The step of each block if the rows are whole steps of experts 0..E-1 in order, steps increasing; else None."""
-    n = len(steps)
-    if n == 0 or n % num_experts:
-        return None
-    e2 = expert.reshape(-1, num_experts)
-    s2 = steps.reshape(-1, num_experts)
-    if not (e2 == np.arange(num_experts)).all() or not (s2 == s2[:, :1]).all():
-        return None
-    block = s2[:, 0]
-    if len(block) > 1 and not (block[1:] > block[:-1]).all():
-        return None
-    return block
 
 
 def human_bytes(n: float) -> str:

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
-import numpy as np
 from dash import ALL, Dash, Input, Output, State, ctx, no_update
 from dash.exceptions import PreventUpdate
 
@@ -167,13 +166,8 @@ def default_layer(catalog: Catalog, run_id: str) -> str | None:
     with run.lock:
         if run.n == 0:
             return names[0]
-        lo = max(0, run.n - 500)
-        spread = []
-        for name in names:
-            load = run.tokens(name, lo).sum(axis=0, dtype=np.int64).astype(np.float64)
-            mean = load.mean() if load.size else 0.0
-            spread.append(float(load.std() / mean) if mean > 0 else -1.0)
-    return names[max(range(len(names)), key=lambda i: spread[i])]
+        spread = run.mean_cv(max(0, run.n - 500))  # from the layers table: no layer's counts are read for this
+    return max(names, key=lambda name: spread.get(name, -1.0))
 
 
 def select_layer(catalog: Catalog, trigger: Any, run_id: str | None, alert_clicks: list | None,

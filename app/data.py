@@ -1,14 +1,18 @@
-"""The dashboard's per-run cache: one run held as dense per-layer numpy arrays, refreshed from new part files only.
+"""The dashboard's view of one run: the small per-step layer columns held whole, expert counts read per layer on
+demand, both through the store's one reader (``moewatch.store.dense``), refreshed from new part files only.
 
-A run of 100k steps x 32 layers x 64 experts is 205M expert rows: far too much as a pandas frame. Here each layer
-keeps ``[steps, experts]`` int32 token counts (all ranks summed), and a few ``[steps, layers]`` columns hold per-step
-sums (tokens, dropped, token-weighted entropy, ...) from which the charted metrics are derived on demand (about
-1.1 GB for that run). Steps are one sorted axis shared by all layers.
+A run of 100k steps x 32 layers x 64 experts is 205M expert rows. The page shows one layer at a time, so only the
+layers it asks for are read (``dense.read_layers``: the part files' row groups of other layers are skipped) and
+kept, least recently used first out past ``layer_budget`` bytes. What every layer needs (tokens, drops, entropy,
+z-loss, ... per step) comes from the layers table (``dense.plan_run``), as ``[steps, layers]`` columns on one
+sorted step axis from which the charted metrics are derived on demand. The run's verdict is the detector's
+streamed pass over the directory (``moewatch.detect.analyze_run``), not a second copy of the run.
 
-The live cursor is the set of part files already read (part files are immutable and appear atomically, so a name
-read once never needs reading again). New rows for (rank, step, layer) keys not seen before are added in place; a key
-seen before means a resumed run re-wrote steps, and the affected step range is re-read from every part with the
-loader's own de-duplication (newest session wins), so the cache always equals ``moewatch.load(path).global_view()``.
+Live: part files are immutable and appear atomically, so a refresh reads only parts it has not read. New expert
+parts are added into the layers held in memory when no step was recorded twice; otherwise (a resumed run re-wrote
+steps, a rank's group sum fell back) the held layers are dropped and re-read with the loader's de-duplication, so
+the view always equals ``moewatch.load(path).global_view()``. `dirty_since` tells the figures from which step
+index to redraw.
 
 Nothing here imports dash or plotly.
 """
@@ -19,32 +23,26 @@ import itertools
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moewatch.store.compact import COMPACTED, replaced_by
+from moewatch.store.dense import Plan, plan_run, read_layers
 from moewatch.store.manifest import read_manifest, run_state
-from moewatch.store.reader import (
-    fallback_rules,
-    newest_rows,
-    part_files,
-    read_parts,
-    read_rank_manifests,
-    superseded_rows,
-)
+from moewatch.store.reader import fallback_rules, part_files, read_rank_manifests
 from moewatch.store.schema import EXPERTS, LAYERS
 
-from .arrays import Rows, by_rank, count_metrics, dense_steps, part_columns
+from .arrays import Rows, count_metrics
 
-# Per-(step, layer) columns, one ``[steps, layers]`` array each. Sums (float64) combine ranks exactly; derived
-# metrics come from them (entropy = ent_w / tokens, ...). cv / max_share / dead come from the layers table for
-# single-rank runs (identical by construction) and are recomputed from the summed counts once a second rank shows up.
+# Per-(step, layer) columns, one ``[steps, layers]`` array each. Sums (float64) combine over bins exactly; derived
+# metrics come from them (entropy = ent_w / tokens, ...). cv / max_share / dead are the recorded values; where
+# several ranks wrote rows they are recomputed from the summed counts of a layer once it is read.
 SUMS = ("tokens", "dropped", "ent_w", "z_w", "aux_w", "nonfinite")
 COLS = (*SUMS, "logit_abs_max", "rows", "cv", "max_share", "dead")
 
@@ -52,9 +50,7 @@ COLS = (*SUMS, "logit_abs_max", "rows", "cv", "max_share", "dead")
 SERIES = ("cv", "entropy_norm", "max_share", "dead", "drop_rate", "z_loss", "logit_abs_max", "aux_loss", "tokens",
           "nonfinite")
 
-_EXPERT_COLUMNS = ["step", "layer", "expert", "tokens", "dropped", "bias", "rank"]
-_LAYER_COLUMNS = ["step", "layer", "tokens", "top_k", "num_experts", "entropy", "cv", "max_share", "dead", "dropped",
-                  "logit_abs_max", "z_loss", "aux_loss", "nonfinite", "rank"]
+LAYER_BUDGET = 768 << 20  # bytes of expert counts held per run (a 100k x 64 layer is 26 MB)
 
 _INSTANCES = itertools.count()
 
@@ -64,41 +60,36 @@ _DIRTY_LOG = 256
 
 @dataclass
 class Layer:
-    """One router's arrays. `tokens` is ``[steps, experts]``; `bias`/`dropped` exist only if the run has them."""
+    """One router. `tokens` (``[steps, experts]`` on the run's step axis), `bias` and `dropped` are set while its
+    counts are held (`RunData.layer` reads them); `bias`/`dropped` only if the run has them."""
 
     name: str
     index: int
     num_experts: int
     top_k: int
-    tokens: Rows
+    tokens: Rows | None = None
     bias: Rows | None = None
     dropped: Rows | None = None
+    sources: set[str] | None = None  # the expert part files the held counts were read from
 
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in (self.tokens, self.bias, self.dropped) if r is not None)
 
-@dataclass
-class _Batch:
-    """What one refresh changed: the smallest step index touched, touched rows per layer, and a resume point."""
-
-    first_changed: int | None = None
-    recompute_from: int | None = None
-    touched: dict[int, list[np.ndarray]] = field(default_factory=dict)
-
-    def changed(self, index: int) -> None:
-        self.first_changed = index if self.first_changed is None else min(self.first_changed, index)
-
-    def collide(self, step: int) -> None:
-        self.recompute_from = step if self.recompute_from is None else min(self.recompute_from, step)
+    def drop_counts(self) -> None:
+        self.tokens = self.bias = self.dropped = self.sources = None
 
 
 class RunData:
-    """A run directory held in memory for charting; `refresh()` reads the part files not read yet.
+    """A run directory as the dashboard charts it; `refresh()` reads the part files not read yet.
 
     Thread-safe: dash callbacks run on several threads, so every public method takes the run's lock.
     """
 
-    def __init__(self, path: str | Path, run_id: str = ""):
+    def __init__(self, path: str | Path, run_id: str = "", layer_budget: int = LAYER_BUDGET):
         self.path = Path(path)
         self.run_id = run_id
+        self.layer_budget = layer_budget
         self.detector_config: Any = None  # the detector's thresholds for this run (None: the defaults)
         self.instance = next(_INSTANCES)  # tells a reloaded run from its evicted predecessor in figure caches
         self.lock = threading.RLock()
@@ -106,76 +97,52 @@ class RunData:
         self.meta_error: str | None = None
         self.generation = 0
         self.last_refresh = 0.0
-        self._clear()
-
-    def _clear(self) -> None:
-        """Empty arrays and no part read (a new cache, or one rebuilt after a compaction it cannot follow)."""
-        self.skipped: list[str] = []
-        self._steps = Rows((), np.int64)
-        self._m = {name: Rows((0,), np.float64 if name in SUMS else np.float32) for name in COLS}
+        self._skipped: list[str] = []  # paths of unreadable parts (each warned about once)
+        self._tables: dict[str, pa.Table] = {}  # layers parts read (plan_run's cache)
+        self._plan: Plan | None = None
+        self._key: Any = None
+        self._seen: set[str] = set()  # expert parts listed at the last refresh
+        self._files: list[Path] = []  # ... and the list itself
+        self._replaces: dict[str, list[str]] = {}  # compacted part -> the parts it replaces (files are immutable)
+        self._steps = np.zeros(0, np.int64)
+        self._m: dict[str, np.ndarray] = {name: np.zeros((0, 0)) for name in COLS}
         self._layers: list[Layer] = []
         self._by_name: dict[str, int] = {}
-        self._presence: dict[tuple[str, int], Rows] = {}  # (table, rank) -> [steps, layers] bool
-        self._read: dict[str, set[str]] = {EXPERTS: set(), LAYERS: set()}
-        self._file_max_step: dict[tuple[str, str], int] = {}
-        self._ranks: set[int] = set()
+        self._held: OrderedDict[str, None] = OrderedDict()  # layers whose counts are in memory, oldest use first
         self._dirty: list[tuple[int, int]] = []  # (generation, first step index changed in it)
-        self._capacity = 0  # rows to allocate for arrays created later (a layer first seen mid-load)
-        self._rules: list = []  # the loader's fallback rules (a multi-process run whose group sum failed)
 
     # ------------------------------------------------------------------ reading
 
     def refresh(self) -> bool:
-        """Read part files not read yet (layers first: they are small and fix the step axis). True if data changed."""
+        """Read what changed since the last refresh (new layers parts, then new expert parts into the held layers).
+        True if the data changed."""
         with self.lock:
             self.last_refresh = time.monotonic()
             self._read_meta()
-            batch = _Batch()
-            new = {table: [f for f in part_files(self.path, table) if f.name not in self._read[table]]
-                   for table in (LAYERS, EXPERTS)}
-            if not self._follow_compaction(new):
-                self._clear()  # a compacted part mixes rows read and not read: read the run afresh
-                batch.changed(0)
-                new = {table: part_files(self.path, table) for table in (LAYERS, EXPERTS)}
+            files = {t: part_files(self.path, t) for t in (LAYERS, EXPERTS)}
             rules = fallback_rules(read_rank_manifests(self.path))
-            if rules or self._rules:
-                self._read_with_rules(new, rules, batch)
-            else:
-                self._reserve_for(new[LAYERS])
-                for table in (LAYERS, EXPERTS):
-                    for f in new[table]:
-                        self._read_file(table, f, batch)
-            if batch.recompute_from is not None:
-                self._recompute(batch.recompute_from, batch)
-            self._finish(batch)
-            if batch.first_changed is None:
+            key = (tuple(f.name for f in files[LAYERS]), tuple(f.name for f in files[EXPERTS]), repr(rules))
+            if key == self._key:
+                return False
+            new_experts, _, _ = self._classify(files[EXPERTS], self._seen)
+            plan = plan_run(self.path, self._skipped, extra=True, cache=self._tables)
+            old_steps, old_m = self._steps, self._m
+            self._plan, self._key = plan, key
+            self._seen, self._files = {f.name for f in files[EXPERTS]}, files[EXPERTS]
+            self._rebuild(plan)
+            first = _first_difference(old_steps, old_m, self._steps, self._m)
+            low = self._lowest_step(new_experts)
+            if low is not None and len(self._steps):
+                i = int(np.searchsorted(self._steps, low))
+                if i < len(self._steps):
+                    first = i if first is None else min(first, i)
+            self._update_held(old_steps)
+            if first is None:
                 return False
             self.generation += 1
-            self._dirty.append((self.generation, batch.first_changed))
+            self._dirty.append((self.generation, first))
             del self._dirty[:-_DIRTY_LOG]
             return True
-
-    def _reserve_for(self, files: list[Path]) -> None:
-        """Size every array once for the steps the new layers parts bring (their step column is tiny to read)."""
-        if len(files) < 2:
-            return
-        found = []
-        for f in files:
-            try:
-                found.append(pq.read_table(f, columns=["step"])["step"].to_numpy())
-            except (OSError, pa.ArrowException, ValueError, KeyError):
-                continue  # reported when the part itself is read
-        if not found:
-            return
-        steps = np.unique(np.concatenate(found))
-        known = self._steps.a
-        new = int((steps > known[-1]).sum()) if len(known) else len(steps)
-        target = self._steps.n + new
-        if self.meta.get("status") == "running":
-            target += target // 8 + 1024  # headroom: the next flushes append without copying the run
-        self._capacity = target
-        for rows in self._all_rows():
-            rows.reserve(target)
 
     def _read_meta(self) -> None:
         try:
@@ -186,334 +153,200 @@ class RunData:
         except (OSError, ValueError) as e:
             # Keep the last good manifest: run.json is rewritten atomically, so this is a real problem to show.
             self.meta_error = f"cannot read run.json: {e}"
+
+    def _classify(self, files: list[Path], sources: set[str]) -> tuple[list[Path], set[str], bool]:
+        """Against the parts `sources` already read: the parts with rows not read yet, the names that then cover
+        everything read, and whether adding the new parts is exact (False: a compaction mixes rows read and not
+        read, or a part read is gone)."""
+        new, known, covered, clean = [], set(), set(), True
+        for f in files:
+            if f.name in sources:
+                known.add(f.name)
+                continue
+            if COMPACTED.match(f.name):
+                if f.name not in self._replaces:
+                    self._replaces[f.name] = replaced_by(f)
+                replaces = self._replaces[f.name]
+                hit = [n for n in replaces if n in sources]
+                if hit and len(hit) == len(replaces):
+                    known.add(f.name)
+                    covered.update(hit)
+                    continue
+                clean = clean and not hit
+            new.append(f)
+        clean = clean and not (sources - known - covered)
+        return new, known | {f.name for f in new}, clean
+
+    def _lowest_step(self, files: list[Path]) -> int | None:
+        """The smallest step in the new expert parts (from their statistics; an unreadable part is skipped)."""
+        low = None
+        for f in files:
+            try:
+                meta = pq.read_metadata(f)
+                j = meta.schema.to_arrow_schema().get_field_index("step")
+                for g in range(meta.num_row_groups):
+                    st = meta.row_group(g).column(j).statistics
+                    v = int(st.min) if st is not None and st.has_min_max else None
+                    if v is not None:
+                        low = v if low is None else min(low, v)
+            except (OSError, pa.ArrowException, ValueError) as e:
+                self._skip(f, e)
+        return low
+
+    def _skip(self, f: Path, error: Exception) -> None:
+        if str(f) in self._skipped:
+            return
+        warnings.warn(f"moewatch: skipped corrupt part file {f} ({type(error).__name__}: {error})", RuntimeWarning,
+                      stacklevel=4)
+        self._skipped.append(str(f))
+
+    def _rebuild(self, plan: Plan) -> None:
+        """The step axis and the ``[steps, layers]`` columns from the layers table."""
         for r in self.meta.get("routers", []) or []:
             if isinstance(r, dict) and r.get("name"):
                 self._layer_for(str(r["name"]), int(r.get("num_experts") or 0), int(r.get("top_k") or 1))
+        for name in plan.names:
+            self._layer_for(name, plan.num_experts[name], plan.top_k[name])
+        axis = _union([plan.steps[n] for n in plan.names])
+        L = len(self._layers)
+        m = {name: np.zeros((len(axis), L), np.float64 if name in SUMS else np.float32) for name in COLS}
+        for name in plan.names:
+            li = self._by_name[name]
+            rows = np.searchsorted(axis, plan.steps[name])
+            s = plan.stats[name]
+            tok = s["tokens"]
+            with np.errstate(invalid="ignore"):
+                m["tokens"][rows, li] = tok
+                m["dropped"][rows, li] = s["dropped"]
+                m["ent_w"][rows, li] = s["entropy_norm"] * np.log(max(plan.num_experts[name], 2)) * tok
+                m["z_w"][rows, li] = s["z_loss"] * tok
+                m["aux_w"][rows, li] = s["aux_loss"] * tok
+                m["nonfinite"][rows, li] = s["nonfinite"]
+                m["logit_abs_max"][rows, li] = s["logit_abs_max"]
+                m["rows"][rows, li] = 1
+                for c in ("cv", "max_share", "dead"):
+                    # NaN (an empty step) is stored as 0 so bins can sum the column; `derive` masks empty steps.
+                    m[c][rows, li] = np.nan_to_num(s[c])
+        self._steps, self._m = axis, m
 
-    def _read_file(self, table: str, f: Path, batch: _Batch) -> None:
-        self._read[table].add(f.name)
-        cols = _LAYER_COLUMNS if table == LAYERS else _EXPERT_COLUMNS
-        try:
-            t = pq.read_table(f, columns=cols, read_dictionary=["layer"])
-            arrays = part_columns(t)
-        except (OSError, pa.ArrowException, ValueError, KeyError) as e:
-            self._skip(f, e)
-            return
-        if len(arrays["step"]) == 0:
-            return
-        self._file_max_step[(table, f.name)] = int(arrays["step"].max())
-        self._ingest(table, arrays, batch, check=True)
-
-    def _skip(self, f: Path, error: Exception) -> None:
-        """A part that cannot be read: warned about once (it is never read again) and listed on the run page."""
-        msg = f"skipped corrupt part file {f.parent.name}/{f.name} ({type(error).__name__}: {error})"
-        warnings.warn(f"moewatch: {msg}", RuntimeWarning, stacklevel=4)
-        self.skipped.append(msg)
-
-    def _follow_compaction(self, new: dict[str, list[Path]]) -> bool:
-        """Take compacted parts whose rows are all in the cache already as read (in place of the parts they
-        replace), dropping them from ``new``; False when one holds rows both read and not read."""
-        for table, files in new.items():
-            keep = []
-            for f in files:
-                replaces = replaced_by(f) if COMPACTED.match(f.name) else []
-                seen = [n for n in replaces if n in self._read[table]]
-                if not seen:
-                    keep.append(f)
-                    continue
-                if len(seen) < len(replaces):
-                    return False
-                self._read[table].add(f.name)
-                tops = [self._file_max_step.pop((table, n), None) for n in seen]
-                self._read[table].difference_update(seen)
-                tops = [t for t in tops if t is not None]
-                if tops:
-                    self._file_max_step[(table, f.name)] = max(tops)
-            new[table] = keep
-        return True
-
-    def _read_with_rules(self, new: dict[str, list[Path]], rules: list, batch: _Batch) -> None:
-        """A multi-process run whose group sum failed: some ranks rewrote rows the group's sum already holds, and
-        only the loader's rule (`superseded_rows`, across files) tells which. Rare, so correctness over speed: the
-        new parts' steps (every step when the rules changed) are re-read through that rule."""
-        low = None
-        for table in (LAYERS, EXPERTS):
-            for f in new[table]:
-                self._read[table].add(f.name)
-                try:
-                    steps = pq.read_table(f, columns=["step"])["step"].to_numpy()
-                except (OSError, pa.ArrowException, ValueError, KeyError) as e:
-                    self._skip(f, e)
-                    continue
-                if len(steps):
-                    self._file_max_step[(table, f.name)] = int(steps.max())
-                    low = int(steps.min()) if low is None else min(low, int(steps.min()))
-        changed = repr(rules) != repr(self._rules)
-        self._rules = rules
-        if changed:
-            batch.collide(-(2**62))  # every step: what the rules drop may lie anywhere
-        elif low is not None:
-            batch.collide(low)
-
-    def _recompute(self, step0: int, batch: _Batch) -> None:
-        """Re-read steps >= step0 from every part with the loader's de-duplication (a resumed run re-wrote them)."""
-        i0 = int(np.searchsorted(self._steps.a, step0))
-        for col in self._m.values():
-            col.a[i0:] = 0
-        for layer in self._layers:
-            for rows in (layer.tokens, layer.bias, layer.dropped):
+    def _update_held(self, old_steps: np.ndarray) -> None:
+        """Bring the layers held in memory up to date: new parts added in place when that is exact (no step
+        recorded twice, nothing read is gone), else the layer is dropped, to be read afresh when next shown."""
+        plan, n = self._plan, len(self._steps)
+        appended = len(old_steps) <= n and np.array_equal(self._steps[: len(old_steps)], old_steps)
+        pos = None if appended else np.searchsorted(self._steps, old_steps)
+        for name in list(self._held):
+            lay = self.layer_info(name)
+            new, names, clean = self._classify(self._files, lay.sources or set())
+            if not clean or plan.winners is not None or lay.tokens.a.shape[1] != max(lay.num_experts, 1):
+                self._release(name)
+                continue
+            for rows in (lay.tokens, lay.bias, lay.dropped):
                 if rows is not None:
-                    rows.a[i0:] = rows.fill
-        for pres in self._presence.values():
-            pres.a[i0:] = False
-        batch.changed(i0)
-        for table in (LAYERS, EXPERTS):
-            files = [self.path / table / name for (t, name), top in self._file_max_step.items()
-                     if t == table and top >= step0]
-            if not files:
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # already reported when first read
-                whole = read_parts(sorted(files), table)
-            if self._rules:
-                whole = superseded_rows(whole, self._rules)
-            df = newest_rows(whole.filter(pc.greater_equal(whole["step"], step0))).to_pandas()
-            if df.empty:
-                continue
-            arrays = {c: df[c].to_numpy() for c in (_EXPERT_COLUMNS if table == EXPERTS else _LAYER_COLUMNS)}
-            names, codes = np.unique(df["layer"].astype(str).to_numpy(), return_inverse=True)
-            arrays["layer_names"], arrays["layer"] = list(names), codes
-            for col in ("bias", "entropy", "cv", "max_share", "logit_abs_max", "z_loss", "aux_loss"):
-                if col in arrays:
-                    arrays[col] = np.asarray(arrays[col], dtype=np.float64)
-            self._ingest(table, arrays, batch, check=False)
-
-    # ------------------------------------------------------------------ ingesting rows
+                    rows.resize(n) if appended else rows.remap(pos, n)
+            lay.sources = names
+            lo = self._lowest_step(new)
+            if lo is not None and n:
+                found = read_layers(self.path, [name], plan, steps=(lo, int(self._steps[-1])), files=new,
+                                    skipped=self._skipped)
+                if found:
+                    self._put(lay, found[0], add=True)
+        self._multi_rank_metrics(list(self._held))
 
     def _layer_for(self, name: str, num_experts: int, top_k: int) -> int:
         li = self._by_name.get(name)
         if li is None:
             li = len(self._layers)
             self._by_name[name] = li
-            self._layers.append(Layer(name, li, num_experts, top_k, Rows((max(num_experts, 1),), np.int32, 0,
-                                                                           self._steps.n, self._capacity)))
-            for col in self._m.values():
-                col.widen(1, li + 1)
-            for pres in self._presence.values():
-                pres.widen(1, li + 1)
-        else:
-            layer = self._layers[li]
-            if num_experts > layer.num_experts:
-                layer.num_experts = num_experts
-                for rows in (layer.tokens, layer.bias, layer.dropped):
-                    if rows is not None:
-                        rows.widen(1, num_experts)
-            if top_k > 0:
-                layer.top_k = top_k
+            self._layers.append(Layer(name, li, num_experts, top_k))
+            return li
+        layer = self._layers[li]
+        if num_experts > layer.num_experts:
+            layer.num_experts = num_experts
+            self._release(name)
+        if top_k > 0:
+            layer.top_k = top_k
         return li
 
-    def _step_index(self, steps: np.ndarray, batch: _Batch) -> np.ndarray:
-        """Index of each step on the shared axis, appending (or, rarely, inserting) steps not seen yet."""
-        known = self._steps.a
-        n = len(known)
-        uniq = np.unique(steps)
-        if n and len(uniq) and uniq[0] <= known[-1]:
-            pos = np.minimum(np.searchsorted(known, uniq), n - 1)
-            uniq = uniq[known[pos] != uniq]
-        if len(uniq) == 0:
-            pass
-        elif n == 0 or uniq[0] > known[-1]:
-            self._resize_all(n + len(uniq))
-            self._steps.a[n:] = uniq
-            batch.changed(n)
-        else:
-            union = np.union1d(known, uniq)
-            pos = np.searchsorted(union, known)
-            for rows in self._all_rows():
-                rows.remap(pos, len(union))
-            self._steps.a[:] = union
-            batch.changed(int(np.searchsorted(union, uniq[0])))
-        return np.searchsorted(self._steps.a, steps)
+    # ------------------------------------------------------------------ expert counts, per layer on demand
 
-    def _all_rows(self):
-        yield self._steps
-        yield from self._m.values()
-        yield from self._presence.values()
-        for layer in self._layers:
-            for rows in (layer.tokens, layer.bias, layer.dropped):
-                if rows is not None:
-                    yield rows
+    def _hold(self, name: str) -> Layer:
+        """The layer with its counts in memory (read now if not held), most recently used."""
+        lay = self.layer_info(name)
+        if name in self._held:
+            self._held.move_to_end(name)
+            return lay
+        for attempt in range(2):
+            if [f.name for f in part_files(self.path, EXPERTS)] != [f.name for f in self._files]:
+                self.refresh()  # read the counts of the steps the step axis has, no more, no fewer
+            skipped = list(self._skipped)
+            found = read_layers(self.path, [name], self._plan, files=self._files, skipped=skipped) \
+                if self._plan is not None else []
+            if attempt == 0 and any(not Path(p).exists() for p in skipped[len(self._skipped):]):
+                continue  # a compaction replaced a part while it was read: list and read again
+            break
+        self._skipped = skipped
+        n, E = len(self._steps), max(lay.num_experts, 1)
+        lay.tokens = Rows((E,), np.int64 if self._plan is not None and self._plan.wide else np.int32, 0, n)
+        lay.sources = {f.name for f in self._files}
+        if found:
+            self._put(lay, found[0], add=False)
+        self._held[name] = None
+        self._multi_rank_metrics([name])
+        total = sum(self._layers[self._by_name[h]].nbytes for h in self._held)
+        for old in list(self._held):
+            if total <= self.layer_budget or old == name:
+                break
+            total -= self._layers[self._by_name[old]].nbytes
+            self._release(old)
+        return lay
 
-    def _resize_all(self, n: int) -> None:
-        for rows in self._all_rows():
-            rows.resize(n)
+    def _put(self, lay: Layer, d: Any, add: bool) -> None:
+        """Place a DenseLayer's counts on the run's step axis (added to what is held, or as the whole layer)."""
+        rows = np.searchsorted(self._steps, d.steps)
+        n, E = len(self._steps), lay.tokens.a.shape[1]
+        tok = d.tokens[:, :E]
+        lay.tokens.a[rows] = (lay.tokens.a[rows] + tok) if add else tok
+        if d.dropped is not None:
+            if lay.dropped is None:
+                lay.dropped = Rows((E,), lay.tokens.a.dtype, 0, n)
+            lay.dropped.a[rows] += d.dropped[:, :E].astype(lay.dropped.a.dtype)
+        if d.bias is not None:
+            if lay.bias is None:
+                lay.bias = Rows((E,), np.float32, np.nan, n)
+            lay.bias.a[rows] = d.bias[:, :E]
 
-    def _ingest(self, table: str, arrays: dict[str, Any], batch: _Batch, check: bool) -> None:
-        lmap = np.asarray([self._layer_for(str(name), 0, 0) for name in arrays["layer_names"]], dtype=np.int64)
-        for rank, a in by_rank(arrays):
-            self._ranks.add(rank)
-            pres = self._presence.get((table, rank))
-            if pres is None:
-                pres = self._presence[(table, rank)] = Rows((len(self._layers),), bool, False, self._steps.n,
-                                                            self._capacity)
-            if table == LAYERS:
-                self._ingest_layers(a, lmap, pres, batch, check)
-            else:
-                self._ingest_experts(a, lmap, pres, batch, check)
+    def _release(self, name: str) -> None:
+        self._held.pop(name, None)
+        li = self._by_name.get(name)
+        if li is not None:
+            self._layers[li].drop_counts()
 
-    def _ingest_layers(self, a: dict[str, Any], lmap: np.ndarray, pres: Rows, batch: _Batch, check: bool) -> None:
-        codes = a["layer"]
-        for code in np.unique(codes):
-            # num_experts / top_k from the rows: the manifest may predate a router's registration.
-            last = np.flatnonzero(codes == code)[-1]
-            self._layer_for(str(a["layer_names"][code]), int(a["num_experts"][last]), int(a["top_k"][last]))
-        li = lmap[codes]
-        si = self._step_index(a["step"], batch)
-        keep: Any = slice(None)
-        if check:
-            seen = pres.a[si, li]
-            # A step written twice within one part is a re-write too: the newest seq must win.
-            key = si * len(self._layers) + li
-            uniq, counts = np.unique(key, return_counts=True)
-            if (counts > 1).any():
-                seen = seen | np.isin(key, uniq[counts > 1])
-            if seen.any():
-                batch.collide(int(a["step"][seen].min()))
-                keep = ~seen
-        si, li = si[keep], li[keep]
-        if len(si) == 0:
+    def _multi_rank_metrics(self, names: list[str]) -> None:
+        """cv / max share / dead of the all-ranks sum, where several ranks wrote rows (the layers table has each
+        rank's own)."""
+        if self._plan is None or self._plan.ranks <= 1:
             return
-
-        def col(name: str) -> np.ndarray:
-            return np.asarray(a[name], dtype=np.float64)[keep]
-
-        tok = col("tokens")
-        m = {name: rows.a for name, rows in self._m.items()}
-        m["tokens"][si, li] += tok
-        m["dropped"][si, li] += col("dropped")
-        # NaN stays NaN (a router that hands over no distribution, or no logits): read as 0 it would look like an
-        # entropy collapse. Ranks record the same metrics, so a NaN beside a number does not happen in practice.
-        m["ent_w"][si, li] += col("entropy") * tok
-        m["z_w"][si, li] += col("z_loss") * tok
-        m["aux_w"][si, li] += col("aux_loss") * tok
-        m["nonfinite"][si, li] += col("nonfinite")
-        m["logit_abs_max"][si, li] = np.fmax(m["logit_abs_max"][si, li], col("logit_abs_max"))
-        m["rows"][si, li] += 1
-        for name in ("cv", "max_share", "dead"):
-            # NaN (an empty step) is stored as 0 so bins can sum the column; `derive` masks empty steps again.
-            m[name][si, li] = np.nan_to_num(col(name))
-        pres.a[si, li] = True
-        batch.changed(int(si.min()))
-        for layer_index in np.unique(li):
-            batch.touched.setdefault(int(layer_index), []).append(si[li == layer_index])
-
-    def _ingest_experts(self, a: dict[str, Any], lmap: np.ndarray, pres: Rows, batch: _Batch, check: bool) -> None:
-        """Rows are handled per (step, layer) block of experts: the writer emits whole steps of E experts per
-        layer, so a 2M-row part is a few thousand block rows and one reshape per layer."""
-        codes = a["layer"]
-        n = len(codes)
-        cut = np.flatnonzero(codes[1:] != codes[:-1]) + 1
-        starts = np.r_[0, cut]
-        if len(np.unique(codes[starts])) != len(starts):
-            # One layer's rows are not contiguous (not the writer's layout): group them, keeping row order.
-            order = np.argsort(codes, kind="stable")
-            a = {k: (v[order] if isinstance(v, np.ndarray) and len(v) == n else v) for k, v in a.items()}
-            codes = a["layer"]
-            cut = np.flatnonzero(codes[1:] != codes[:-1]) + 1
-            starts = np.r_[0, cut]
-        stops = np.r_[cut, n]
-        steps, expert, tokens = a["step"], a["expert"], a["tokens"]
-        segs = []
-        for lo, hi in zip(starts.tolist(), stops.tolist(), strict=True):
-            lidx = int(lmap[codes[lo]])
-            layer = self._layers[lidx]
-            e = expert[lo:hi]
-            top = int(e.max()) + 1
-            if top > layer.tokens.a.shape[1]:
-                layer.num_experts = max(layer.num_experts, top)
-                for rows in (layer.tokens, layer.bias, layer.dropped):
-                    if rows is not None:
-                        rows.widen(1, top)
-            E = layer.tokens.a.shape[1]
-            block = dense_steps(steps[lo:hi], e, E)
-            segs.append((lidx, lo, hi, E, block))
-        self._step_index(np.concatenate([b if b is not None else steps[lo:hi] for _, lo, hi, _, b in segs]), batch)
-        axis = self._steps.a
-        for lidx, lo, hi, E, block in segs:
-            layer = self._layers[lidx]
-            if block is not None:
-                rows = np.searchsorted(axis, block)
-                keep = ~pres.a[rows, lidx] if check else np.ones(len(rows), bool)
-                if not keep.all():
-                    batch.collide(int(block[~keep].min()))
-                rows_k = rows[keep]
-                layer.tokens.a[rows_k] += tokens[lo:hi].reshape(-1, E)[keep].astype(np.int32)
-                extra = [(name, a[name][lo:hi].reshape(-1, E)[keep]) for name in ("dropped", "bias")
-                         if a.get(name) is not None]
-                pres.a[rows_k, lidx] = True
-                touched, e_rows = rows_k, None
-            else:
-                s = np.searchsorted(axis, steps[lo:hi])
-                e = expert[lo:hi]
-                keep = ~pres.a[s, lidx] if check else np.ones(len(s), bool)
-                key = s * E + e
-                if len(np.unique(key)) != len(key) or not keep.all():
-                    batch.collide(int(steps[lo:hi][~keep].min()) if not keep.all() else int(axis[s].min()))
-                s, e = s[keep], e[keep]
-                np.add.at(layer.tokens.a, (s, e), tokens[lo:hi][keep].astype(np.int32))
-                extra = [(name, a[name][lo:hi][keep]) for name in ("dropped", "bias") if a.get(name) is not None]
-                pres.a[s, lidx] = True
-                touched, e_rows = np.unique(s), (s, e)
-            for name, values in extra:
-                self._add_extra(layer, name, values, touched if e_rows is None else e_rows)
-            if len(touched):
-                batch.changed(int(touched.min()))
-                batch.touched.setdefault(lidx, []).append(touched)
-
-    def _add_extra(self, layer: Layer, name: str, values: np.ndarray, where: Any) -> None:
-        """Per-expert drops (summed over ranks) and router bias (replicated on every rank: the last value read)."""
-        if name == "dropped":
-            if not values.any():
-                return
-            if layer.dropped is None:
-                layer.dropped = Rows((layer.tokens.a.shape[1],), np.int32, 0, self._steps.n, self._capacity)
-            if isinstance(where, tuple):
-                np.add.at(layer.dropped.a, where, values.astype(np.int32))
-            else:
-                layer.dropped.a[where] += values.astype(np.int32)
-            return
-        finite = np.isfinite(values)
-        if not finite.any():
-            return
-        if layer.bias is None:
-            layer.bias = Rows((layer.tokens.a.shape[1],), np.float32, np.nan, self._steps.n, self._capacity)
-        if isinstance(where, tuple):
-            layer.bias.a[where[0][finite], where[1][finite]] = values[finite]
-        else:
-            layer.bias.a[where] = np.where(finite, values, layer.bias.a[where])
-
-    def _finish(self, batch: _Batch) -> None:
-        """Recompute count-based metrics from summed counts where several ranks contributed."""
-        if len(self._ranks) <= 1 or not batch.touched:
-            return
-        m = {name: rows.a for name, rows in self._m.items()}
-        for lidx, parts in batch.touched.items():
-            rows = np.unique(np.concatenate(parts))
-            counts = self._layers[lidx].tokens.a[rows].astype(np.float64)
-            cv, share, dead = count_metrics(counts)
-            m["cv"][rows, lidx] = np.nan_to_num(cv)
-            m["max_share"][rows, lidx] = np.nan_to_num(share)
-            m["dead"][rows, lidx] = dead
+        for name in names:
+            lay = self.layer_info(name)
+            if lay.tokens is None or not len(self._steps):
+                continue
+            li = lay.index
+            present = self._m["rows"][:, li] > 0
+            cv, share, dead = count_metrics(lay.tokens.a[present])
+            self._m["cv"][present, li] = np.nan_to_num(cv)
+            self._m["max_share"][present, li] = np.nan_to_num(share)
+            self._m["dead"][present, li] = dead
 
     # ------------------------------------------------------------------ reading back (for charts)
 
     @property
     def steps(self) -> np.ndarray:
-        return self._steps.a
+        return self._steps
 
     @property
     def n(self) -> int:
-        return self._steps.n
+        return len(self._steps)
 
     @property
     def layers(self) -> list[Layer]:
@@ -525,11 +358,18 @@ class RunData:
 
     @property
     def ranks(self) -> list[int]:
-        return sorted(self._ranks)
+        return list(range(self._plan.ranks)) if self._plan is not None else []
+
+    @property
+    def skipped(self) -> list[str]:
+        """One line per part file that could not be read (it is left out of every chart)."""
+        return [f"skipped corrupt part file {Path(p).parent.name}/{Path(p).name}" for p in self._skipped]
 
     @property
     def nbytes(self) -> int:
-        return sum(rows.nbytes for rows in self._all_rows())
+        with self.lock:
+            return int(self._steps.nbytes + sum(a.nbytes for a in self._m.values())
+                       + sum(layer.nbytes for layer in self._layers))
 
     @property
     def status(self) -> str:
@@ -538,16 +378,22 @@ class RunData:
             return "unknown"
         return run_state(self.meta)
 
-    def layer(self, name_or_index: str | int) -> Layer:
+    def layer_info(self, name_or_index: str | int) -> Layer:
+        """A layer's name, index and shape (its counts only if held: `layer` reads them)."""
         if isinstance(name_or_index, str):
             if name_or_index not in self._by_name:
                 raise KeyError(f"no layer {name_or_index!r} in {self.path.name}")
             return self._layers[self._by_name[name_or_index]]
         return self._layers[name_or_index]
 
+    def layer(self, name_or_index: str | int) -> Layer:
+        """A layer with its counts (`tokens`, `bias`, `dropped`), read from the run if not held."""
+        with self.lock:
+            return self._hold(self.layer_info(name_or_index).name)
+
     def index_range(self, lo_step: float | None = None, hi_step: float | None = None) -> tuple[int, int]:
         """Step-axis indices [lo, hi) of the steps within [lo_step, hi_step] (None: open end)."""
-        steps = self._steps.a
+        steps = self._steps
         lo = 0 if lo_step is None else int(np.searchsorted(steps, lo_step, side="left"))
         hi = len(steps) if hi_step is None else int(np.searchsorted(steps, hi_step, side="right"))
         return lo, max(lo, hi)
@@ -555,30 +401,31 @@ class RunData:
     def series(self, layer: str | int, lo: int = 0, hi: int | None = None) -> dict[str, np.ndarray]:
         """Per-step metrics of one layer over step indices [lo, hi): every name in SERIES (NaN where not recorded)."""
         with self.lock:
-            lay = self.layer(layer)
-            m = {name: rows.a[lo:hi, lay.index] for name, rows in self._m.items()}
+            lay = self.layer(layer) if self._plan is not None and self._plan.ranks > 1 else self.layer_info(layer)
+            m = {name: a[lo:hi, lay.index] for name, a in self._m.items()}
             return derive(m, lay.num_experts, lay.top_k)
 
-    def all_series(self, lo: int = 0, hi: int | None = None, names: tuple[str, ...] = SERIES
-                   ) -> dict[str, np.ndarray]:
-        """Like `series` for every layer at once (only `names`): each value is ``[steps, layers]``."""
+    def mean_cv(self, lo: int = 0) -> dict[str, float]:
+        """Each layer's mean per-step load CV over step indices [lo, n) (from the layers table: no counts read)."""
         with self.lock:
-            m = {name: rows.a[lo:hi] for name, rows in self._m.items()}
-            E = np.asarray([max(layer.num_experts, 1) for layer in self._layers], dtype=np.float64)
-            k = np.asarray([max(layer.top_k, 1) for layer in self._layers], dtype=np.float64)
-            return derive(m, E, k, names)
+            cv = self._m["cv"][lo:].astype(np.float64)
+            present = self._m["rows"][lo:] > 0
+            with np.errstate(invalid="ignore"):
+                mean = np.where(present, cv, 0).sum(axis=0) / np.maximum(present.sum(axis=0), 1)
+            return {layer.name: float(mean[layer.index]) if present[:, layer.index].any() else -1.0
+                    for layer in self._layers}
 
     def layer_rows(self, layer: str | int) -> np.ndarray | None:
         """Step-axis indices where `layer` has a recorded row (what the detector judges); None when it has one at
         every step (the usual case: no index array is built)."""
         with self.lock:
-            present = self._m["rows"].a[:, self.layer(layer).index] > 0
+            present = self._m["rows"][:, self.layer_info(layer).index] > 0
             return None if present.all() and len(present) else np.flatnonzero(present)
 
     def layer_column(self, layer: str | int, name: str, rows: Any = slice(None)) -> np.ndarray:
         """One per-step column (a name of COLS: sums such as tokens, ent_w, or logit_abs_max) of `layer` at `rows`."""
         with self.lock:
-            return self._m[name].a[rows, self.layer(layer).index]
+            return self._m[name][rows, self.layer_info(layer).index]
 
     def tokens(self, layer: str | int, lo: int = 0, hi: int | None = None) -> np.ndarray:
         with self.lock:
@@ -598,30 +445,33 @@ class RunData:
                 return 0
             return min(first for gen, first in self._dirty if gen > generation)
 
-    def detector_layers(self) -> list[Any]:
-        """The detector's per-layer input (moewatch.detect.windows.LayerData), built from the cache without a reload."""
-        from moewatch.detect.windows import LayerData
 
-        out = []
-        with self.lock:
-            for layer in self._layers:
-                present = self._m["rows"].a[:, layer.index] > 0
-                if not present.any():
-                    continue
-                # Every step present (the usual case): views, not copies, so judging a 1 GB run does not double it.
-                # Rows below `n` are only rewritten by a resume or a late rank, which bumps the generation and
-                # makes the detector run again on the new data.
-                idx: Any = slice(0, self._steps.n) if present.all() else np.flatnonzero(present)
-                s = derive({name: rows.a[idx, layer.index] for name, rows in self._m.items()}, layer.num_experts,
-                           layer.top_k)
-                stats = {"tokens": s["tokens"], "dropped": self._m["dropped"].a[idx, layer.index],
-                         "entropy_norm": s["entropy_norm"], "z_loss": s["z_loss"],
-                         "logit_abs_max": s["logit_abs_max"], "nonfinite": s["nonfinite"]}
-                out.append(LayerData(layer.name, layer.num_experts, layer.top_k, self._steps.a[idx].copy(),
-                                     layer.tokens.a[idx], stats,
-                                     None if layer.dropped is None else layer.dropped.a[idx],
-                                     None if layer.bias is None else layer.bias.a[idx].astype(np.float64)))
-        return out
+def _union(steps: list[np.ndarray]) -> np.ndarray:
+    """The sorted union of the layers' step arrays (usually all equal: no sort then)."""
+    if not steps:
+        return np.zeros(0, np.int64)
+    first = steps[0]
+    if all(len(s) == len(first) and np.array_equal(s, first) for s in steps[1:]):
+        return np.asarray(first, np.int64)
+    return np.unique(np.concatenate(steps)).astype(np.int64)
+
+
+def _first_difference(steps0: np.ndarray, m0: dict[str, np.ndarray], steps1: np.ndarray,
+                      m1: dict[str, np.ndarray]) -> int | None:
+    """The first step index where the new axis or columns differ from the old (None: identical)."""
+    n0, n1 = len(steps0), len(steps1)
+    if m0["tokens"].shape[1] != m1["tokens"].shape[1]:  # a layer appeared: redraw everything
+        return 0 if n0 or n1 else None
+    k = min(n0, n1)
+    diverge = np.flatnonzero(steps0[:k] != steps1[:k])
+    first = int(diverge[0]) if len(diverge) else (k if n0 != n1 else None)
+    upto = k if first is None else first
+    for name in COLS[:-3]:  # cv, max share, dead follow the counts, whose changes the new parts' steps bound
+        a, b = m0[name][:upto], m1[name][:upto]
+        bad = np.flatnonzero(~((a == b) | (np.isnan(a) & np.isnan(b))).all(axis=1))
+        if len(bad):
+            first = int(bad[0]) if first is None else min(first, int(bad[0]))
+    return first
 
 
 def derive(m: dict[str, np.ndarray], num_experts: Any, top_k: Any, names: tuple[str, ...] = SERIES

@@ -2,8 +2,9 @@
 verdict badge, the verdict sentence, the alerts panel, the model-overview strip and the run list's chart.
 
 The detector (moewatch.detect) is imported lazily: when it is missing or broken the dashboard still serves charts
-and the panels say detection is unavailable. It is fed the cache's per-layer arrays directly
-(`moewatch.detect.analyze` on `RunData.detector_layers()`), so a large run is not read a second time. The whole
+and the panels say detection is unavailable. It judges the run directory as `moewatch report` does
+(`moewatch.detect.analyze_run`: streamed layer by layer, from rollups where they are up to date), so the page and
+the report cannot disagree and the dashboard never holds every layer's counts. The whole
 `Analysis` is kept, with what the page draws from it (`analysis.health()`, the verdict sentence, the run list's
 load-over-time series), all computed once per run generation on the detector's thread.
 
@@ -83,9 +84,9 @@ class Detection:
 
 def run_detector(run: RunData) -> Any:
     """The detector's `Analysis` of `run`; raises ImportError when the detector is not installed."""
-    from moewatch.detect import analyze
+    from moewatch.detect import analyze_run
 
-    return analyze(run.detector_layers(), getattr(run, "detector_config", None))
+    return analyze_run(run.path, getattr(run, "detector_config", None))
 
 
 def judge(run: RunData, generation: int = -1, seconds_from: float | None = None) -> Detection:

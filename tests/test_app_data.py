@@ -486,3 +486,65 @@ def test_the_cache_counts_a_fallen_back_rank_s_rows_once(tmp_path):
         view.experts.pivot(index="step", columns="expert", values="tokens").sort_index().to_numpy(), expected)
     (dense,) = iter_dense_layers(run_dir)
     np.testing.assert_array_equal(dense.tokens, expected)
+
+
+# ---------------------------------------------------------------------------------------------------- reading per layer
+
+
+def test_only_the_layers_shown_are_read_and_held_within_the_budget(tmp_path):
+    """The page reads a layer's counts when it shows it, not the run's; past the budget the oldest layer goes."""
+    run = tmp_path / "run"
+    rng = np.random.default_rng(11)
+    names = ["l0", "l1", "l2", "l3"]
+    write_manifest(run, names, 8)
+    write_part(run, {name: random_counts(rng, 50, 8) for name in names}, np.arange(50))
+    cache = RunData(run, layer_budget=2 * 50 * 8 * 4)  # room for two layers' int32 counts
+    cache.refresh()
+    assert all(layer.tokens is None for layer in cache.layers)  # the step axis and layer columns only
+    assert cache.series("l2")["cv"].shape == (50,)  # a layer's metrics need no counts
+    assert all(layer.tokens is None for layer in cache.layers)
+    view = moewatch.load(run).global_view().experts
+    for name in ("l0", "l1", "l2"):
+        grid = view[view.layer == name].pivot(index="step", columns="expert", values="tokens").to_numpy()
+        np.testing.assert_array_equal(cache.tokens(name), grid)
+    held = [layer.name for layer in cache.layers if layer.tokens is not None]
+    assert held == ["l1", "l2"]  # l0 was used longest ago
+    assert cache.nbytes < 50 * 4 * 8 * 4 + cache.steps.nbytes + sum(a.nbytes for a in cache._m.values())
+
+
+def test_a_held_layer_gets_a_late_experts_part_and_follows_a_mixed_compaction(tmp_path):
+    """Live: a flush writes its layers part before its experts part; a compaction may merge parts read and not read.
+    The held counts equal the loader's after every refresh."""
+    from moewatch.store.compact import compact
+
+    run = tmp_path / "run"
+    rng = np.random.default_rng(12)
+    write_manifest(run, ["a"], 4, status="running")
+    write_part(run, {"a": random_counts(rng, 5, 4)}, np.arange(5), n=0)
+    cache = RunData(run)
+    cache.refresh()
+    cache.tokens("a")  # held from here on
+
+    def grid() -> np.ndarray:
+        view = moewatch.load(run).global_view().experts
+        return view.pivot(index="step", columns="expert", values="tokens").reindex(cache.steps).fillna(0).to_numpy()
+
+    # Steps 5..7: the layers part lands first, its experts part a refresh later.
+    write_part(run, {"a": random_counts(rng, 3, 4)}, np.arange(5, 8), n=1)
+    late = run / "experts" / "r0000-s0001-00000001.parquet"
+    hidden = tmp_path / "late.parquet"
+    late.rename(hidden)
+    gen = cache.generation
+    assert cache.refresh() is True and cache.n == 8 and cache.dirty_since(gen) == 5
+    np.testing.assert_array_equal(cache.tokens("a")[5:], 0)
+    gen = cache.generation
+    hidden.rename(late)
+    assert cache.refresh() is True and cache.dirty_since(gen) == 5
+    np.testing.assert_array_equal(cache.tokens("a"), grid())
+    # A part not read yet, then a compaction that merges it with parts already read.
+    write_part(run, {"a": random_counts(rng, 2, 4)}, np.arange(8, 10), n=2)
+    write_part(run, {"a": random_counts(rng, 2, 4)}, np.arange(10, 12), n=3)
+    assert compact(run, rows=1_000, min_parts=2).merged
+    assert cache.refresh() is True and cache.n == 12
+    np.testing.assert_array_equal(cache.tokens("a"), grid())
+    assert grid().sum() == 12 * 256  # every step's 256 assignments, once

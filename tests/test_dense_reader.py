@@ -127,3 +127,35 @@ def test_a_router_without_a_distribution_is_never_an_entropy_collapse(base):
         det = catalog.detector.get(catalog.run(run_id))
         assert not [a for a in det.alerts if a.kind == "entropy_collapse"], name
         assert det.status == rep.status
+
+
+def test_a_flushed_experts_part_has_a_row_group_per_layer_and_a_step_range_reads_only_its_row_groups(tmp_path):
+    """What the dashboard asks for (one layer, some steps) is read without decoding the other layers' rows."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from moewatch.capture.watch import Watch, WatchConfig
+    from moewatch.store.dense import _row_groups, plan_run, read_layers
+    from tests.toy import ToyMoE, toy_specs
+
+    torch.manual_seed(0)
+    model = ToyMoE(d=8, num_experts=4, top_k=2, layers=3, capacity=6)
+    run_dir = tmp_path / "run"
+    watch = Watch(model, run_dir, toy_specs(model), WatchConfig(flush_steps=4))
+    for _ in range(12):
+        model(torch.randn(16, 8)).sum().backward()
+        watch.step()
+    watch.close()
+    parts = sorted((run_dir / "experts").glob("*.parquet"))
+    assert len(parts) == 3
+    names = moewatch.load(run_dir).layers.layer.unique().tolist()
+    for i, f in enumerate(parts):  # steps 0-3, 4-7, 8-11
+        meta = pq.read_metadata(f)
+        assert meta.num_row_groups == 3  # one per layer, steps in order within it
+        assert len(_row_groups(meta, {names[1]})) == 1
+        assert len(_row_groups(meta, {names[1]}, (4, 7))) == (1 if i == 1 else 0)
+    view = moewatch.load(run_dir).global_view().experts
+    (d,) = read_layers(run_dir, [names[1]], plan_run(run_dir), steps=(5, 9))
+    assert d.steps.tolist() == [5, 6, 7, 8, 9]
+    sub = view[(view.layer == names[1]) & view.step.between(5, 9)]
+    np.testing.assert_array_equal(d.tokens, sub.pivot(index="step", columns="expert", values="tokens").to_numpy())

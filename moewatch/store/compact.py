@@ -12,7 +12,6 @@ killed at any point loses nothing; the next one deletes what an interrupted one 
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import time
@@ -27,6 +26,7 @@ import pyarrow.parquet as pq
 
 from moewatch.store.manifest import atomic_write_bytes
 from moewatch.store.schema import RANKS_DIR, SCHEMAS, TABLES
+from moewatch.store.writer import part_bytes
 
 REPLACES = b"moewatch.replaces"
 _PLAIN = re.compile(r"^r(\d+)-s(\d+)-(\d+)\.parquet$")
@@ -148,15 +148,8 @@ def _merge(folder: Path, table: str, rank: int, session: int, batch: list[tuple[
     # Grouped by layer (a stable sort: writing order within a layer), a row group per layer: a reader after a few
     # layers skips the others' row groups by their statistics instead of decoding them.
     merged = merged.take(pc.sort_indices(merged, sort_keys=[("layer", "ascending")]))
-    buf = io.BytesIO()
-    with pq.ParquetWriter(buf, merged.schema, compression="zstd") as out:
-        layer = merged["layer"].combine_chunks()
-        bounds = [0, *(pc.indices_nonzero(pc.not_equal(layer[1:], layer[:-1])).to_numpy() + 1).tolist(),
-                  merged.num_rows] if merged.num_rows else [0]
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-            out.write_table(merged.slice(lo, hi - lo))
     path = folder / f"r{rank:04d}-s{session:04d}-c{batch[0][0]:08d}-{batch[-1][0]:08d}.parquet"
-    atomic_write_bytes(path, buf.getvalue())  # from here on readers see this part instead of its sources
+    atomic_write_bytes(path, part_bytes(merged))  # from here on readers see this part instead of its sources
     return path
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from moewatch.store.schema import EXPERTS, LAYERS
 DEFAULT_BUDGET = 2 << 30  # bytes of dense per-expert arrays held at once (a pass holds one group of layers)
 _LAYER_COLUMNS = ["step", "layer", "tokens", "top_k", "num_experts", "entropy", "z_loss", "logit_abs_max",
                   "dropped", "nonfinite", "rank", "session", "seq"]
+_EXTRA_COLUMNS = ("aux_loss", "cv", "max_share", "dead")
 
 
 @dataclass
@@ -55,8 +56,8 @@ class DenseLayer:
 
 
 @dataclass
-class _Plan:
-    """What the layers table says about each layer: its step axis, shape, and per-step stats."""
+class Plan:
+    """What the layers table says about each layer: its step axis, shape, and per-step stats (``plan_run``)."""
 
     names: list[str]
     steps: dict[str, np.ndarray]
@@ -85,7 +86,7 @@ def iter_dense_layers(run_dir: str | Path, budget_bytes: int = DEFAULT_BUDGET, l
     (``block`` > 1) instead of reading the per-step expert rows at all.
     """
     run_dir = Path(run_dir)
-    plan = _plan(run_dir, skipped)
+    plan = plan_run(run_dir, skipped)
     names = [n for n in plan.names if layers is None or n in layers]
     if rollups:
         from moewatch.store.rollup import open_rollups
@@ -115,19 +116,41 @@ def iter_dense_layers(run_dir: str | Path, budget_bytes: int = DEFAULT_BUDGET, l
         yield from _read_group(files, plan, group, skipped)
 
 
-def _plan(run_dir: Path, skipped: list[str] | None) -> _Plan:
-    table = read_parts(part_files(run_dir, LAYERS), LAYERS, skipped, columns=_LAYER_COLUMNS)
+def plan_run(run_dir: str | Path, skipped: list[str] | None = None, extra: bool = False,
+             cache: dict[str, pa.Table] | None = None) -> Plan:
+    """Read the (small) layers table of a run: every layer's recorded steps, shape and per-step stats, resumed steps
+    de-duplicated and a failed group sum's rows dropped as ``moewatch.load`` does.
+
+    ``extra`` adds the stats a chart shows beside the detector's: ``aux_loss`` (token-weighted), and ``cv``,
+    ``max_share``, ``dead`` as recorded (a single writer's are the global values; with several ranks
+    (``Plan.ranks > 1``) they are one rank's, and the counts must be read to get the sum's). ``cache`` maps part
+    file names to their tables already read: a live reader passes the same dict each time and only new parts are
+    read (part files are immutable)."""
+    run_dir = Path(run_dir)
+    columns = _LAYER_COLUMNS + list(_EXTRA_COLUMNS if extra else ())
+    files = part_files(run_dir, LAYERS)
+    if cache is None:
+        table = read_parts(files, LAYERS, skipped, columns=columns)
+    else:
+        for name in set(cache) - {f.name for f in files}:
+            del cache[name]  # replaced by a compaction
+        for f in files:
+            if f.name not in cache:
+                got = read_parts([f], LAYERS, skipped, columns=columns)
+                cache[f.name] = got  # an unreadable part stays empty: warned about once, not on every refresh
+        tables = [cache[f.name] for f in files if cache[f.name].num_rows]
+        table = pa.concat_tables(tables) if tables else read_parts([], LAYERS, columns=columns)
     rules = fallback_rules(read_rank_manifests(run_dir))
     filtered = bool(rules)
     if rules:  # rows a rank wrote after its group's sum failed, for steps the sum already holds (as load does)
         table = superseded_rows(table, rules)
-    table = table.select(_LAYER_COLUMNS)
+    table = table.select(columns)
     names, codes = _names_and_codes(table["layer"])
     repeats = repeated(table["rank"].to_numpy(), table["step"].to_numpy(), codes)
     if repeats:  # a resumed run re-wrote steps: keep the newest recording of each (rank, step, layer)
         table = newest_rows(table)
         names, codes = _names_and_codes(table["layer"])
-    col = {c: table[c].to_numpy(zero_copy_only=False) for c in _LAYER_COLUMNS if c != "layer"}
+    col = {c: table[c].to_numpy(zero_copy_only=False) for c in columns if c != "layer"}
     winners = versions = None
     if repeats or filtered:
         # Expert rows count only where their (rank, step, layer) recording is the one the layers table kept.
@@ -174,19 +197,53 @@ def _plan(run_dir: Path, skipped: list[str] | None) -> _Plan:
             "logit_abs_max": logit,
             "nonfinite": total(col["nonfinite"][rows].astype(np.float64)),
         }
+        if extra:
+            stats_of[name]["aux_loss"] = weighted(col["aux_loss"][rows].astype(np.float64))
+            for c in ("cv", "max_share", "dead"):  # as recorded: the last row's of a step (one writer: its only one)
+                v = np.full(n, np.nan)
+                v[inv] = col[c][rows].astype(np.float64)
+                stats_of[name][c] = v
         steps_of[name], E_of[name], k_of[name] = steps, E, k
         wide = wide or bool(n and (tokens * k).max() >= 2**31 - 1)
     ranks = len(np.unique(col["rank"])) if len(col["rank"]) else 0
     drops = bool(len(col["dropped"]) and np.any(col["dropped"]))
-    return _Plan(names, steps_of, E_of, k_of, stats_of, winners, versions, wide, ranks, drops)
+    return Plan(names, steps_of, E_of, k_of, stats_of, winners, versions, wide, ranks, drops)
 
 
-def _read_group(files: list[Path], plan: _Plan, group: list[str], skipped: list[str] | None) -> Iterator[DenseLayer]:
+def read_layers(run_dir: str | Path, names: list[str], plan: Plan | None = None,
+                steps: tuple[int, int] | None = None, files: list[Path] | None = None,
+                skipped: list[str] | None = None) -> list[DenseLayer]:
+    """The :class:`DenseLayer` of each of ``names`` (all held at once: the caller sizes the request), only its
+    steps within ``steps`` = (first, last) when given, from the experts part files ``files`` (default: all the
+    run's). Part row groups that hold only other layers, or only other steps, are not decoded. ``plan``: the run's
+    ``plan_run`` when the caller has it. Reading only new parts into counts read before is exact when
+    ``plan.winners is None`` (no step recorded twice)."""
+    run_dir = Path(run_dir)
+    plan = plan or plan_run(run_dir, skipped)
+    names = [n for n in names if n in plan.steps]
+    if steps is not None:
+        lo, hi = steps
+        cut = {}
+        for n in names:
+            keep = (plan.steps[n] >= lo) & (plan.steps[n] <= hi)
+            cut[n] = keep
+        plan = replace(plan, steps={**plan.steps, **{n: plan.steps[n][cut[n]] for n in names}},
+                       stats={**plan.stats, **{n: {k: v[cut[n]] for k, v in plan.stats[n].items()} for n in names}})
+    if not names:
+        return []
+    files = part_files(run_dir, EXPERTS) if files is None else files
+    return list(_read_group(files, plan, names, skipped, steps))
+
+
+def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[str] | None,
+                steps: tuple[int, int] | None = None) -> Iterator[DenseLayer]:
     """One pass over the experts parts for ``group``: every layer's counts on the group's shared step axis (the union
     of its layers' steps; usually every layer records every step), in one flat buffer so each part is scattered
     with one vectorized add, whatever the number of layers."""
     dtype = np.int64 if plan.wide else np.int32
     axis = np.unique(np.concatenate([plan.steps[n] for n in group]))
+    if len(axis) == 0:
+        steps = (0, -1)  # nothing to read: every row group is skipped
     width = np.array([plan.num_experts[n] for n in group], np.int64)
     offset = np.concatenate([[0], np.cumsum(len(axis) * width)])
     tokens = np.zeros(int(offset[-1]), dtype)
@@ -196,7 +253,7 @@ def _read_group(files: list[Path], plan: _Plan, group: list[str], skipped: list[
     slot = {n: i for i, n in enumerate(group)}
     contiguous = len(axis) > 0 and int(axis[-1] - axis[0]) + 1 == len(axis)
     index = {n: i for i, n in enumerate(plan.names)}
-    for t, single in _part_batches(files, plan, set(group), skipped):
+    for t, single in _part_batches(files, plan, set(group), skipped, steps):
         names, codes = _dictionary(t["layer"])
         lut = np.array([slot.get(n, -1) for n in names], np.int64)
         local = lut[codes]
@@ -285,8 +342,8 @@ def _in_range(step: np.ndarray, expert: np.ndarray, axis: np.ndarray, width: np.
     return int(step.min()) >= int(axis[0]) and int(step.max()) <= int(axis[-1])
 
 
-def _part_batches(files: list[Path], plan: _Plan, group: set[str], skipped: list[str] | None
-                  ) -> Iterator[tuple[pa.Table, bool]]:
+def _part_batches(files: list[Path], plan: Plan, group: set[str], skipped: list[str] | None,
+                  steps: tuple[int, int] | None = None) -> Iterator[tuple[pa.Table, bool]]:
     """The experts rows a pass needs, a row group at a time (so a part of 15 M rows never sits decoded whole), with
     whether each part holds one rank's rows. Only the columns needed are read (drops and bias only where a part has
     any; provenance only when some recordings are dropped), and row groups whose statistics show they hold only
@@ -300,7 +357,7 @@ def _part_batches(files: list[Path], plan: _Plan, group: set[str], skipped: list
                 columns += ["rank", "session", "seq"]
             columns += [c for c in ("dropped", "bias") if _may_hold_values(meta, c)]
             single = _single_valued(meta, "rank")
-            for g in _row_groups(meta, group):
+            for g in _row_groups(meta, group, steps):
                 yield pf.read_row_group(g, columns=columns), single
         except (OSError, pa.ArrowException, ValueError, KeyError) as e:
             if skipped is None or str(f) not in skipped:  # warned once per file, not once per pass
@@ -324,10 +381,17 @@ def one_value(stats) -> bool:
     return stats is not None and stats.has_min_max and stats.min == stats.max
 
 
-def _row_groups(meta: pq.FileMetaData, group: set[str]) -> list[int]:
-    """Row groups that may hold a layer of ``group``: all but those whose layer statistics name one other layer."""
+def _row_groups(meta: pq.FileMetaData, group: set[str], steps: tuple[int, int] | None = None) -> list[int]:
+    """Row groups that may hold a layer of ``group`` (and a step within ``steps``): all but those whose statistics
+    name one other layer, or a step range outside ``steps``."""
     stats = column_stats(meta, "layer") or [None] * meta.num_row_groups
-    return [g for g, st in enumerate(stats) if not (one_value(st) and st.min not in group)]
+    out = [g for g, st in enumerate(stats) if not (one_value(st) and st.min not in group)]
+    if steps is not None:
+        step_stats = column_stats(meta, "step") or [None] * meta.num_row_groups
+        lo, hi = steps
+        out = [g for g in out if not (step_stats[g] is not None and step_stats[g].has_min_max
+                                      and (step_stats[g].max < lo or step_stats[g].min > hi))]
+    return out
 
 
 def _single_valued(meta: pq.FileMetaData, column: str) -> bool:
@@ -358,7 +422,7 @@ def _may_hold_values(meta: pq.FileMetaData, column: str) -> bool:
     return False
 
 
-def _is_newest(plan: _Plan, rank, step, codes, session, seq) -> np.ndarray:
+def _is_newest(plan: Plan, rank, step, codes, session, seq) -> np.ndarray:
     key = _pack(rank, step, codes)
     pos = np.minimum(np.searchsorted(plan.winners, key), len(plan.winners) - 1)
     return (plan.winners[pos] == key) & (plan.versions[pos] == _version(session, seq))

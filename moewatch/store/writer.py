@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -115,9 +116,10 @@ def _table(parts: list[dict[str, np.ndarray]], schema: pa.Schema, rank: int, ses
         return schema.empty_table()
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     n = len(cols["step"])
-    # Parts are built layer by layer; store them step-major so every reader sees rows in training order.
+    # Layers rows step-major (training order). Expert rows layer-major, steps in order within a layer, so a part has
+    # a row group per layer (`part_bytes`) and a reader of a few layers skips the others' row groups unread.
     layer_pos = np.concatenate([np.full(len(p["step"]), i) for i, p in enumerate(parts)])
-    keys = (cols["expert"], layer_pos, cols["seq"]) if "expert" in cols else (layer_pos, cols["seq"])
+    keys = (cols["expert"], cols["seq"], layer_pos) if "expert" in cols else (layer_pos, cols["seq"])
     order = np.lexsort(keys)
     cols = {k: v[order] for k, v in cols.items()}
     cols["rank"] = np.full(n, rank, dtype=np.int32)
@@ -147,11 +149,25 @@ class PartWriter:
         folder = self.run_dir / table_name
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"r{self.rank:04d}-s{self.session:04d}-{self.count:08d}.parquet"
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, part_bytes(table))
         self.count += 1
         return path
+
+
+def part_bytes(table: pa.Table) -> bytes:
+    """A part file's bytes (zstd). An experts table gets one row group per run of rows of one layer (the writer
+    and compaction group rows by layer), so each row group's statistics name its layer."""
+    buf = io.BytesIO()
+    if "expert" not in table.column_names or table.num_rows == 0:
+        pq.write_table(table, buf, compression="zstd")
+        return buf.getvalue()
+    layer = table["layer"].combine_chunks()
+    cuts = pc.indices_nonzero(pc.not_equal(layer[1:], layer[:-1])).to_numpy() + 1
+    bounds = [0, *cuts.tolist(), table.num_rows]
+    with pq.ParquetWriter(buf, table.schema, compression="zstd") as out:
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            out.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
+    return buf.getvalue()
 
 
 class FlushWorker(threading.Thread):
