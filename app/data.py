@@ -110,6 +110,8 @@ class RunData:
         self._by_name: dict[str, int] = {}
         self._held: OrderedDict[str, None] = OrderedDict()  # layers whose counts are in memory, oldest use first
         self._dirty: list[tuple[int, int]] = []  # (generation, first step index changed in it)
+        self._blocks: dict[str, Any] = {}  # layer -> its rollup (moewatch.store.rollup.Blocks), for this `_key`
+        self._rollups: Any = False  # the run's RollupReader for this `_key` (None: no up-to-date rollups)
 
     # ------------------------------------------------------------------ reading
 
@@ -128,6 +130,7 @@ class RunData:
             plan = plan_run(self.path, self._skipped, extra=True, cache=self._tables)
             old_steps, old_m = self._steps, self._m
             self._plan, self._key = plan, key
+            self._blocks, self._rollups = {}, False
             self._seen, self._files = {f.name for f in files[EXPERTS]}, files[EXPERTS]
             self._rebuild(plan)
             first = _first_difference(old_steps, old_m, self._steps, self._m)
@@ -390,6 +393,26 @@ class RunData:
         """A layer with its counts (`tokens`, `bias`, `dropped`), read from the run if not held."""
         with self.lock:
             return self._hold(self.layer_info(name_or_index).name)
+
+    def blocks(self, layer: str) -> Any:
+        """The layer's exact block sums from the run's rollups (`moewatch.store.rollup.Blocks`: block b sums the
+        layer's recorded rows [b * block, (b + 1) * block)), or None when the run has no up-to-date rollups for it
+        (a live run between compactions). What a view coarser than a block reads instead of per-step counts."""
+        with self.lock:
+            if layer in self._blocks:
+                return self._blocks[layer]
+            if self._rollups is False:
+                from moewatch.store.rollup import open_rollups
+
+                self._rollups = open_rollups(self.path)
+            lay = self.layer_info(layer)
+            b = self._rollups.layer(layer, max(lay.num_experts, 1)) if self._rollups is not None else None
+            rows = self.layer_rows(layer)
+            n_rows = self.n if rows is None else len(rows)
+            if b is not None and len(b.tokens) != -(-n_rows // b.block):
+                b = None  # not the steps the layers table has (cannot happen with a fresh fingerprint; be safe)
+            self._blocks[layer] = b
+            return b
 
     def index_range(self, lo_step: float | None = None, hi_step: float | None = None) -> tuple[int, int]:
         """Step-axis indices [lo, hi) of the steps within [lo_step, hi_step] (None: open end)."""

@@ -24,6 +24,8 @@ import numpy as np
 
 from .data import RunData
 
+DETECT_BUDGET = 256 << 20  # bytes of dense counts the dashboard's detector holds at once
+
 log = logging.getLogger("moewatch.app")
 
 UNAVAILABLE = "unavailable"
@@ -86,7 +88,9 @@ def run_detector(run: RunData) -> Any:
     """The detector's `Analysis` of `run`; raises ImportError when the detector is not installed."""
     from moewatch.detect import analyze_run
 
-    return analyze_run(run.path, getattr(run, "detector_config", None))
+    # A smaller budget than the report's: the server holds the page's layers too, and a pass reads only its layers'
+    # row groups, so more passes cost little.
+    return analyze_run(run.path, getattr(run, "detector_config", None), budget_bytes=DETECT_BUDGET)
 
 
 def judge(run: RunData, generation: int = -1, seconds_from: float | None = None) -> Detection:

@@ -411,7 +411,7 @@ def heatmap_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None,
     without it, raw per-step counts binned to the plot width."""
     with run.lock:
         hi = run.n if hi is None else hi
-        lay = run.layer(layer)
+        lay = run.layer_info(layer)
         if hi <= lo:
             return empty_figure("no steps recorded in this range"), FigureInfo(False, 0, hi)
         if window:
@@ -473,11 +473,11 @@ def shares_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None, 
     detector window (or group of whole windows) with `window`, else per step."""
     with run.lock:
         hi = run.n if hi is None else hi
-        lay = run.layer(layer)
+        lay = run.layer_info(layer)
         if hi <= lo:
             return empty_figure("no steps recorded in this range"), FigureInfo(False, 0, hi)
         if window:
-            found = _windowed_load(run, layer, lo, hi, window, lines_budget(lay.tokens.a.shape[1]))
+            found = _windowed_load(run, layer, lo, hi, window, lines_budget(max(lay.num_experts, 1)))
             if found is None:
                 return empty_figure("this layer recorded no steps in this range"), FigureInfo(False, 0, hi)
             tokens, steps, bins = found
@@ -541,7 +541,7 @@ def metrics_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None,
     `window`, one point per detector window and the detector's window metrics (CV with sampling noise removed)."""
     with run.lock:
         hi = run.n if hi is None else hi
-        lay = run.layer(layer)
+        lay = run.layer_info(layer)
         if hi <= lo:
             return empty_figure("no steps recorded in this range"), FigureInfo(False, 0, hi)
         E, k = lay.num_experts, lay.top_k
@@ -692,7 +692,7 @@ def compare_heatmaps(items: list[tuple[str, RunData, str]], width_px: float | No
     caps = []
     for _, run, layer in items:
         with run.lock:
-            caps.append(log2_ratio_cap(run.layer(layer).num_experts))
+            caps.append(log2_ratio_cap(run.layer_info(layer).num_experts))
     cap = max(caps)
     n = len(items)
     gap = 0.04

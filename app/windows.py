@@ -61,8 +61,13 @@ def detector_window(run: RunData, layer: str, detection: Any = None) -> int | No
         return None
     with run.lock:
         rows = run.layer_rows(layer)
-        head = run.tokens(layer, 0, config.window_steps) if rows is None else \
-            run.tokens(layer)[rows[: config.window_steps]]
+        n_rows = run.n if rows is None else len(rows)
+        blocks = run.blocks(layer)  # a rollup keeps the first steps per step: no per-step read for this
+        if blocks is not None and len(blocks.head) >= min(config.window_steps, n_rows):
+            head = blocks.head[: config.window_steps]
+        else:
+            head = run.tokens(layer, 0, config.window_steps) if rows is None else \
+                run.tokens(layer)[rows[: config.window_steps]]
         return int(window_size(head, config))
 
 
@@ -110,12 +115,38 @@ def plan(run: RunData, layer: str, lo: int, hi: int, window: int, max_bins: int)
     return Bins(int(window), group, idx, (sel - r0).astype(np.int64))
 
 
+def _aligned_blocks(run: RunData, layer: str, bins: Bins) -> tuple[Any, np.ndarray] | None:
+    """The layer's rollup and each bin's first block (plus the end), when every bin is whole rollup blocks (the
+    usual case at full zoom-out: detector windows are multiples of the block); else None."""
+    blocks = run.blocks(layer)
+    if blocks is None:
+        return None
+    rows = run.layer_rows(layer)
+    n_rows = run.n if rows is None else len(rows)
+    r0 = bins.rows.start if isinstance(bins.rows, slice) else int(np.searchsorted(rows, bins.rows[0]))
+    edges = r0 + bins.edges
+    B = blocks.block
+    if (edges[:-1] % B).any() or not (edges[-1] % B == 0 or edges[-1] == n_rows):
+        return None
+    return blocks, -(-edges // B)
+
+
+def bin_load(run: RunData, layer: str, bins: Bins) -> np.ndarray:
+    """Assignments per bin and expert ``[B, E]`` int64: exact sums of rollup blocks where the bins are whole
+    blocks, else of the per-step counts (which the layer's first view at a finer zoom reads)."""
+    with run.lock:
+        found = _aligned_blocks(run, layer, bins)
+        if found is not None:
+            blocks, at = found
+            return np.add.reduceat(blocks.tokens[at[0]: at[-1]], at[:-1] - at[0], axis=0, dtype=np.int64)
+        return bin_sum(run.layer(layer).tokens.a[bins.rows], bins.edges, np.int64)
+
+
 def binned_load(run: RunData, layer: str, bins: Bins) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(assignments per bin and expert [B, E] int64, first step, last step of each bin)."""
     with run.lock:
-        tokens = run.layer(layer).tokens.a[bins.rows]
+        load = bin_load(run, layer, bins)
         steps = run.steps[bins.rows]
-        load = bin_sum(tokens, bins.edges, np.int64)
     return load, steps[bins.edges[:-1]].copy(), steps[bins.edges[1:] - 1].copy()
 
 
@@ -128,16 +159,21 @@ def window_series(run: RunData, layer: str, bins: Bins) -> dict[str, Any]:
 
     starts, ends = bins.edges[:-1], bins.edges[1:] - 1
     with run.lock:
-        lay = run.layer(layer)
+        lay = run.layer_info(layer)
         E, k = max(lay.num_experts, 1), max(lay.top_k, 1)
-        load = bin_sum(lay.tokens.a[bins.rows], bins.edges, np.int64).astype(np.float64)
+        load = bin_load(run, layer, bins).astype(np.float64)
         col = run.layer_column
         sums = {name: np.add.reduceat(col(layer, name, bins.rows), starts, dtype=np.float64)
                 for name in ("tokens", "dropped", "ent_w", "z_w", "aux_w", "nonfinite")}
         logit = np.fmax.reduceat(col(layer, "logit_abs_max", bins.rows).astype(np.float64), starts)
         steps = run.steps[bins.rows]
         first, last = steps[starts].copy(), steps[ends].copy()
-        bias = None if lay.bias is None else lay.bias.a[bins.rows][ends].astype(np.float64)
+        found = _aligned_blocks(run, layer, bins)
+        if found is not None:  # the bias at each bin's last step is its last block's (a rollup keeps it)
+            bias = None if found[0].bias is None else found[0].bias[found[1][1:] - 1]
+        else:
+            held = run.layer(layer).bias
+            bias = None if held is None else held.a[bins.rows][ends].astype(np.float64)
     tok = sums["tokens"]
     with np.errstate(invalid="ignore", divide="ignore"):
         per_tok = np.where(tok > 0, 1.0 / np.where(tok > 0, tok, 1.0), np.nan)

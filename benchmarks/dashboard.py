@@ -20,7 +20,6 @@ Targets (issue 5): first paint <= 1.5 s after the data is cached, layer switch <
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import resource
@@ -32,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from moewatch.store.schema import EXPERTS, EXPERTS_SCHEMA, LAYERS, LAYERS_SCHEMA, MANIFEST, SCHEMA_VERSION
+from moewatch.store.writer import part_bytes
 
 WIDTH_PX = 1150  # plot width in a 1400 px browser window (what the page asks for)
 
@@ -58,9 +57,7 @@ def shares(rng: np.random.Generator, steps: np.ndarray, E: int, collapse: bool, 
 def write_part(run: Path, table: str, t: pa.Table, n: int) -> None:
     folder = run / table
     folder.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    pq.write_table(t, buf, compression="zstd")
-    (folder / f"r0000-s0001-{n:08d}.parquet").write_bytes(buf.getvalue())
+    (folder / f"r0000-s0001-{n:08d}.parquet").write_bytes(part_bytes(t))  # the writer's layout: a row group per layer
 
 
 def chunk_tables(rng, lo: int, hi: int, total: int, layers: int, E: int, k: int, tokens: int, seq0: int
@@ -124,7 +121,7 @@ def chunk_tables(rng, lo: int, hi: int, total: int, layers: int, E: int, k: int,
 
 def make_run(path: Path, steps: int, layers: int, experts: int, part_steps: int, status: str = "running",
              top_k: int = 2, tokens: int = 4096) -> None:
-    params = {"steps": steps, "layers": layers, "experts": experts, "part_steps": part_steps, "v": 2}
+    params = {"steps": steps, "layers": layers, "experts": experts, "part_steps": part_steps, "v": 3}
     if (top_k, tokens) != (2, 4096):
         params.update(top_k=top_k, tokens=tokens)
     manifest = {"schema_version": SCHEMA_VERSION, "status": status, "model_class": "benchmark.SyntheticMoE",

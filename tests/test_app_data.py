@@ -548,3 +548,38 @@ def test_a_held_layer_gets_a_late_experts_part_and_follows_a_mixed_compaction(tm
     assert cache.refresh() is True and cache.n == 12
     np.testing.assert_array_equal(cache.tokens("a"), grid())
     assert grid().sum() == 12 * 256  # every step's 256 assignments, once
+
+
+def test_full_zoom_out_reads_the_rollups_exactly_and_no_per_step_counts(tmp_path):
+    """Coarser than a block (detector windows at full zoom-out), the page sums the run's rollups: the same numbers
+    as the per-step counts, without reading them."""
+    from moewatch.app import figures
+    from moewatch.store.compact import compact
+
+    path = synthetic_collapse(tmp_path, 2000)
+    assert compact(path).rollups
+    fresh = RunData(path, "x")
+    fresh.refresh()
+    name = fresh.layer_names[0]
+    window = detector_window(fresh, name)
+    assert window % 10 == 0 and fresh.layer_info(name).tokens is None  # sized from the rollup's head steps
+    figures.heatmap_figure(fresh, name, width_px=600, window=window)
+    figures.metrics_figure(fresh, name, window=window)
+    assert fresh.layer_info(name).tokens is None, "full zoom-out must not read the per-step counts"
+    bins = plan(fresh, name, 0, fresh.n, window, 300)
+    from_blocks, first, last = binned_load(fresh, name, bins)
+    series = window_series(fresh, name, bins)
+
+    per_step = RunData(path, "y")
+    per_step.refresh()
+    per_step._rollups = None  # as if the run had no rollups
+    expected, first2, last2 = binned_load(per_step, name, bins)
+    np.testing.assert_array_equal(from_blocks, expected)
+    np.testing.assert_array_equal(first, first2)
+    np.testing.assert_array_equal(last, last2)
+    assert per_step.layer_info(name).tokens is not None
+    for key, values in window_series(per_step, name, bins).items():
+        if values is None:
+            assert series[key] is None
+        else:
+            np.testing.assert_array_equal(series[key], values, err_msg=key)

@@ -331,16 +331,18 @@ def analyze(layers: Iterable[LayerData], config: DetectorConfig | None = None,
 
 
 def analyze_run(path, config: DetectorConfig | None = None,
-                progress: Callable[[Iterable], Iterable] | None = None) -> Analysis:
+                progress: Callable[[Iterable], Iterable] | None = None, budget_bytes: int | None = None) -> Analysis:
     """Judge a run directory on its all-ranks global view, streamed layer by layer (``moewatch.store.dense``):
-    memory holds one group of layers' counts at a time, never the run's long table. A layer is read from the run's
-    rollups (exact block sums, when up to date) where its windows are whole blocks, else from its per-step rows."""
-    from moewatch.store.dense import iter_dense_layers
+    memory holds one group of layers' counts at a time (at most ``budget_bytes``; default
+    ``moewatch.store.dense.DEFAULT_BUDGET``), never the run's long table. A layer is read from the run's rollups
+    (exact block sums, when up to date) where its windows are whole blocks, else from its per-step rows."""
+    from moewatch.store.dense import DEFAULT_BUDGET, iter_dense_layers
 
     config = config or DetectorConfig()
+    budget = DEFAULT_BUDGET if budget_bytes is None else budget_bytes
 
     def stream():
-        for dense in iter_dense_layers(path, skipped=[], rollups=True):
+        for dense in iter_dense_layers(path, budget, skipped=[], rollups=True):
             if dense.block != 1 and not _blocks_fit(dense, config):
                 (dense,) = iter_dense_layers(path, layers=[dense.layer], skipped=[])
             yield layer_data_from_dense(dense)
