@@ -56,6 +56,10 @@ PROBLEM_KINDS = {
 }
 
 
+# `stop_on` -> the alert statuses (moewatch.detect.alerts: Alert.status) that set Watch.should_stop.
+STOP_ON = {"critical": ("critical", "collapsed"), "collapsed": ("collapsed",)}
+
+
 @dataclass(frozen=True)
 class WatchConfig:
     """How a Watch records and flushes. Validated on construction."""
@@ -66,6 +70,7 @@ class WatchConfig:
     silent_steps: int = 3  # warn about a router that recorded nothing in this many training steps (0: never)
     per_rank: bool = False  # with a process group: also keep each rank's own rows (under ranks/)
     reduce_timeout: float = 60.0  # seconds a collective of the rank sum may take before the ranks fall back
+    stop_on: str | None = None  # "critical" or "collapsed": set Watch.should_stop when such a live alert is raised
 
     def __post_init__(self) -> None:
         if not isinstance(self.flush_steps, int) or self.flush_steps < 1:
@@ -78,6 +83,9 @@ class WatchConfig:
             raise ValueError(f"reduce_timeout must be > 0, got {self.reduce_timeout!r}")
         if not isinstance(self.per_rank, bool):
             raise TypeError(f"per_rank must be True or False, got {self.per_rank!r}")
+        if self.stop_on is not None and self.stop_on not in STOP_ON:
+            raise ValueError(f"stop_on must be 'critical' (stop on a critical or collapsed alert), 'collapsed' (stop on "
+                             f"a collapse alert only) or None (never stop), got {self.stop_on!r}")
 
 
 def _in_backward() -> bool:
@@ -124,7 +132,12 @@ class _LayerState:
 
 
 class Watch:
-    """Records router health for one model into one run directory. Create with `moewatch.attach`."""
+    """Records router health for one model into one run directory. Create with `moewatch.attach`.
+
+    `should_stop` turns True (and `stop_alert` holds the alert) once a live alert whose status `stop_on` names is
+    raised; a training loop checks it after `step()`. It is set in the writer thread when the flush that raised the
+    alert is evaluated, so it follows the alert's step by up to `flush_steps` steps (and the writer's lag).
+    """
 
     def __init__(
         self,
@@ -163,6 +176,8 @@ class Watch:
         self._manifest_lock = threading.Lock()  # the heartbeat (writer thread) and problems (here) both write run.json
         self._trained = False  # a training forward of the model ran since the last step()
         self._train_steps = 0  # steps that had a training forward
+        self.should_stop = False  # set by a live alert that config.stop_on names (see _on_live_alert)
+        self.stop_alert: Any = None  # the alert that set should_stop
 
         self._prepare_dir()
         self._next_step = self._resume_step()
@@ -195,6 +210,17 @@ class Watch:
             self._handles.append(model.register_forward_pre_hook(self._root_pre))
             self._handles.append(model.register_forward_hook(self._root_post, always_call=True))
         _track(self)
+
+    def _on_live_alert(self, alert: Any) -> None:
+        """Each new live alert, in the writer thread, before the user's on_alert: the first one whose status
+        `stop_on` names sets `should_stop` (it stays set) and logs why."""
+        stop_on = self.config.stop_on
+        if stop_on is None or self.should_stop or alert.status not in STOP_ON[stop_on]:
+            return
+        self.stop_alert = alert
+        self.should_stop = True
+        log.error("moewatch: stop_on=%r: a %s alert (%s) on %s was raised at step %d; watch.should_stop is set: %s",
+                  stop_on, alert.status, alert.kind, alert.layer, alert.detected_step, alert.message)
 
     # ------------------------------------------------------------------ set-up
     def _prepare_dir(self) -> None:
@@ -754,6 +780,7 @@ def attach(
     on_alert: Callable[[Any], None] | None = None,
     detector_config: Any = None,
     on_tables: Callable[[Any, Any], None] | None = None,
+    stop_on: str | None = None,
 ) -> Watch:
     """Find every router in `model` and start recording into `run_dir` (created; resumed if it holds a run).
 
@@ -762,6 +789,8 @@ def attach(
     `record_eval=True` records the others into the eval tables. `alerts=True` evaluates the collapse detector at
     each flush in the writer thread, logs each new alert once and calls `on_alert(alert)`. `on_tables(experts, layers)`
     is called in the writer thread with each flushed block of rows as pyarrow Tables (e.g. the TensorBoard bridge).
+    `stop_on="collapsed"` (a collapse alert) or `"critical"` (a critical or collapsed one) turns live alerts on and
+    sets `watch.should_stop` when such an alert is raised, for the training loop to stop on; nothing stops by default.
 
     Under torch.distributed (world size > 1) the ranks of `group` (a ProcessGroup, e.g. the data-parallel group;
     default: the world) sum their counts and statistics in a background thread and the group's first rank writes
@@ -780,7 +809,8 @@ def attach(
     from moewatch.capture.discovery import discover
 
     config = WatchConfig(flush_steps=flush_steps, flush_seconds=flush_seconds, record_eval=record_eval,
-                         silent_steps=silent_steps, per_rank=per_rank, reduce_timeout=reduce_timeout)
+                         silent_steps=silent_steps, per_rank=per_rank, reduce_timeout=reduce_timeout,
+                         stop_on=stop_on)
     if group is False:
         group = None
     elif group is None:
@@ -800,12 +830,21 @@ def attach(
     for problem in problems:
         warnings.warn(problem["message"], RuntimeWarning, stacklevel=2)
     sinks = [on_tables] if on_tables is not None else []
-    if alerts or on_alert is not None:
+    created: list[Watch] = []  # the Watch, once built: alerts are raised only at flushes, after attach returns
+    if alerts or on_alert is not None or stop_on is not None:
         from moewatch.detect.live import live_alerts
 
-        sinks.append(live_alerts(detector_config, on_alert))
-    return Watch(model, run_dir, specs, config, meta=meta, on_tables=_fan_out(sinks) if sinks else None,
-                 problems=problems, group=group)
+        def raised(alert: Any) -> None:
+            if created:
+                created[0]._on_live_alert(alert)
+            if on_alert is not None:
+                on_alert(alert)
+
+        sinks.append(live_alerts(detector_config, raised if on_alert is not None or stop_on is not None else None))
+    watch = Watch(model, run_dir, specs, config, meta=meta, on_tables=_fan_out(sinks) if sinks else None,
+                  problems=problems, group=group)
+    created.append(watch)
+    return watch
 
 
 def _unrouted_problems(model: nn.Module, specs: list[RouterSpec]) -> list[dict[str, Any]]:

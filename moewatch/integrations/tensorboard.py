@@ -1,7 +1,8 @@
 """The TensorBoard bridge: per-layer router-health scalars and expert-load histograms in a TensorBoard log directory.
 
 `TensorBoardBridge(log_dir)` is an `on_tables` sink for `moewatch.attach`: the Watch's writer thread calls it with
-each flushed block of rows, so nothing here runs on the training thread. For every (step, layer) it writes
+each flushed block of rows, so nothing here runs on the training thread. For every (step, layer) it writes (the rows
+and names come from `moewatch.integrations.bridge`, shared with the W&B, MLflow and trackio bridges)
 
 - scalars `moewatch/<layer>/<metric>` for cv, entropy_norm, max_share, dead, drop_rate, z_loss and aux_loss (the
   values of the run's `layers` table; null values, e.g. z_loss of a router without logits, are left out);
@@ -16,52 +17,50 @@ rank to `<log_dir>/rank<k>`.
 
 from __future__ import annotations
 
-import math
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from moewatch.integrations import require
-from moewatch.store.schema import LAYERS, SCHEMAS
+from moewatch.integrations.bridge import (
+    EXPERT_LOAD,
+    SCALARS,
+    BridgeConfig,
+    StepRows,
+    TrackerBridge,
+    metric_key,
+)
 
 require("tensorboard", "tensorboard", "moewatch.integrations.tensorboard")
 
-SCALARS = ("cv", "entropy_norm", "max_share", "dead", "drop_rate", "z_loss", "aux_loss")
+__all__ = ["SCALARS", "TensorBoardBridge", "TensorBoardConfig", "add_expert_load"]
 
 
-@dataclass(frozen=True)
-class TensorBoardConfig:
-    """What the bridge writes and where. Validated on construction."""
+@dataclass(frozen=True, kw_only=True)
+class TensorBoardConfig(BridgeConfig):
+    """What the bridge writes and where (plus the shared `BridgeConfig` fields). Validated on construction."""
 
     log_dir: str | os.PathLike
-    scalars: tuple[str, ...] = SCALARS
-    histograms: bool = True
-    prefix: str = "moewatch"
-    all_ranks: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not str(self.log_dir):
             raise ValueError("log_dir must be a directory path")
-        known = set(SCHEMAS[LAYERS].names)
-        unknown = [s for s in self.scalars if s not in known]
-        if unknown:
-            raise ValueError(f"unknown layer metrics {unknown}; pick from the `layers` table: {sorted(known)}")
-        if not self.prefix or self.prefix.startswith("/") or self.prefix.endswith("/"):
-            raise ValueError(f"prefix must be a non-empty tag prefix without leading/trailing '/', got {self.prefix!r}")
 
 
-class TensorBoardBridge:
+class TensorBoardBridge(TrackerBridge):
     """Writes moewatch's flushed rows to TensorBoard event files; pass it as `attach(..., on_tables=bridge)`.
 
     The event file is created on the first block that this bridge writes (ranks that write nothing create none) and
     flushed after every block, so TensorBoard sees each step once moewatch has flushed it. Call `close()` after the
-    Watch is closed (or use both as context managers, the Watch innermost).
+    Watch is closed (or use both as context managers, the Watch innermost). A writer error warns once and turns the
+    bridge off; training goes on.
     """
+
+    tracker = "TensorBoard"
 
     def __init__(
         self,
@@ -72,10 +71,9 @@ class TensorBoardBridge:
         prefix: str = "moewatch",
         all_ranks: bool = False,
     ):
-        self.config = TensorBoardConfig(Path(log_dir), tuple(scalars), histograms, prefix, all_ranks)
+        super().__init__(TensorBoardConfig(log_dir=Path(log_dir), scalars=tuple(scalars), histograms=histograms,
+                                           prefix=prefix, all_ranks=all_ranks))
         self._writers: dict[int, Any] = {}
-        self._lock = threading.Lock()
-        self._closed = False
 
     @property
     def log_dir(self) -> Path:
@@ -91,54 +89,22 @@ class TensorBoardBridge:
             self._writers[rank] = writer
         return writer
 
-    def __call__(self, experts: pa.Table, layers: pa.Table) -> None:
-        """Write one flushed block (called by the Watch's writer thread)."""
-        if layers.num_rows == 0:
-            return
-        with self._lock:
-            if self._closed:
-                return
-            ly = layers.to_pandas()
-            ex = experts.to_pandas() if self.config.histograms and experts.num_rows else None
-            for rank, rows in ly.groupby("rank", sort=True):
-                if rank != 0 and not self.config.all_ranks:
-                    continue
-                writer = self._writer(int(rank))
-                self._write_scalars(writer, rows)
-                if ex is not None:
-                    self._write_histograms(writer, ex[ex["rank"] == rank], rows)
-                writer.flush()
+    def _log_steps(self, rows: list[StepRows]) -> None:
+        used = {}
+        for r in rows:
+            writer = used[r.rank] = self._writer(r.rank)
+            for tag, value in r.scalars.items():
+                writer.add_scalar(tag, value, global_step=r.step, walltime=r.time)
+            for layer, counts in r.loads.items():
+                add_expert_load(writer, metric_key(self.config.prefix, layer, EXPERT_LOAD), counts, r.step, r.time)
+        for writer in used.values():
+            writer.flush()
 
-    def _write_scalars(self, writer: Any, rows: Any) -> None:
-        p = self.config.prefix
-        for row in rows.itertuples(index=False):
-            step, walltime = int(row.step), _finite_or_none(row.time)
-            for name in self.config.scalars:
-                value = _finite_or_none(getattr(row, name))
-                if value is not None:
-                    writer.add_scalar(f"{p}/{row.layer}/{name}", value, global_step=step, walltime=walltime)
-
-    def _write_histograms(self, writer: Any, ex: Any, rows: Any) -> None:
-        p = self.config.prefix
-        times = {(r.step, r.layer): _finite_or_none(r.time) for r in rows.itertuples(index=False)}
-        ex = ex.sort_values(["layer", "step", "expert"], kind="stable")
-        for (layer, step), g in ex.groupby(["layer", "step"], sort=False):
-            counts = g["tokens"].to_numpy(np.float64)
-            add_expert_load(writer, f"{p}/{layer}/expert_load", counts, int(step), times.get((step, layer)))
-
-    def close(self) -> None:
+    def _finish(self) -> None:
         """Flush and close the event files; later blocks are ignored."""
-        with self._lock:
-            self._closed = True
-            writers, self._writers = self._writers, {}
+        writers, self._writers = self._writers, {}
         for w in writers.values():
             w.close()
-
-    def __enter__(self) -> TensorBoardBridge:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"TensorBoardBridge({str(self.log_dir)!r})"
@@ -168,9 +134,3 @@ def add_expert_load(writer: Any, tag: str, counts_E: np.ndarray, step: int, wall
         walltime=walltime,
     )
 
-
-def _finite_or_none(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
