@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moewatch.store.compact import COMPACTED, replaced_by
-from moewatch.store.dense import Plan, plan_run, read_layers
+from moewatch.store.dense import Plan, PlanCache, plan_run, read_layers
 from moewatch.store.manifest import read_manifest, run_state
 from moewatch.store.reader import fallback_rules, part_files, read_rank_manifests
 from moewatch.store.schema import EXPERTS, LAYERS
@@ -98,7 +98,7 @@ class RunData:
         self.generation = 0
         self.last_refresh = 0.0
         self._skipped: list[str] = []  # paths of unreadable parts (each warned about once)
-        self._tables: dict[str, pa.Table] = {}  # layers parts read (plan_run's cache)
+        self._plans = PlanCache()  # layers parts read, and the last plan (plan_run extends it for appended steps)
         self._plan: Plan | None = None
         self._key: Any = None
         self._seen: set[str] = set()  # expert parts listed at the last refresh
@@ -127,7 +127,7 @@ class RunData:
             if key == self._key:
                 return False
             new_experts, _, _ = self._classify(files[EXPERTS], self._seen)
-            plan = plan_run(self.path, self._skipped, extra=True, cache=self._tables)
+            plan = plan_run(self.path, self._skipped, extra=True, cache=self._plans)
             old_steps, old_m = self._steps, self._m
             self._plan, self._key = plan, key
             self._blocks, self._rollups = {}, False

@@ -159,3 +159,36 @@ def test_a_flushed_experts_part_has_a_row_group_per_layer_and_a_step_range_reads
     assert d.steps.tolist() == [5, 6, 7, 8, 9]
     sub = view[(view.layer == names[1]) & view.step.between(5, 9)]
     np.testing.assert_array_equal(d.tokens, sub.pivot(index="step", columns="expert", values="tokens").to_numpy())
+
+
+def test_a_live_plan_extended_with_appended_parts_equals_a_fresh_plan(tmp_path):
+    """plan_run with a PlanCache extends the last plan for parts of later steps, and recomputes otherwise (a resume
+    that re-writes steps, a rank's older steps arriving late): always the plan of the whole table."""
+    from moewatch.store.dense import PlanCache, plan_run
+    from tests.test_app_data import random_counts, write_manifest, write_part
+
+    run = tmp_path / "run"
+    rng = np.random.default_rng(5)
+    write_manifest(run, ["a", "b"], 4, world_size=2)
+    cache = PlanCache()
+
+    def same() -> None:
+        got, want = plan_run(run, extra=True, cache=cache), plan_run(run, extra=True)
+        assert got.names == want.names and (got.ranks, got.wide, got.drops) == (want.ranks, want.wide, want.drops)
+        assert (got.winners is None) == (want.winners is None)
+        for n in want.names:
+            np.testing.assert_array_equal(got.steps[n], want.steps[n])
+            assert (got.num_experts[n], got.top_k[n]) == (want.num_experts[n], want.top_k[n])
+            for c, v in want.stats[n].items():
+                np.testing.assert_array_equal(got.stats[n][c], v, err_msg=f"{n} {c}")
+
+    write_part(run, {"a": random_counts(rng, 5, 4)}, np.arange(5), n=0)
+    same()
+    write_part(run, {"a": random_counts(rng, 5, 4), "b": random_counts(rng, 5, 4)}, np.arange(5, 10), n=1)
+    same()  # appended: a layer first seen in the new part
+    assert cache.last_step == 9
+    write_part(run, {"a": random_counts(rng, 3, 4)}, np.arange(3, 6), rank=1, n=0)
+    same()  # a second rank's older steps: recomputed
+    write_part(run, {"a": random_counts(rng, 4, 4)}, np.arange(8, 12), session=2, n=0)
+    same()  # a resume re-writing steps 8, 9
+    assert plan_run(run, cache=cache).winners is not None

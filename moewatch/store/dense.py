@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from moewatch.store.compact import COMPACTED
 from moewatch.store.reader import (
     fallback_rules,
     newest_rows,
@@ -116,31 +118,86 @@ def iter_dense_layers(run_dir: str | Path, budget_bytes: int = DEFAULT_BUDGET, l
         yield from _read_group(files, plan, group, skipped)
 
 
+@dataclass
+class PlanCache:
+    """What a live reader keeps between ``plan_run`` calls: the layers parts already read (part files are immutable)
+    and the last plan, which new parts holding only later steps extend instead of it being recomputed."""
+
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+    plan: Plan | None = None
+    files: tuple[str, ...] = ()
+    rules: str = ""
+    extra: bool = False
+    last_step: int = -1
+    rank_ids: frozenset[int] = frozenset()
+
+
 def plan_run(run_dir: str | Path, skipped: list[str] | None = None, extra: bool = False,
-             cache: dict[str, pa.Table] | None = None) -> Plan:
+             cache: PlanCache | None = None) -> Plan:
     """Read the (small) layers table of a run: every layer's recorded steps, shape and per-step stats, resumed steps
     de-duplicated and a failed group sum's rows dropped as ``moewatch.load`` does.
 
     ``extra`` adds the stats a chart shows beside the detector's: ``aux_loss`` (token-weighted), and ``cv``,
     ``max_share``, ``dead`` as recorded (a single writer's are the global values; with several ranks
-    (``Plan.ranks > 1``) they are one rank's, and the counts must be read to get the sum's). ``cache`` maps part
-    file names to their tables already read: a live reader passes the same dict each time and only new parts are
-    read (part files are immutable)."""
+    (``Plan.ranks > 1``) they are one rank's, and the counts must be read to get the sum's). ``cache``: a live
+    reader passes the same :class:`PlanCache` each time; only new parts are read, and when they hold only steps
+    after every step seen (a run appending flushes) the last plan is extended with them, not recomputed."""
     run_dir = Path(run_dir)
     columns = _LAYER_COLUMNS + list(_EXTRA_COLUMNS if extra else ())
     files = part_files(run_dir, LAYERS)
-    if cache is None:
-        table = read_parts(files, LAYERS, skipped, columns=columns)
-    else:
-        for name in set(cache) - {f.name for f in files}:
-            del cache[name]  # replaced by a compaction
-        for f in files:
-            if f.name not in cache:
-                got = read_parts([f], LAYERS, skipped, columns=columns)
-                cache[f.name] = got  # an unreadable part stays empty: warned about once, not on every refresh
-        tables = [cache[f.name] for f in files if cache[f.name].num_rows]
-        table = pa.concat_tables(tables) if tables else read_parts([], LAYERS, columns=columns)
     rules = fallback_rules(read_rank_manifests(run_dir))
+    if cache is None:
+        return _plan_table(read_parts(files, LAYERS, skipped, columns=columns), columns, rules, extra)[0]
+    if cache.extra != extra:
+        cache.tables.clear()
+        cache.plan, cache.extra = None, extra
+    names = [f.name for f in files]
+    for name in set(cache.tables) - set(names):
+        del cache.tables[name]  # replaced by a compaction
+    new = [f for f in files if f.name not in cache.tables]
+    for f in new:
+        # An unreadable part stays as an empty table: warned about once, not on every refresh.
+        cache.tables[f.name] = read_parts([f], LAYERS, skipped, columns=columns)
+    fresh = [cache.tables[f.name] for f in new if cache.tables[f.name].num_rows]
+    appended = (cache.plan is not None and not rules and cache.rules == "" and cache.plan.winners is None
+                and set(cache.files) <= set(names) and not any(COMPACTED.match(f.name) for f in new)
+                and all(int(pc.min(t["step"]).as_py()) > cache.last_step for t in fresh))
+    if appended and not fresh:
+        plan, ranks = cache.plan, cache.rank_ids
+    elif appended:
+        delta, ranks = _plan_table(pa.concat_tables(fresh), columns, rules, extra)
+        if delta.winners is None:
+            ranks = cache.rank_ids | ranks
+            plan = _extend(cache.plan, delta, len(ranks))
+        else:
+            appended = False
+    if not appended:
+        tables = [cache.tables[n] for n in names if cache.tables[n].num_rows]
+        table = pa.concat_tables(tables) if tables else read_parts([], LAYERS, columns=columns)
+        plan, ranks = _plan_table(table, columns, rules, extra)
+    cache.plan, cache.files, cache.rules, cache.rank_ids = plan, tuple(names), repr(rules) if rules else "", ranks
+    cache.last_step = max((int(v[-1]) for v in plan.steps.values() if len(v)), default=-1)
+    return plan
+
+
+def _extend(old: Plan, new: Plan, ranks: int) -> Plan:
+    """``old`` followed by ``new``, whose steps all come after ``old``'s (each layer's arrays concatenated)."""
+    steps, stats = dict(old.steps), dict(old.stats)
+    E, k = dict(old.num_experts), dict(old.top_k)
+    for n in new.names:
+        if n in steps:
+            steps[n] = np.concatenate([steps[n], new.steps[n]])
+            stats[n] = {c: np.concatenate([v, new.stats[n][c]]) for c, v in stats[n].items()}
+            E[n] = max(E[n], new.num_experts[n])
+        else:
+            steps[n], stats[n], E[n] = new.steps[n], new.stats[n], new.num_experts[n]
+        k[n] = new.top_k[n]
+    names = old.names + [n for n in new.names if n not in old.steps]
+    return Plan(names, steps, E, k, stats, None, None, old.wide or new.wide, ranks, old.drops or new.drops)
+
+
+def _plan_table(table: pa.Table, columns: list[str], rules: list, extra: bool) -> tuple[Plan, frozenset[int]]:
+    """The plan of a layers table (and the ranks that wrote it)."""
     filtered = bool(rules)
     if rules:  # rows a rank wrote after its group's sum failed, for steps the sum already holds (as load does)
         table = superseded_rows(table, rules)
@@ -205,9 +262,9 @@ def plan_run(run_dir: str | Path, skipped: list[str] | None = None, extra: bool 
                 stats_of[name][c] = v
         steps_of[name], E_of[name], k_of[name] = steps, E, k
         wide = wide or bool(n and (tokens * k).max() >= 2**31 - 1)
-    ranks = len(np.unique(col["rank"])) if len(col["rank"]) else 0
+    rank_ids = frozenset(int(r) for r in np.unique(col["rank"]))
     drops = bool(len(col["dropped"]) and np.any(col["dropped"]))
-    return Plan(names, steps_of, E_of, k_of, stats_of, winners, versions, wide, ranks, drops)
+    return Plan(names, steps_of, E_of, k_of, stats_of, winners, versions, wide, len(rank_ids), drops), rank_ids
 
 
 def read_layers(run_dir: str | Path, names: list[str], plan: Plan | None = None,
