@@ -3,24 +3,22 @@
 Owns finding runs under a path, running the detector on each run's global view, the four renderings and the exit
 code: 0 for healthy, warning and recovered runs, 1 when a run is critical or collapsed (``fail_on`` lowers the bar to
 recovered or warning); bad input raises :class:`ReportInputError`, which the CLI turns into exit 2 with its one-line
-message. The JSON layout is a contract documented in docs/format.md.
+message. The JSON layout is a contract documented in docs/format.md. The HTML page (its summary table and charts)
+is moewatch.report_html's; ``render_html`` here hands over to it.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from moewatch.detect import (
-    STATUS_RANK,
     STATUSES,
     Alert,
     Analysis,
@@ -153,7 +151,7 @@ def report_paths(paths: list[Path], fmt: str = "text", config: DetectorConfig | 
     bar = tqdm(run_dirs, desc="reading runs", unit="run", disable=None if len(run_dirs) > 1 else True,
                file=sys.stderr)
     reports = [build_report(p, config, progress=True) for p in bar]
-    text = render(reports, fmt, config)
+    text = render(reports, fmt, config, sources=paths)
     if out is None:
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -174,13 +172,15 @@ def overall_status(reports: list[RunReport]) -> str:
     return worst_status([r.status for r in reports])
 
 
-def render(reports: list[RunReport], fmt: str, config: DetectorConfig | None = None) -> str:
+def render(reports: list[RunReport], fmt: str, config: DetectorConfig | None = None, *,
+           sources: Iterable[Path] | None = None) -> str:
+    """``reports`` in ``fmt``; ``sources`` (the paths asked for) are named in the HTML page's header."""
     if fmt == "json":
         return render_json(reports)
     if fmt == "markdown":
         return render_markdown(reports)
     if fmt == "html":
-        return render_html(reports, config or DetectorConfig())
+        return render_html(reports, config or DetectorConfig(), sources=sources)
     if fmt == "text":
         return render_text(reports)
     raise ReportInputError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -337,100 +337,11 @@ def render_markdown(reports: list[RunReport]) -> str:
 
 # ----------------------------------------------------------------------------------------------------- HTML
 
-_MAX_POINTS = 600  # per chart series: enough to see a trend, small enough to mail
-_MAX_HEATMAPS = 8
 
+def render_html(reports: list[RunReport], config: DetectorConfig, *, sources: Iterable[Path] | None = None,
+                made: datetime | None = None) -> str:
+    """One self-contained page (moewatch.report_html): a summary of the runs, worst first, then each run's charts."""
+    # Imported here: text, markdown and JSON reports never load plotly.
+    from moewatch.report_html import render_html as page
 
-def _downsample(x: np.ndarray, n: int = _MAX_POINTS) -> np.ndarray:
-    """Block means down to at most ``n`` points (a 1-D or 2-D [windows, ...] array)."""
-    if len(x) <= n:
-        return x
-    size = math.ceil(len(x) / n)
-    cut = len(x) // size * size
-    head = x[:cut].reshape(cut // size, size, *x.shape[1:])
-    with np.errstate(invalid="ignore"):
-        out = np.nanmean(head, axis=1) if np.issubdtype(x.dtype, np.floating) else head.mean(axis=1)
-    return out
-
-
-def render_html(reports: list[RunReport], config: DetectorConfig) -> str:
-    """One self-contained page: plotly.js is inlined once, charts of load over time per run."""
-    parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>moewatch report</title><style>",
-        "body{font-family:system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#f3f3f3}"
-        ".collapsed,.critical{color:#b00020;font-weight:bold}.warning{color:#b36b00;font-weight:bold}"
-        ".recovered{color:#1565c0;font-weight:bold}.healthy{color:#2e7d32}.num{text-align:right}",
-        "</style></head><body>",
-        f"<h1>moewatch report: <span class='{overall_status(reports)}'>{overall_status(reports)}</span></h1>",
-    ]
-    first_chart = True
-    for rep in reports:
-        parts.append(f"<h2>{html.escape(str(rep.path))}: <span class='{rep.status}'>{rep.status}</span></h2>")
-        parts.append(f"<p>{html.escape(_header(rep))}</p><p><b>Verdict:</b> {html.escape(rep.verdict)}</p>")
-        if rep.problems:
-            items = "".join(f"<li>{html.escape(p)}</li>" for p in rep.problems)
-            parts.append(f"<p class='warning'>Capture problems (run.json): what moewatch could not record</p>"
-                         f"<ul>{items}</ul>")
-        parts.append(_html_table(_COLUMNS, _layer_rows(rep)))
-        groups = _groups(rep.analysis.alerts)
-        if groups:
-            rows = [(g.head.severity, g.head.kind, g.head.layer, g.span(), g.head.message, g.head.lever)
-                    for g in groups]
-            parts.append(_html_table(("severity", "kind", "layer", "when", "message", "lever"), rows))
-        for fig in _figures(rep):
-            parts.append(fig.to_html(full_html=False, include_plotlyjs=first_chart, config={"displaylogo": False}))
-            first_chart = False
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
-def _html_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td class='{html.escape(c) if c in STATUS_RANK else ''}'>"
-                         f"{html.escape(c)}</td>" for c in row) + "</tr>"
-        for row in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _figures(rep: RunReport) -> list:
-    import plotly.graph_objects as go
-
-    layers = rep.analysis.layers
-    figs = []
-    for metric, title in (("cv", "Load imbalance (CV of expert loads per window)"),
-                          ("max_share", "Largest expert's share of assignments")):
-        fig = go.Figure()
-        for layer in layers:
-            s = layer.series
-            if not len(s["last"]):
-                continue
-            fig.add_trace(go.Scattergl(x=_downsample(s["last"].astype(float)), y=_downsample(s[metric]),
-                                       mode="lines", name=layer.layer))
-        # Where the first warning and the first critical alert were raised: how much notice the run gave.
-        for severity, color in (("warning", "#b36b00"), ("critical", "#b00020")):
-            raised = [a.detected_step for a in rep.analysis.alerts if a.severity == severity]
-            if raised:
-                fig.add_vline(x=min(raised), line_dash="dot", line_color=color, opacity=0.6)
-        fig.update_layout(title=title, xaxis_title="step", height=360, margin=dict(l=50, r=20, t=50, b=40))
-        figs.append(fig)
-    # Heatmaps of each expert's load relative to its fair share, for the layers most worth a look.
-    ranked = sorted(layers, key=lambda r: (-STATUS_RANK[r.status], -_nan0(r.summary()["cv"])))
-    for layer in ranked[:_MAX_HEATMAPS]:
-        s = layer.series
-        if not len(s["last"]):
-            continue
-        z = _downsample(s["share"].astype(np.float64)) * layer.num_experts
-        fig = go.Figure(go.Heatmap(z=z.T, x=_downsample(s["last"].astype(float)), y=list(range(layer.num_experts)),
-                                   colorscale="Viridis", zmin=0, zmax=max(3.0, float(np.nanmax(z)) if z.size else 3.0),
-                                   colorbar=dict(title="x fair")))
-        fig.update_layout(title=f"{layer.layer}: expert load / fair share ({layer.status})",
-                          xaxis_title="step", yaxis_title="expert", height=320, margin=dict(l=50, r=20, t=50, b=40))
-        figs.append(fig)
-    return figs
-
-
-def _nan0(v: float | None) -> float:
-    return 0.0 if v is None or not math.isfinite(v) else v
+    return page(reports, config, sources=sources, made=made)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import moewatch
 from moewatch.detect import DetectorConfig
 from moewatch.detect import synthetic as syn
 from moewatch.detect.evaluate import _strength
@@ -93,13 +94,98 @@ def test_html_is_self_contained(runs, tmp_path, capsys):
     assert code == 1 and capsys.readouterr().out == ""
     # Booleans, not `in page`: a failing assert would print the whole 5 MB page.
     framed = page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
-    external = re.search(r"<script[^>]*\bsrc=", page) is not None
+    external = re.search(r"<(script|link)[^>]*\b(src|href)=", page) is not None
     libraries = page.count("plotly.js v")
-    charts = page.count('class="plotly-graph-div"')
+    figures = islands(page)
     assert framed and not external  # plotly.js is inlined: the page works offline, as a CI artifact or mail
     assert libraries == 1  # the library once, however many charts
-    assert charts >= 3 * 3  # cv, max share and a heatmap per run
+    assert page.count("class='mw-chart'") == len(figures) >= 3 * 4  # cv, max share and a heatmap per layer per run
+    # SVG traces only: a WebGL trace per chart runs a folder report out of the browser's WebGL contexts.
+    assert {t["type"] for f in figures for t in f["data"]} == {"scatter", "heatmap"}
     assert all(word in page for word in ("expert load", "wobbly", "Verdict", "COLLAPSED"))
+
+
+def islands(page: str) -> list[dict]:
+    """The charts of a report page: the JSON island after each chart div."""
+    return [json.loads(m) for m in re.findall(r"<div class='mw-chart'></div><script type='application/json'>(.*?)"
+                                              r"</script>", page)]
+
+
+def summary_rows(page: str) -> list[list[str]]:
+    table = re.search(r"<table class='summary'>(.*?)</table>", page).group(1)
+    return [[re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+            for row in re.findall(r"<tr>(.*?)</tr>", table)[1:]]
+
+
+def test_html_folder_report_opens_with_a_summary_worst_first(runs, tmp_path, capsys):
+    from moewatch.report import build_report, render_html
+
+    out = tmp_path / "report.html"
+    report_paths([runs], "html", out=out)
+    page = out.read_text()
+    rows = summary_rows(page)
+    # worst first in the detector's status order; each row links to its run's section, which follow that order
+    assert [r[:2] for r in rows] == [["team/collapsed", "collapsed"], ["wobbly", "warning"], ["healthy", "healthy"]]
+    collapsed, wobbly, healthy = rows
+    assert collapsed[2] == "model.layers.0.mlp.gate collapsed"  # the worst layer, and what is wrong: the verdict
+    assert f"<b>Verdict:</b> COLLAPSED: {collapsed[3]}</p>" in page and "since step 1540" in collapsed[3]
+    assert collapsed[4].isdigit() and wobbly[4] == healthy[4] == "-"  # the first critical step, if any
+    assert collapsed[5] == "2200" and healthy[3] == "no warning on any of 2 layers."
+    anchors = re.findall(r"<a href='#(run-\d+)'>", page)
+    sections = re.findall(r"<h2 id='(run-\d+)'>([^:]+):", page)
+    assert anchors == [a for a, _ in sections] == ["run-1", "run-2", "run-3"]
+    assert [name for _, name in sections] == ["team/collapsed", "wobbly", "healthy"]
+    meta = re.search(r"<p class='meta'>(.*?)</p>", page).group(1)
+    assert re.match(rf"Made \d{{4}}-\d\d-\d\d \d\d:\d\d UTC from <code>{re.escape(str(runs))}</code> by moewatch "
+                    rf"{re.escape(moewatch.__version__)} &middot; 3 runs: 1 collapsed, 1 warning, 1 healthy", meta)
+    assert meta.endswith("detector settings: defaults")
+
+    # One run: no summary table; called without sources (as the W&B / MLflow bridges do), it names the run.
+    config = DetectorConfig().with_overrides({"cv_warning": "0.4"})
+    one = render_html([build_report(runs / "healthy", config)], config)
+    assert "<table class='summary'>" not in one and f"from <code>{runs / 'healthy'}</code>" in one
+    assert "1 run &middot; detector settings: cv_warning=0.4" in one
+
+
+def test_html_charts_stop_growing_with_the_run(runs):
+    """A run of 30,000 windows: each line keeps at most LINE_POINTS points (a one-window spike among them) and each
+    heatmap about a chart's pixels of columns."""
+    import numpy as np
+    from moewatch.app.downsample import LINE_POINTS
+
+    from moewatch.detect.engine import Analysis, LayerResult
+    from moewatch.report import RunReport
+    from moewatch.report_html import CHART_PX, _figures
+
+    w, e = 30_000, 8
+    rng = np.random.default_rng(0)
+    cv = rng.uniform(0.1, 0.2, w)
+    cv[12_345] = 7.0
+    share = rng.dirichlet(np.ones(e), w).astype(np.float32)
+    series = {"first": np.arange(w) * 20, "last": np.arange(w) * 20 + 19, "cv": cv, "max_share": share.max(axis=1),
+              "entropy_norm": np.ones(w), "drop_rate": np.zeros(w), "z_loss": np.zeros(w), "dead": np.zeros(w, int),
+              "share": share}
+    layer = LayerResult("l0", e, 2, 20, w * 20, [], series)
+    rep = RunReport(Path("long"), {}, "finished", w * 20, Analysis([layer], []))
+    lines_cv, lines_share, heat = _figures(rep)
+    trace = lines_cv["data"][0]
+    assert len(trace["x"]) <= LINE_POINTS and 7.0 in trace["y"] and trace["x"][-1] == w * 20 - 1
+    assert len(heat["data"][0]["x"]) == CHART_PX and np.asarray(heat["data"][0]["z"]).shape == (e, CHART_PX)
+
+
+def test_html_size_of_a_100_run_folder_report(tmp_path):
+    """plotly.js once (~4.8 MB), then a few kB per run of the sample-run size: 100 runs stay under 15 MB."""
+    from moewatch.report import build_report, render_html
+
+    samples = Path(__file__).resolve().parents[1] / "sample_runs"
+    dirs = sorted(p.parent for p in samples.glob("*/run.json"))
+    if not dirs:
+        pytest.skip("sample_runs/ is not in this checkout")
+    reports = [build_report(d, DetectorConfig()) for d in dirs]
+    one = len(render_html(reports[:1], DetectorConfig()).encode())
+    hundred = len(render_html([reports[i % len(reports)] for i in range(100)], DetectorConfig()).encode())
+    per_run = (hundred - one) / 99
+    assert hundred < 15e6 and per_run < 60e3, (hundred, per_run)
 
 
 def test_config_and_overrides_change_the_verdict(runs, tmp_path, capsys):
