@@ -554,6 +554,7 @@ def test_full_zoom_out_reads_the_rollups_exactly_and_no_per_step_counts(tmp_path
     """Coarser than a block (detector windows at full zoom-out), the page sums the run's rollups: the same numbers
     as the per-step counts, without reading them."""
     from moewatch.app import figures
+
     from moewatch.store.compact import compact
 
     path = synthetic_collapse(tmp_path, 2000)
