@@ -51,10 +51,11 @@ class Truth(RouterCounts, TrainerCallback):
 def make_trainer(tmp_path: Path, callback: MoEWatchCallback, max_steps: int = 3, **extra) -> tuple[Trainer, Truth]:
     model = tiny_mixtral()
     truth = Truth(model)
-    args = TrainingArguments(
+    settings = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
         max_steps=max_steps, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, dataloader_num_workers=0, seed=1, **extra)
+        disable_tqdm=True, dataloader_num_workers=0, seed=1)
+    args = TrainingArguments(**{**settings, **extra})
     # 10 samples in micro-batches of 2 with accumulation 2: optimizer steps of 2, 2 and 1 micro-batches.
     trainer = Trainer(model=model, args=args, train_dataset=dataset(10, 0), eval_dataset=dataset(4, 1),
                       callbacks=[callback, truth])
@@ -130,9 +131,60 @@ def test_run_dir_meta_flush_and_a_train_that_raised(tmp_path):
     assert len(list((tmp_path / "mine" / "layers").glob("*.parquet"))) == 2 + 3  # one part per step
 
 
+def test_wandb_and_mlflow_switches_log_into_the_trainers_own_runs(tmp_path, monkeypatch):
+    """report_to=["wandb", "mlflow"] opens the Trainer's runs; wandb=True / mlflow=True log moewatch into them."""
+    wandb = pytest.importorskip("wandb")
+    mlflow = pytest.importorskip("mlflow")
+    from tests.wandb_offline import read_offline_run, rows_with
+
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+                        "WANDB_DIR": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path), "WANDB_CACHE_DIR": str(tmp_path),
+                        "WANDB_DATA_DIR": str(tmp_path), "WANDB_PROJECT": "moewatch-hf",
+                        "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true",
+                        "MLFLOW_EXPERIMENT_NAME": "moewatch-hf"}.items():
+        monkeypatch.setenv(name, value)
+    wandb.teardown()  # W&B keeps its folders in a process-wide singleton: read the ones above
+    mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
+    callback = MoEWatchCallback(flush_steps=1, wandb=True, mlflow=True)
+    trainer, _ = make_trainer(tmp_path, callback, report_to=["wandb", "mlflow"])
+    try:
+        trainer.train()
+        wandb_run_id = wandb.run.id
+    finally:
+        wandb.finish()
+        wandb.teardown()
+        mlflow.set_tracking_uri(None)
+    run = moewatch.load(tmp_path / "out" / "moewatch")
+
+    rec = read_offline_run(tmp_path, wandb_run_id)
+    assert rec.metrics["*"].step_metric == "train/global_step"  # the Trainer's W&B callback made this run
+    for layer in LAYERS:
+        rows = run.layers[run.layers.layer == layer].sort_values("step")
+        logged = rows_with(rec, f"moewatch/{layer}/cv")
+        assert [r["moewatch/step"] for r in logged] == [1, 2, 3]
+        np.testing.assert_allclose([r[f"moewatch/{layer}/cv"] for r in logged], rows.cv.to_numpy(), rtol=1e-6)
+        assert rec.metrics[f"moewatch/{layer}/cv"].step_metric == "moewatch/step"
+    assert "moewatch_report.html" in rec.files
+
+    client = mlflow.MlflowClient((tmp_path / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("moewatch-hf")
+    (ml_run,) = client.search_runs([experiment.experiment_id])  # the one run, the Trainer's
+    assert "learning_rate" in ml_run.data.params  # the Trainer's MLflow callback logged its arguments there
+    history = client.get_metric_history(ml_run.info.run_id, f"moewatch/{LAYERS[0]}/max_share")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert [a.path for a in client.list_artifacts(ml_run.info.run_id, "moewatch")] == ["moewatch/moewatch_report.html"]
+
+
 def test_settings_are_validated_when_the_callback_is_built():
     with pytest.raises(ValueError, match="flush_steps"):
         MoEWatchCallback(flush_steps=0)
+    with pytest.raises(ValueError, match="stop_on must be"):
+        MoEWatchCallback(stop_on="warning")
+    pytest.importorskip("wandb")
+    with pytest.raises(ValueError, match=r"unknown WandbBridge arguments \['nope'\]"):
+        MoEWatchCallback(wandb={"nope": 1})
+    with pytest.raises(TypeError, match="wandb must be True"):
+        MoEWatchCallback(wandb="yes")
     with pytest.raises(ValueError, match="JSON"):
         MoEWatchCallback(meta={"model": object()})
     with pytest.raises(ValueError, match="reduce_timeout"):
@@ -159,9 +211,10 @@ def test_missing_transformers_names_the_extra(monkeypatch):
 
 
 def test_import_moewatch_pulls_in_no_optional_dependency():
-    code = ("import sys, moewatch, moewatch.integrations, moewatch.integrations.session; "
+    code = ("import sys, moewatch, moewatch.integrations, moewatch.integrations.session, "
+            "moewatch.integrations.bridge; "
             "print(sorted(m for m in ('transformers', 'lightning', 'pytorch_lightning', 'tensorboard', "
-            "'accelerate') if m in sys.modules))")
+            "'accelerate', 'wandb', 'mlflow', 'trackio') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 
@@ -169,7 +222,8 @@ def test_import_moewatch_pulls_in_no_optional_dependency():
 def _snippet_problems(markdown: Path, only_integrations: bool) -> tuple[int, list[str]]:
     """Code blocks of `markdown` that are not excerpts of an example: their lines, in order, in one examples/ file."""
     examples = {p.name: p.read_text().splitlines() for p in sorted((ROOT / "examples").glob("*.py"))}
-    keys = ("moewatch.integrations", "MoEWatchCallback", "TensorBoardBridge", "DistributedDataParallel", "torchrun")
+    keys = ("moewatch.integrations", "MoEWatchCallback", "TensorBoardBridge", "DistributedDataParallel", "torchrun",
+            "should_stop")
     checked, problems = 0, []
     for marker, lang, body in re.findall(r"(<!-- recipe[^>]*-->\n)?```(\w*)\n(.*?)```", markdown.read_text(),
                                          flags=re.S):

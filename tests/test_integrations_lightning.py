@@ -112,6 +112,48 @@ def test_submodule_run_dir_and_tensorboard_next_to_the_logger(tmp_path):
     np.testing.assert_allclose([e.value for e in events], rows.max_share.to_numpy(), rtol=1e-6)
 
 
+def test_wandb_and_mlflow_switches_log_into_the_loggers_runs(tmp_path, monkeypatch):
+    """WandbLogger and MLFlowLogger open the runs; wandb=True / mlflow=True log moewatch into them."""
+    wandb = pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+    from mlflow import MlflowClient
+
+    from tests.wandb_offline import read_offline_run, rows_with
+
+    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    wandb.teardown()  # W&B keeps its folders in a process-wide singleton: read the ones above
+    uri = (tmp_path / "mlruns").as_uri()
+    loggers = [WandbLogger(project="moewatch-pl", save_dir=str(tmp_path), offline=True),
+               MLFlowLogger(experiment_name="moewatch-pl", tracking_uri=uri)]
+    callback = MoEWatchCallback(module="model", flush_steps=1, wandb=True, mlflow=True)
+    try:
+        trainer_for(tmp_path, [callback], logger=loggers, max_steps=2, limit_val_batches=0).fit(LitMoE(), loader())
+        wandb_run_id = loggers[0].experiment.id
+    finally:
+        wandb.finish()
+        wandb.teardown()
+    run = moewatch.load(tmp_path / "root" / "moewatch")
+    layer = "model.layers.0.mlp.gate"
+    expected = run.layers[run.layers.layer == layer].sort_values("step").max_share.to_numpy()
+
+    rec = read_offline_run(tmp_path, wandb_run_id)
+    assert rec.metrics["*"].step_metric == "trainer/global_step"  # the WandbLogger's run
+    logged = rows_with(rec, f"moewatch/{layer}/max_share")
+    assert [r["moewatch/step"] for r in logged] == [1, 2]
+    np.testing.assert_allclose([r[f"moewatch/{layer}/max_share"] for r in logged], expected, rtol=1e-6)
+    assert "moewatch_report.html" in rec.files
+
+    client = MlflowClient(uri)
+    history = client.get_metric_history(loggers[1].run_id, f"moewatch/{layer}/max_share")  # the MLFlowLogger's run
+    np.testing.assert_allclose([m.value for m in sorted(history, key=lambda m: m.step)], expected, rtol=1e-6)
+    assert [a.path for a in client.list_artifacts(loggers[1].run_id, "moewatch")] == ["moewatch/moewatch_report.html"]
+
+
 def test_an_exception_closes_the_run_as_crashed(tmp_path):
     callback = MoEWatchCallback(flush_steps=1)
     with pytest.raises(RuntimeError, match="boom"):
@@ -146,6 +188,8 @@ def test_unknown_submodule_is_a_clear_error(tmp_path):
         trainer_for(tmp_path, [MoEWatchCallback(module="backbone")], max_steps=1).fit(LitMoE(), loader())
     with pytest.raises(ValueError, match="flush_seconds"):
         MoEWatchCallback(flush_seconds=0)
+    with pytest.raises(ValueError, match="stop_on must be"):
+        MoEWatchCallback(stop_on="sometimes")
 
 
 def test_readme_example(tmp_path, monkeypatch):

@@ -32,6 +32,7 @@ def store(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("Default")  # the active experiment is process-wide: not one another test's store had
     yield uri
     while mlflow.active_run() is not None:
         mlflow.end_run()

@@ -4,6 +4,12 @@
 - `moewatch.integrations.lightning.MoEWatchCallback`: a Lightning `Callback` (extra `moewatch[lightning]`).
 - `moewatch.integrations.tensorboard.TensorBoardBridge`: per-layer scalars and expert-load histograms in a TensorBoard
   log directory, written from moewatch's writer thread (extra `moewatch[tensorboard]`).
+- `moewatch.integrations.wandb.WandbBridge`, `moewatch.integrations.mlflow.MLflowBridge`,
+  `moewatch.integrations.trackio.TrackioBridge`: the same scalars (and histograms where the tracker has them), alerts
+  and, for W&B and MLflow, the HTML report, in Weights & Biases, MLflow or trackio (extras `moewatch[wandb]`,
+  `moewatch[mlflow]`, `moewatch[trackio]`).
+- `moewatch.integrations.bridge`: what those bridges share (the scalars' names and values, histogram binning,
+  rate-limited alert delivery, warn-once-and-disable); `moewatch.integrations.session`: the callbacks' lifecycle.
 
 This package imports none of those libraries, so `import moewatch` stays free of optional dependencies.
 """

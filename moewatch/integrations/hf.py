@@ -7,10 +7,15 @@ Attaches at `on_train_begin` to the Trainer's model, ends one moewatch step at e
 step, so the micro-batches of gradient accumulation sum into one step) numbered with `state.global_step` (1, 2, ...
 as the Trainer counts), and closes at `on_train_end`. The run goes to `<output_dir>/moewatch` unless `run_dir` is
 given. Under torchrun the ranks' counts are summed over the world group and written once (the Watch does that).
+
+`wandb=True` / `mlflow=True` also log into the run the Trainer's `report_to=` opened (or the active one); `stop_on=
+"collapsed"` (or `"critical"`) ends training at the first step after such a live alert, with a checkpoint:
+`control.should_save` and `control.should_training_stop`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,6 +24,8 @@ from typing import Any
 from moewatch.capture.watch import Watch
 from moewatch.integrations import require
 from moewatch.integrations.session import CallbackConfig, WatchSession, jsonable
+
+log = logging.getLogger("moewatch")
 
 transformers = require("transformers", "hf", "moewatch.integrations.hf")
 TrainerCallback = transformers.TrainerCallback
@@ -35,8 +42,10 @@ class MoEWatchCallback(TrainerCallback):
     """Record router health during `Trainer.train()` into `<output_dir>/moewatch` (or `run_dir`).
 
     Arguments are those of `moewatch.attach` plus `tensorboard_dir` (a directory for the TensorBoard bridge, or
-    `True` for `<output_dir>/runs/moewatch`, next to the Trainer's own TensorBoard runs). `meta` is merged over the
-    recorded TrainingArguments in run.json.
+    `True` for `<output_dir>/runs/moewatch`, next to the Trainer's own TensorBoard runs), `wandb` / `mlflow` (True:
+    log into the W&B / MLflow run that `report_to=` opened, else the active one, else a new one; or a mapping of
+    `WandbBridge` / `MLflowBridge` arguments) and `stop_on` ("collapsed" or "critical": stop training, saving a
+    checkpoint, when such a live alert is raised). `meta` is merged over the recorded TrainingArguments in run.json.
     """
 
     def __init__(
@@ -54,17 +63,31 @@ class MoEWatchCallback(TrainerCallback):
         group: Any = None,
         per_rank: bool = False,
         reduce_timeout: float = 60.0,
+        wandb: bool | Mapping[str, Any] | None = None,
+        mlflow: bool | Mapping[str, Any] | None = None,
+        stop_on: str | None = None,
     ):
         self.config = CallbackConfig(run_dir=run_dir, flush_steps=flush_steps, flush_seconds=flush_seconds,
                                      record_eval=record_eval, meta=meta, routers=routers,
                                      tensorboard_dir=tensorboard_dir, alerts=alerts, on_alert=on_alert,
-                                     group=group, per_rank=per_rank, reduce_timeout=reduce_timeout)
+                                     group=group, per_rank=per_rank, reduce_timeout=reduce_timeout, wandb=wandb,
+                                     mlflow=mlflow, stop_on=stop_on)
         self._session = WatchSession(self.config)
 
     @property
     def watch(self) -> Watch | None:
         """The Watch of the training run in progress (None outside `train()`)."""
         return self._session.watch
+
+    @property
+    def stopped_at(self) -> int | None:
+        """The step at which `stop_on` stopped the last train() (None: it did not)."""
+        return self._session.stop_step
+
+    @property
+    def stop_alert(self) -> Any:
+        """The alert that stopped it (None when it did not, or on a rank that followed another rank's alert)."""
+        return self._session.stop_alert
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
@@ -75,13 +98,37 @@ class MoEWatchCallback(TrainerCallback):
             default_run_dir=output_dir / "moewatch",
             default_tensorboard_dir=lambda: output_dir / "runs" / "moewatch",
             meta=training_meta(args, state),
+            # The Trainer's own W&B / MLflow callbacks come first and have opened their run by now: the bridges
+            # log into it (wandb.run, mlflow.active_run()).
+            tracker_defaults=lambda kind: {"max_steps": int(state.max_steps or 0) or None} if kind == "wandb" else {},
         )
 
     def on_step_end(self, args, state, control, **kwargs):
         self._session.step(state.global_step)
+        if self._session.stop_due(state.global_step, agree=_ranks_agree(args)):
+            control.should_save = True
+            control.should_training_stop = True
+            log.warning("moewatch: the Trainer saves a checkpoint at step %d and stops", state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._session.close("finished")
+
+
+def _ranks_agree(args: Any) -> Any:
+    """Under torch.distributed, a collective that stops every rank when any rank's alert asks to (the alerts are
+    raised where the rows are written, usually rank 0 only); None in a single process."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+
+    def agree(flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=args.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    return agree
 
 
 def training_meta(args: Any, state: Any) -> dict[str, Any]:

@@ -9,10 +9,14 @@ Attaches at `on_fit_start` to the LightningModule (or the submodule named by `mo
 `global_step`, 1, 2, ...), and closes at `on_fit_end` ("finished") or `on_exception` ("crashed"). The run goes to
 `<default_root_dir>/moewatch` unless `run_dir` is given. Validation and sanity-check forwards run in eval mode
 without grad, so they are not counted (`record_eval=True` records them into the eval tables).
+
+`wandb=True` / `mlflow=True` also log into the run of the Trainer's `WandbLogger` / `MLFlowLogger` (or the active one);
+`stop_on="collapsed"` (or `"critical"`) sets `trainer.should_stop` at the first step after such a live alert.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,6 +29,7 @@ from moewatch.integrations import require
 from moewatch.integrations.session import CallbackConfig, WatchSession, jsonable
 
 pl = require("lightning.pytorch", "lightning", "moewatch.integrations.lightning")
+log = logging.getLogger("moewatch")
 
 
 class MoEWatchCallback(pl.Callback):
@@ -33,7 +38,10 @@ class MoEWatchCallback(pl.Callback):
     Arguments are those of `moewatch.attach` plus `module` (the dotted name of the submodule to attach to, e.g.
     `"model"` when the LightningModule holds a transformers model as `self.model`; default: the LightningModule)
     and `tensorboard_dir` (a directory for the TensorBoard bridge, or `True` for `trainer.log_dir`, where Lightning's
-    TensorBoardLogger writes, so moewatch's charts sit next to your own).
+    TensorBoardLogger writes, so moewatch's charts sit next to your own), `wandb` / `mlflow` (True: log into the run
+    of the Trainer's `WandbLogger` / `MLFlowLogger`, else the active one, else a new one; or a mapping of
+    `WandbBridge` / `MLflowBridge` arguments) and `stop_on` ("collapsed" or "critical": set `trainer.should_stop`
+    when such a live alert is raised).
     """
 
     def __init__(
@@ -52,6 +60,9 @@ class MoEWatchCallback(pl.Callback):
         group: Any = None,
         per_rank: bool = False,
         reduce_timeout: float = 60.0,
+        wandb: bool | Mapping[str, Any] | None = None,
+        mlflow: bool | Mapping[str, Any] | None = None,
+        stop_on: str | None = None,
     ):
         super().__init__()
         if module is not None and (not isinstance(module, str) or not module):
@@ -60,7 +71,8 @@ class MoEWatchCallback(pl.Callback):
         self.config = CallbackConfig(run_dir=run_dir, flush_steps=flush_steps, flush_seconds=flush_seconds,
                                      record_eval=record_eval, meta=meta, routers=routers,
                                      tensorboard_dir=tensorboard_dir, alerts=alerts, on_alert=on_alert,
-                                     group=group, per_rank=per_rank, reduce_timeout=reduce_timeout)
+                                     group=group, per_rank=per_rank, reduce_timeout=reduce_timeout, wandb=wandb,
+                                     mlflow=mlflow, stop_on=stop_on)
         self._session = WatchSession(self.config)
         self._last_global_step = 0
 
@@ -68,6 +80,16 @@ class MoEWatchCallback(pl.Callback):
     def watch(self) -> Watch | None:
         """The Watch of the fit in progress (None outside `fit()`)."""
         return self._session.watch
+
+    @property
+    def stopped_at(self) -> int | None:
+        """The step at which `stop_on` stopped the last fit() (None: it did not)."""
+        return self._session.stop_step
+
+    @property
+    def stop_alert(self) -> Any:
+        """The alert that stopped it (None when it did not, or on a rank that followed another rank's alert)."""
+        return self._session.stop_alert
 
     def _target(self, pl_module: nn.Module) -> nn.Module:
         if self.module is None:
@@ -88,6 +110,7 @@ class MoEWatchCallback(pl.Callback):
             default_run_dir=root / "moewatch",
             default_tensorboard_dir=lambda: trainer.log_dir or root,
             meta=fit_meta(trainer, pl_module, self.module),
+            tracker_defaults=lambda kind: tracker_defaults(trainer, kind),
         )
 
     def on_train_start(self, trainer, pl_module):
@@ -99,12 +122,33 @@ class MoEWatchCallback(pl.Callback):
         if step != self._last_global_step:
             self._last_global_step = step
             self._session.step(step)
+            agree = None
+            if trainer.world_size > 1:
+                def agree(flag: bool) -> bool:
+                    return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+            if self._session.stop_due(step, agree=agree):
+                trainer.should_stop = True
+                log.warning("moewatch: trainer.should_stop is set at step %d", step)
 
     def on_fit_end(self, trainer, pl_module):
         self._session.close("finished")
 
     def on_exception(self, trainer, pl_module, exception):
         self._session.close("crashed")
+
+
+def tracker_defaults(trainer: Any, kind: str) -> dict[str, Any]:
+    """The run of the Trainer's own W&B / MLflow logger, for the bridge to log into (none: the bridge's defaults)."""
+    for logger in getattr(trainer, "loggers", None) or []:
+        name = type(logger).__name__
+        if kind == "wandb" and name == "WandbLogger":
+            max_steps = int(trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else None
+            return {"run": logger.experiment, "max_steps": max_steps}
+        if kind == "mlflow" and name == "MLFlowLogger":
+            return {"run_id": logger.run_id, "tracking_uri": getattr(logger, "_tracking_uri", None)}
+    if kind == "wandb" and trainer.max_steps and trainer.max_steps > 0:
+        return {"max_steps": int(trainer.max_steps)}
+    return {}
 
 
 def fit_meta(trainer: Any, pl_module: nn.Module, module: str | None) -> dict[str, Any]:
