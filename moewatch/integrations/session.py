@@ -141,6 +141,8 @@ class WatchSession:
                 self.bridges.append(TensorBoardBridge(tb_dir))
             for kind in c.trackers:
                 chosen = getattr(c, kind)
+                if _global_rank() != 0 and not (isinstance(chosen, Mapping) and chosen.get("all_ranks")):
+                    continue  # trackers log rank 0's rows (the group's sums); no run per rank
                 kwargs = {**(tracker_defaults(kind) if tracker_defaults is not None else {}), "report_dir": run_dir,
                           **(chosen if isinstance(chosen, Mapping) else {})}
                 self.bridges.append(_bridge_class(kind)(**kwargs))
@@ -205,6 +207,12 @@ class WatchSession:
                 bridge.close()
             except Exception as e:  # the run directory is what matters; a tracker hiccup only warns
                 warnings.warn(f"moewatch: could not close {bridge!r} ({e})", RuntimeWarning, stacklevel=2)
+
+
+def _global_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _is_tensorboard(bridge: Any) -> bool:
