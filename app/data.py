@@ -40,11 +40,13 @@ from moewatch.store.schema import EXPERTS, LAYERS
 
 from .arrays import Rows, count_metrics
 
-# Per-(step, layer) columns, one ``[steps, layers]`` array each. Sums (float64) combine over bins exactly; derived
-# metrics come from them (entropy = ent_w / tokens, ...). cv / max_share / dead are the recorded values; where
-# several ranks wrote rows they are recomputed from the summed counts of a layer once it is read.
+# Per-step columns of a layer on the run's step axis (`RunData.layer_column`), made on demand from the layers
+# table's per-layer stats (no second copy). Sums combine over bins exactly; derived metrics come from them
+# (entropy = ent_w / tokens, ...). cv / max_share / dead are the recorded values; where several ranks wrote rows
+# they are recomputed from the summed counts of a layer once it is read.
 SUMS = ("tokens", "dropped", "ent_w", "z_w", "aux_w", "nonfinite")
 COLS = (*SUMS, "logit_abs_max", "rows", "cv", "max_share", "dead")
+_COUNTED = ("cv", "max_share", "dead")
 
 # Metric series a layer view can chart, in display order.
 SERIES = ("cv", "entropy_norm", "max_share", "dead", "drop_rate", "z_loss", "logit_abs_max", "aux_loss", "tokens",
@@ -105,7 +107,7 @@ class RunData:
         self._files: list[Path] = []  # ... and the list itself
         self._replaces: dict[str, list[str]] = {}  # compacted part -> the parts it replaces (files are immutable)
         self._steps = np.zeros(0, np.int64)
-        self._m: dict[str, np.ndarray] = {name: np.zeros((0, 0)) for name in COLS}
+        self._counted: dict[str, dict[str, np.ndarray]] = {}  # layer -> cv/max_share/dead of the all-ranks sum
         self._layers: list[Layer] = []
         self._by_name: dict[str, int] = {}
         self._held: OrderedDict[str, None] = OrderedDict()  # layers whose counts are in memory, oldest use first
@@ -128,12 +130,12 @@ class RunData:
                 return False
             new_experts, _, _ = self._classify(files[EXPERTS], self._seen)
             plan = plan_run(self.path, self._skipped, extra=True, cache=self._plans)
-            old_steps, old_m = self._steps, self._m
+            old_steps, old_plan = self._steps, self._plan
             self._plan, self._key = plan, key
             self._blocks, self._rollups = {}, False
             self._seen, self._files = {f.name for f in files[EXPERTS]}, files[EXPERTS]
             self._rebuild(plan)
-            first = _first_difference(old_steps, old_m, self._steps, self._m)
+            first = _first_difference(old_plan, old_steps, plan, self._steps)
             low = self._lowest_step(new_experts)
             if low is not None and len(self._steps):
                 i = int(np.searchsorted(self._steps, low))
@@ -204,33 +206,37 @@ class RunData:
         self._skipped.append(str(f))
 
     def _rebuild(self, plan: Plan) -> None:
-        """The step axis and the ``[steps, layers]`` columns from the layers table."""
+        """The layers (manifest order, then the table's) and the step axis of a new plan."""
         for r in self.meta.get("routers", []) or []:
             if isinstance(r, dict) and r.get("name"):
                 self._layer_for(str(r["name"]), int(r.get("num_experts") or 0), int(r.get("top_k") or 1))
         for name in plan.names:
             self._layer_for(name, plan.num_experts[name], plan.top_k[name])
-        axis = _union([plan.steps[n] for n in plan.names])
-        L = len(self._layers)
-        m = {name: np.zeros((len(axis), L), np.float64 if name in SUMS else np.float32) for name in COLS}
-        for name in plan.names:
-            li = self._by_name[name]
-            rows = np.searchsorted(axis, plan.steps[name])
-            s = plan.stats[name]
-            tok = s["tokens"]
-            with np.errstate(invalid="ignore"):
-                m["tokens"][rows, li] = tok
-                m["dropped"][rows, li] = s["dropped"]
-                m["ent_w"][rows, li] = s["entropy_norm"] * np.log(max(plan.num_experts[name], 2)) * tok
-                m["z_w"][rows, li] = s["z_loss"] * tok
-                m["aux_w"][rows, li] = s["aux_loss"] * tok
-                m["nonfinite"][rows, li] = s["nonfinite"]
-                m["logit_abs_max"][rows, li] = s["logit_abs_max"]
-                m["rows"][rows, li] = 1
-                for c in ("cv", "max_share", "dead"):
-                    # NaN (an empty step) is stored as 0 so bins can sum the column; `derive` masks empty steps.
-                    m[c][rows, li] = np.nan_to_num(s[c])
-        self._steps, self._m = axis, m
+        self._steps = _union([plan.steps[n] for n in plan.names])
+        self._counted = {}
+
+    def _col(self, name: str, c: str) -> np.ndarray:
+        """Column `c` (a name of COLS) of layer `name` on the step axis; 0 at steps it did not record."""
+        plan, n = self._plan, len(self._steps)
+        if plan is None or name not in plan.steps:
+            return np.zeros(n)
+        s, steps = plan.stats[name], plan.steps[name]
+        if c in _COUNTED:
+            v = np.nan_to_num(self._counted[name][c] if name in self._counted else s[c])  # bins sum them
+        elif c == "rows":
+            v = np.ones(len(steps))
+        elif c in ("ent_w", "z_w", "aux_w"):
+            mean = {"ent_w": "entropy_norm", "z_w": "z_loss", "aux_w": "aux_loss"}[c]
+            v = s[mean] * s["tokens"]
+            if c == "ent_w":
+                v = v * np.log(max(plan.num_experts[name], 2))
+        else:
+            v = s[c]
+        if len(steps) == n:  # the layer recorded every step of the axis (the usual case): no scatter
+            return v
+        out = np.zeros(n)
+        out[np.searchsorted(self._steps, steps)] = v
+        return out
 
     def _update_held(self, old_steps: np.ndarray) -> None:
         """Bring the layers held in memory up to date: new parts added in place when that is exact (no step
@@ -332,14 +338,11 @@ class RunData:
             return
         for name in names:
             lay = self.layer_info(name)
-            if lay.tokens is None or not len(self._steps):
+            if lay.tokens is None or name not in self._plan.steps:
                 continue
-            li = lay.index
-            present = self._m["rows"][:, li] > 0
-            cv, share, dead = count_metrics(lay.tokens.a[present])
-            self._m["cv"][present, li] = np.nan_to_num(cv)
-            self._m["max_share"][present, li] = np.nan_to_num(share)
-            self._m["dead"][present, li] = dead
+            counts = lay.tokens.a[np.searchsorted(self._steps, self._plan.steps[name])]
+            cv, share, dead = count_metrics(counts)
+            self._counted[name] = {"cv": cv, "max_share": share, "dead": dead}
 
     # ------------------------------------------------------------------ reading back (for charts)
 
@@ -371,8 +374,8 @@ class RunData:
     @property
     def nbytes(self) -> int:
         with self.lock:
-            return int(self._steps.nbytes + sum(a.nbytes for a in self._m.values())
-                       + sum(layer.nbytes for layer in self._layers))
+            stats = 0 if self._plan is None else sum(v.nbytes for st in self._plan.stats.values() for v in st.values())
+            return int(self._steps.nbytes + stats + sum(layer.nbytes for layer in self._layers))
 
     @property
     def status(self) -> str:
@@ -425,30 +428,33 @@ class RunData:
         """Per-step metrics of one layer over step indices [lo, hi): every name in SERIES (NaN where not recorded)."""
         with self.lock:
             lay = self.layer(layer) if self._plan is not None and self._plan.ranks > 1 else self.layer_info(layer)
-            m = {name: a[lo:hi, lay.index] for name, a in self._m.items()}
+            m = {c: self._col(lay.name, c)[lo:hi] for c in COLS}
             return derive(m, lay.num_experts, lay.top_k)
 
     def mean_cv(self, lo: int = 0) -> dict[str, float]:
         """Each layer's mean per-step load CV over step indices [lo, n) (from the layers table: no counts read)."""
         with self.lock:
-            cv = self._m["cv"][lo:].astype(np.float64)
-            present = self._m["rows"][lo:] > 0
-            with np.errstate(invalid="ignore"):
-                mean = np.where(present, cv, 0).sum(axis=0) / np.maximum(present.sum(axis=0), 1)
-            return {layer.name: float(mean[layer.index]) if present[:, layer.index].any() else -1.0
-                    for layer in self._layers}
+            out = {}
+            for layer in self._layers:
+                present = self._col(layer.name, "rows")[lo:] > 0
+                cv = self._col(layer.name, "cv")[lo:]
+                out[layer.name] = float(cv[present].mean()) if present.any() else -1.0
+            return out
 
     def layer_rows(self, layer: str | int) -> np.ndarray | None:
         """Step-axis indices where `layer` has a recorded row (what the detector judges); None when it has one at
         every step (the usual case: no index array is built)."""
         with self.lock:
-            present = self._m["rows"][:, self.layer_info(layer).index] > 0
-            return None if present.all() and len(present) else np.flatnonzero(present)
+            name = self.layer_info(layer).name
+            steps = self._plan.steps.get(name) if self._plan is not None else None
+            if steps is None:
+                return None if not len(self._steps) else np.zeros(0, np.int64)
+            return None if len(steps) == len(self._steps) and len(steps) else np.searchsorted(self._steps, steps)
 
     def layer_column(self, layer: str | int, name: str, rows: Any = slice(None)) -> np.ndarray:
         """One per-step column (a name of COLS: sums such as tokens, ent_w, or logit_abs_max) of `layer` at `rows`."""
         with self.lock:
-            return self._m[name][rows, self.layer_info(layer).index]
+            return self._col(self.layer_info(layer).name, name)[rows]
 
     def tokens(self, layer: str | int, lo: int = 0, hi: int | None = None) -> np.ndarray:
         with self.lock:
@@ -479,21 +485,41 @@ def _union(steps: list[np.ndarray]) -> np.ndarray:
     return np.unique(np.concatenate(steps)).astype(np.int64)
 
 
-def _first_difference(steps0: np.ndarray, m0: dict[str, np.ndarray], steps1: np.ndarray,
-                      m1: dict[str, np.ndarray]) -> int | None:
-    """The first step index where the new axis or columns differ from the old (None: identical)."""
-    n0, n1 = len(steps0), len(steps1)
-    if m0["tokens"].shape[1] != m1["tokens"].shape[1]:  # a layer appeared: redraw everything
-        return 0 if n0 or n1 else None
+def _first_difference(old: Plan | None, old_steps: np.ndarray, new: Plan, new_steps: np.ndarray) -> int | None:
+    """The first step index where the new plan's axis or a layer's steps or stats differ from the old plan's (None:
+    identical). cv, max share and dead are left out: they follow the counts, whose changes the new parts bound."""
+    n0, n1 = len(old_steps), len(new_steps)
     k = min(n0, n1)
-    diverge = np.flatnonzero(steps0[:k] != steps1[:k])
+    diverge = np.flatnonzero(old_steps[:k] != new_steps[:k])
     first = int(diverge[0]) if len(diverge) else (k if n0 != n1 else None)
-    upto = k if first is None else first
-    for name in COLS[:-3]:  # cv, max share, dead follow the counts, whose changes the new parts' steps bound
-        a, b = m0[name][:upto], m1[name][:upto]
-        bad = np.flatnonzero(~((a == b) | (np.isnan(a) & np.isnan(b))).all(axis=1))
-        if len(bad):
-            first = int(bad[0]) if first is None else min(first, int(bad[0]))
+
+    def at(step: int) -> None:
+        nonlocal first
+        i = int(np.searchsorted(new_steps, step))
+        first = i if first is None else min(first, i)
+
+    for name in new.names:
+        steps = new.steps[name]
+        if old is None or name not in old.steps:
+            if len(steps):
+                at(int(steps[0]))
+            continue
+        a = old.steps[name]
+        m = min(len(a), len(steps))
+        bad = np.flatnonzero(a[:m] != steps[:m])
+        j = int(bad[0]) if len(bad) else (m if len(a) != len(steps) else None)
+        for c, v in new.stats[name].items():
+            if c in _COUNTED or c not in old.stats[name]:
+                continue
+            upto = m if j is None else j
+            x, y = old.stats[name][c][:upto], v[:upto]
+            diff = np.flatnonzero(~((x == y) | (np.isnan(x) & np.isnan(y))))
+            if len(diff):
+                j = int(diff[0]) if j is None else min(j, int(diff[0]))
+        if j is not None and j < len(steps):
+            at(int(steps[j]))
+        elif j is not None and len(a) > len(steps):  # the layer lost steps
+            first = 0
     return first
 
 

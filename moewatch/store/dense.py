@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moewatch.store.compact import COMPACTED
@@ -26,12 +25,11 @@ from moewatch.store.reader import (
     fallback_rules,
     newest_rows,
     part_files,
-    read_parts,
     read_rank_manifests,
     repeated,
     superseded_rows,
 )
-from moewatch.store.schema import EXPERTS, LAYERS
+from moewatch.store.schema import EXPERTS, LAYERS, SCHEMAS
 
 DEFAULT_BUDGET = 2 << 30  # bytes of dense per-expert arrays held at once (a pass holds one group of layers)
 _LAYER_COLUMNS = ["step", "layer", "tokens", "top_k", "num_experts", "entropy", "z_loss", "logit_abs_max",
@@ -120,10 +118,10 @@ def iter_dense_layers(run_dir: str | Path, budget_bytes: int = DEFAULT_BUDGET, l
 
 @dataclass
 class PlanCache:
-    """What a live reader keeps between ``plan_run`` calls: the layers parts already read (part files are immutable)
-    and the last plan, which new parts holding only later steps extend instead of it being recomputed."""
+    """What a live reader keeps between ``plan_run`` calls: the last plan and the layers parts it was made from.
+    New parts holding only steps after every step seen (a run appending flushes) extend the plan; anything else (a
+    resume re-writing steps, a late rank, a compaction) re-reads the layers table."""
 
-    tables: dict[str, pa.Table] = field(default_factory=dict)
     plan: Plan | None = None
     files: tuple[str, ...] = ()
     rules: str = ""
@@ -140,42 +138,38 @@ def plan_run(run_dir: str | Path, skipped: list[str] | None = None, extra: bool 
     ``extra`` adds the stats a chart shows beside the detector's: ``aux_loss`` (token-weighted), and ``cv``,
     ``max_share``, ``dead`` as recorded (a single writer's are the global values; with several ranks
     (``Plan.ranks > 1``) they are one rank's, and the counts must be read to get the sum's). ``cache``: a live
-    reader passes the same :class:`PlanCache` each time; only new parts are read, and when they hold only steps
-    after every step seen (a run appending flushes) the last plan is extended with them, not recomputed."""
+    reader passes the same :class:`PlanCache` each time; when the new parts hold only steps after every step seen
+    (a run appending flushes) only they are read, and the last plan is extended with them. A part listed in
+    ``skipped`` (unreadable, already warned about) is not tried again."""
     run_dir = Path(run_dir)
     columns = _LAYER_COLUMNS + list(_EXTRA_COLUMNS if extra else ())
     files = part_files(run_dir, LAYERS)
+    if skipped:
+        files = [f for f in files if str(f) not in skipped]
     rules = fallback_rules(read_rank_manifests(run_dir))
     if cache is None:
-        return _plan_table(read_parts(files, LAYERS, skipped, columns=columns), columns, rules, extra)[0]
-    if cache.extra != extra:
-        cache.tables.clear()
-        cache.plan, cache.extra = None, extra
+        return _plan_table(_read_columns(files, columns, skipped), rules, extra)[0]
     names = [f.name for f in files]
-    for name in set(cache.tables) - set(names):
-        del cache.tables[name]  # replaced by a compaction
-    new = [f for f in files if f.name not in cache.tables]
-    for f in new:
-        # An unreadable part stays as an empty table: warned about once, not on every refresh.
-        cache.tables[f.name] = read_parts([f], LAYERS, skipped, columns=columns)
-    fresh = [cache.tables[f.name] for f in new if cache.tables[f.name].num_rows]
-    appended = (cache.plan is not None and not rules and cache.rules == "" and cache.plan.winners is None
-                and set(cache.files) <= set(names) and not any(COMPACTED.match(f.name) for f in new)
-                and all(int(pc.min(t["step"]).as_py()) > cache.last_step for t in fresh))
-    if appended and not fresh:
-        plan, ranks = cache.plan, cache.rank_ids
-    elif appended:
-        delta, ranks = _plan_table(pa.concat_tables(fresh), columns, rules, extra)
-        if delta.winners is None:
-            ranks = cache.rank_ids | ranks
-            plan = _extend(cache.plan, delta, len(ranks))
-        else:
-            appended = False
-    if not appended:
-        tables = [cache.tables[n] for n in names if cache.tables[n].num_rows]
-        table = pa.concat_tables(tables) if tables else read_parts([], LAYERS, columns=columns)
-        plan, ranks = _plan_table(table, columns, rules, extra)
+    plan = None
+    if (cache.plan is not None and cache.extra == extra and not rules and not cache.rules
+            and cache.plan.winners is None and set(cache.files) <= set(names)):
+        new = [f for f in files if f.name not in set(cache.files)]
+        if not new:
+            plan, ranks = cache.plan, cache.rank_ids
+        elif not any(COMPACTED.match(f.name) for f in new):
+            fresh = _read_columns(new, columns, skipped)
+            if not len(fresh.codes):
+                plan, ranks = cache.plan, cache.rank_ids
+            elif int(fresh.col["step"].min()) > cache.last_step:
+                delta, ranks = _plan_table(fresh, rules, extra)
+                if delta.winners is None:
+                    ranks = cache.rank_ids | ranks
+                    plan = _extend(cache.plan, delta, len(ranks))
+    if plan is None:
+        files = [f for f in files if not skipped or str(f) not in skipped]  # new unreadable parts: warned once
+        plan, ranks = _plan_table(_read_columns(files, columns, skipped), rules, extra)
     cache.plan, cache.files, cache.rules, cache.rank_ids = plan, tuple(names), repr(rules) if rules else "", ranks
+    cache.extra = extra
     cache.last_step = max((int(v[-1]) for v in plan.steps.values() if len(v)), default=-1)
     return plan
 
@@ -196,18 +190,87 @@ def _extend(old: Plan, new: Plan, ranks: int) -> Plan:
     return Plan(names, steps, E, k, stats, None, None, old.wide or new.wide, ranks, old.drops or new.drops)
 
 
-def _plan_table(table: pa.Table, columns: list[str], rules: list, extra: bool) -> tuple[Plan, frozenset[int]]:
+@dataclass
+class _Columns:
+    """A layers table as numpy columns, the layer column as codes into ``names``."""
+
+    names: list[str]
+    codes: np.ndarray
+    col: dict[str, np.ndarray]
+
+    def table(self) -> pa.Table:
+        layer = pa.DictionaryArray.from_arrays(pa.array(self.codes.astype(np.int32)), pa.array(self.names))
+        return pa.table({**self.col, "layer": layer})
+
+    @classmethod
+    def of(cls, table: pa.Table) -> _Columns:
+        names, codes = _names_and_codes(table["layer"])
+        return cls(names, codes, {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names
+                                  if c != "layer"})
+
+
+def _read_columns(files: list[Path], columns: list[str], skipped: list[str] | None) -> _Columns:
+    """The layers parts' ``columns`` straight into preallocated numpy arrays, a part at a time: memory holds the
+    columns once, not an Arrow table beside them. A corrupt part is skipped with a warning (named in ``skipped``)."""
+    sizes = []
+    for f in files:
+        try:
+            sizes.append(pq.read_metadata(f).num_rows)
+        except (OSError, pa.ArrowException, ValueError):
+            sizes.append(0)  # reported when read below
+    schema = SCHEMAS[LAYERS]
+    n = sum(sizes)
+    col = {c: np.empty(n, schema.field(c).type.to_pandas_dtype()) for c in columns if c != "layer"}
+    codes = np.empty(n, np.int64)
+    names: dict[str, int] = {}
+    at = 0
+    for f in files:
+        try:
+            t = pq.read_table(f, schema=schema, columns=columns)
+        except (OSError, pa.ArrowException, ValueError) as e:
+            warnings.warn(f"moewatch: skipped corrupt part file {f} ({type(e).__name__}: {e})", RuntimeWarning,
+                          stacklevel=3)
+            if skipped is not None:
+                skipped.append(str(f))
+            continue
+        m = t.num_rows
+        if at + m > n:  # the file changed size under us (cannot happen to an immutable part): grow
+            for c in col:
+                col[c] = np.concatenate([col[c][:at], np.empty(at + m - len(col[c]), col[c].dtype)])
+            codes = np.concatenate([codes[:at], np.empty(at + m - len(codes), np.int64)])
+            n = at + m
+        part_names, part_codes = _dictionary(t["layer"])
+        lut = np.array([names.setdefault(x, len(names)) for x in part_names], np.int64)
+        codes[at : at + m] = lut[part_codes] if len(lut) else 0
+        for c in col:
+            col[c][at : at + m] = t[c].to_numpy(zero_copy_only=False)
+        at += m
+    col = {c: v[:at] for c, v in col.items()}
+    order = sorted(names, key=names.get)
+    out = _Columns(order, codes[:at], col)
+    # Layer names by first appearance (the run's order), whatever order the parts named them in.
+    first = np.full(len(order), at, np.int64)
+    used, pos = np.unique(out.codes, return_index=True)
+    first[used] = pos
+    rank = np.argsort(first, kind="stable")
+    remap = np.empty(len(order), np.int64)
+    remap[rank] = np.arange(len(order))
+    out.names = [order[i] for i in rank]
+    out.codes = remap[out.codes] if len(out.codes) else out.codes
+    return out
+
+
+def _plan_table(data: _Columns, rules: list, extra: bool) -> tuple[Plan, frozenset[int]]:
     """The plan of a layers table (and the ranks that wrote it)."""
     filtered = bool(rules)
     if rules:  # rows a rank wrote after its group's sum failed, for steps the sum already holds (as load does)
-        table = superseded_rows(table, rules)
-    table = table.select(columns)
-    names, codes = _names_and_codes(table["layer"])
-    repeats = repeated(table["rank"].to_numpy(), table["step"].to_numpy(), codes)
+        data = _Columns.of(superseded_rows(data.table(), rules))
+    names, codes, col = data.names, data.codes, data.col
+    repeats = repeated(col["rank"], col["step"], codes)
     if repeats:  # a resumed run re-wrote steps: keep the newest recording of each (rank, step, layer)
-        table = newest_rows(table)
-        names, codes = _names_and_codes(table["layer"])
-    col = {c: table[c].to_numpy(zero_copy_only=False) for c in columns if c != "layer"}
+        data = _Columns.of(newest_rows(data.table()))
+        names, codes, col = data.names, data.codes, data.col
+    del data
     winners = versions = None
     if repeats or filtered:
         # Expert rows count only where their (rank, step, layer) recording is the one the layers table kept.
@@ -513,7 +576,8 @@ def _names_and_codes(col: pa.ChunkedArray) -> tuple[list[str], np.ndarray]:
         return [], codes
     # Re-number by first appearance so the order is the run's, whatever the dictionary's order.
     first = np.full(len(names), len(codes), np.int64)
-    np.minimum.at(first, codes, np.arange(len(codes)))
+    used, at = np.unique(codes, return_index=True)
+    first[used] = at
     present = np.flatnonzero(first < len(codes))
     present = present[np.argsort(first[present], kind="stable")]
     remap = np.full(len(names), -1, np.int64)

@@ -47,22 +47,28 @@ def part_files(run_dir: Path, table: str) -> list[Path]:
 
 
 def read_parts(files: list[Path], table: str, skipped: list[str] | None = None,
-               columns: list[str] | None = None) -> pa.Table:
+               columns: list[str] | None = None, layer_dictionary: bool = False) -> pa.Table:
     """Concatenate part files into one table (only ``columns`` when given); a part that cannot be read is skipped
-    with a warning."""
+    with a warning. ``layer_dictionary``: the layer column dictionary-encoded, one dictionary for the whole table
+    (a few names repeated millions of times: far less memory and faster grouping than strings)."""
+    schema = SCHEMAS[table]
+    if layer_dictionary:
+        schema = schema.set(schema.get_field_index("layer"),
+                            pa.field("layer", pa.dictionary(pa.int32(), pa.string()), nullable=False))
     tables = []
     for f in files:
         try:
-            tables.append(pq.read_table(f, schema=SCHEMAS[table], columns=columns))
+            tables.append(pq.read_table(f, schema=schema, columns=columns))
         except (OSError, pa.ArrowException, ValueError) as e:
             msg = f"moewatch: skipped corrupt part file {f} ({type(e).__name__}: {e})"
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             if skipped is not None:
                 skipped.append(str(f))
     if not tables:
-        empty = SCHEMAS[table].empty_table()
+        empty = schema.empty_table()
         return empty.select(columns) if columns is not None else empty
-    return pa.concat_tables(tables)
+    out = pa.concat_tables(tables)
+    return out.unify_dictionaries() if layer_dictionary else out
 
 
 def read_rank_manifests(run_dir: Path) -> dict[int, dict[str, Any]]:
