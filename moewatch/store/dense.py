@@ -31,6 +31,7 @@ from moewatch.store.reader import (
 )
 from moewatch.store.schema import EXPERTS, LAYERS, SCHEMAS
 
+BATCH_ROWS = 2_000_000  # expert rows decoded at once by a pass
 DEFAULT_BUDGET = 2 << 30  # bytes of dense per-expert arrays held at once (a pass holds one group of layers)
 _LAYER_COLUMNS = ["step", "layer", "tokens", "top_k", "num_experts", "entropy", "z_loss", "logit_abs_max",
                   "dropped", "nonfinite", "rank", "session", "seq"]
@@ -477,8 +478,19 @@ def _part_batches(files: list[Path], plan: Plan, group: set[str], skipped: list[
                 columns += ["rank", "session", "seq"]
             columns += [c for c in ("dropped", "bias") if _may_hold_values(meta, c)]
             single = _single_valued(meta, "rank")
+            # Row groups a few at a time, up to BATCH_ROWS rows: one read per part in the usual case (a row group
+            # per layer is small), while a compacted part of millions of rows never sits decoded whole.
+            batch: list[int] = []
+            rows = 0
             for g in _row_groups(meta, group, steps):
-                yield pf.read_row_group(g, columns=columns), single
+                n = meta.row_group(g).num_rows
+                if batch and rows + n > BATCH_ROWS:
+                    yield pf.read_row_groups(batch, columns=columns), single
+                    batch, rows = [], 0
+                batch.append(g)
+                rows += n
+            if batch:
+                yield pf.read_row_groups(batch, columns=columns), single
         except (OSError, pa.ArrowException, ValueError, KeyError) as e:
             if skipped is None or str(f) not in skipped:  # warned once per file, not once per pass
                 warnings.warn(f"moewatch: skipped corrupt part file {f} ({type(e).__name__}: {e})",
