@@ -26,7 +26,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,8 @@ class WatchConfig:
     silent_steps: int = 3  # warn about a router that recorded nothing in this many training steps (0: never)
     per_rank: bool = False  # with a process group: also keep each rank's own rows (under ranks/)
     reduce_timeout: float = 60.0  # seconds a collective of the rank sum may take before the ranks fall back
+    ep_size: int | None = None  # expert-parallel degree (contiguous placement), recorded in run.json
+    expert_placement: Any = None  # device of each expert (a list, or {layer: list}), recorded in run.json
     stop_on: str | None = None  # "critical" or "collapsed": set Watch.should_stop when such a live alert is raised
 
     def __post_init__(self) -> None:
@@ -83,6 +85,10 @@ class WatchConfig:
             raise ValueError(f"reduce_timeout must be > 0, got {self.reduce_timeout!r}")
         if not isinstance(self.per_rank, bool):
             raise TypeError(f"per_rank must be True or False, got {self.per_rank!r}")
+        from moewatch.store.placement import check_placement
+
+        ep_size, placement = check_placement(self.ep_size, self.expert_placement)
+        object.__setattr__(self, "expert_placement", placement)
         if self.stop_on is not None and self.stop_on not in STOP_ON:
             raise ValueError(f"stop_on must be 'critical' (stop on a critical or collapsed alert), 'collapsed' (stop on "
                              f"a collapse alert only) or None (never stop), got {self.stop_on!r}")
@@ -298,6 +304,10 @@ class Watch:
         if meta:
             manifest["meta"] = {**manifest.get("meta", {}), **dict(meta)}
         manifest.setdefault("meta", {})
+        if self.config.ep_size is not None:
+            manifest["ep_size"] = self.config.ep_size
+        if self.config.expert_placement is not None:
+            manifest["expert_placement"] = self.config.expert_placement
         if self.world_size > 1:
             manifest.update({
                 "aggregation": "group" if self._members is not None else "rank",
@@ -781,6 +791,8 @@ def attach(
     detector_config: Any = None,
     on_tables: Callable[[Any, Any], None] | None = None,
     stop_on: str | None = None,
+    ep_size: int | None = None,
+    expert_placement: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
 ) -> Watch:
     """Find every router in `model` and start recording into `run_dir` (created; resumed if it holds a run).
 
@@ -805,12 +817,21 @@ def attach(
     MoE blocks but hold no router, and, during training, about a router that recorded nothing in its first
     `silent_steps` training steps (0 turns that off) or whose output cannot be read. Each problem also goes to
     run.json under ``problems``. `moewatch.inspect(model)` lists the routers without attaching.
+
+    Expert parallelism: `ep_size=N` records that N devices hold each layer's experts contiguously (device d holds
+    experts d*E/N ... (d+1)*E/N - 1), or `expert_placement` the device of each expert (a list, or {layer: list});
+    with neither, expert weights sharded as DTensors over a DeviceMesh dimension named like "ep" (torchtitan) give
+    `ep_size`. The detector then judges the busiest device's load (`ep_straggler`) and
+    `moewatch.load(run_dir).device_load(layer)` gives the per-device shares.
     """
     from moewatch.capture.discovery import discover
+    from moewatch.store.placement import detect_ep_size
 
+    if ep_size is None and expert_placement is None and model is not None:
+        ep_size = detect_ep_size(list(model.parameters()))
     config = WatchConfig(flush_steps=flush_steps, flush_seconds=flush_seconds, record_eval=record_eval,
                          silent_steps=silent_steps, per_rank=per_rank, reduce_timeout=reduce_timeout,
-                         stop_on=stop_on)
+                         stop_on=stop_on, ep_size=ep_size, expert_placement=expert_placement)
     if group is False:
         group = None
     elif group is None:
@@ -840,7 +861,9 @@ def attach(
             if on_alert is not None:
                 on_alert(alert)
 
-        sinks.append(live_alerts(detector_config, raised if on_alert is not None or stop_on is not None else None))
+        ep = {"ep_size": config.ep_size, "expert_placement": config.expert_placement}
+        sinks.append(live_alerts(detector_config, raised if on_alert is not None or stop_on is not None else None,
+                                 manifest=ep))
     watch = Watch(model, run_dir, specs, config, meta=meta, on_tables=_fan_out(sinks) if sinks else None,
                   problems=problems, group=group)
     created.append(watch)

@@ -32,6 +32,7 @@ KINDS = (
     "logit_drift",
     "nonfinite",
     "bias_runaway",
+    "ep_straggler",
 )
 # Kinds whose critical alert means the routing itself collapsed (as opposed to drops or numerics going wrong).
 COLLAPSE_KINDS = frozenset({"dead_expert", "dominant_expert", "imbalance", "entropy_collapse"})
@@ -48,6 +49,8 @@ LEVERS = {
     "logit_drift": "add z-loss (or raise its coefficient) or lower the learning rate",
     "nonfinite": "lower the learning rate and add z-loss; compute the router in float32",
     "bias_runaway": "tune bias balancing: raise the bias update rate or add a small aux loss",
+    "ep_straggler": ("spread the hot experts over devices (re-place or replicate them, as EPLB does) or strengthen "
+                     "load balancing"),
 }
 BIAS_LEVERS = {
     "dominant_expert": "tune bias balancing: raise the bias update rate",

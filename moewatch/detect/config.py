@@ -58,6 +58,10 @@ class DetectorConfig:
     logit_min_growth: float = 0.25
     # --- aux-free bias balancing
     bias_min_growth: float = 0.2
+    # --- expert parallelism: busiest device's load / mean device load over a window (1.25: 20% of the layer's
+    # expert throughput lost waiting on it; 1.5: 33%)
+    ep_warning: float = 1.25
+    ep_critical: float = 1.5
     # --- trends: robust (Theil-Sen) slope over trend_windows points, at several time scales
     trend_windows: int = 8
     trend_scales: tuple[int, ...] = (1, 4, 16, 64)
@@ -136,7 +140,11 @@ class DetectorConfig:
             ("drop_warning", "drop_critical"),
             ("entropy_critical", "entropy_warning"),
             ("logit_floor", "logit_abs_warning"),
+            ("ep_warning", "ep_critical"),
         )
+        if self.ep_warning <= 1.0:
+            raise ValueError(f"DetectorConfig.ep_warning must be > 1 (a ratio to the mean device load), got "
+                             f"{self.ep_warning}")
         for low, high in ordered:
             if not 0 < getattr(self, low) < getattr(self, high):
                 raise ValueError(

@@ -337,15 +337,23 @@ def analyze_run(path, config: DetectorConfig | None = None,
     ``moewatch.store.dense.DEFAULT_BUDGET``), never the run's long table. A layer is read from the run's rollups
     (exact block sums, when up to date) where its windows are whole blocks, else from its per-step rows."""
     from moewatch.store.dense import DEFAULT_BUDGET, iter_dense_layers
+    from moewatch.store.manifest import read_manifest
+    from moewatch.store.placement import placement_for
 
     config = config or DetectorConfig()
     budget = DEFAULT_BUDGET if budget_bytes is None else budget_bytes
+    try:
+        manifest = read_manifest(path)
+    except (OSError, ValueError):
+        manifest = None  # no placement known: the other rules still run
 
     def stream():
         for dense in iter_dense_layers(path, budget, skipped=[], rollups=True):
             if dense.block != 1 and not _blocks_fit(dense, config):
                 (dense,) = iter_dense_layers(path, layers=[dense.layer], skipped=[])
-            yield layer_data_from_dense(dense)
+            data = layer_data_from_dense(dense)
+            data.placement = placement_for(manifest, data.layer, data.tokens.shape[1])
+            yield data
 
     return analyze(stream(), config, progress)
 
@@ -361,8 +369,17 @@ def _blocks_fit(dense, config: DetectorConfig) -> bool:
 
 
 def analyze_frames(layers: pd.DataFrame, experts: pd.DataFrame, config: DetectorConfig | None = None,
-                   progress: Callable[[Iterable], Iterable] | None = None) -> Analysis:
-    return analyze(layer_data_from_frames(layers, experts), config, progress)
+                   progress: Callable[[Iterable], Iterable] | None = None,
+                   manifest: dict | None = None) -> Analysis:
+    """Judge global-view tables; ``manifest`` (the run's run.json) gives the expert-parallel placement, if any."""
+    from moewatch.store.placement import placement_for
+
+    def placed():
+        for data in layer_data_from_frames(layers, experts):
+            data.placement = placement_for(manifest, data.layer, data.tokens.shape[1])
+            yield data
+
+    return analyze(placed(), config, progress)
 
 
 def detect_frames(layers: pd.DataFrame, experts: pd.DataFrame, config: DetectorConfig | None = None) -> list[Alert]:
@@ -373,7 +390,7 @@ def detect_frames(layers: pd.DataFrame, experts: pd.DataFrame, config: DetectorC
 def detect(run, config: DetectorConfig | None = None) -> list[Alert]:
     """All alerts for a loaded run (``moewatch.load``), judged on its all-ranks global view."""
     view = run.global_view()
-    return detect_frames(view.layers, view.experts, config)
+    return analyze_frames(view.layers, view.experts, config, manifest=run.meta).alerts
 
 
 class AlertTracker:
@@ -384,8 +401,10 @@ class AlertTracker:
     one rank are judged as they are: in multi-process training each rank's tracker sees its own share of tokens.
     """
 
-    def __init__(self, config: DetectorConfig | None = None) -> None:
+    def __init__(self, config: DetectorConfig | None = None,
+                 placement: Callable[[str, int], np.ndarray | None] | None = None) -> None:
         self.config = config or DetectorConfig()
+        self.placement = placement  # (layer, num_experts) -> device of each expert, for the ep_straggler rule
         self._pending: dict[str, LayerData] = {}
         self._detectors: dict[str, LayerDetector] = {}
         self._last_step: dict[str, int] = {}
@@ -400,6 +419,8 @@ class AlertTracker:
                 data = data.slice(int(np.searchsorted(data.steps, last, side="right")))
             if len(data) == 0:
                 continue
+            if self.placement is not None:
+                data.placement = self.placement(name, data.tokens.shape[1])
             self._last_step[name] = int(data.steps[-1])
             pending = self._pending.get(name)
             pending = data if pending is None else LayerData.concat(pending, data)

@@ -28,10 +28,18 @@ def format_alert(alert: Alert) -> str:
             f"Lever: {alert.lever}.")
 
 
-def live_alerts(config: DetectorConfig | None = None,
-                on_alert: Callable[[Alert], Any] | None = None) -> Callable[[Any, Any], None]:
-    """A sink ``(experts, layers)`` taking pyarrow Tables or DataFrames of newly flushed training rows."""
-    tracker = AlertTracker(config)
+def live_alerts(config: DetectorConfig | None = None, on_alert: Callable[[Alert], Any] | None = None,
+                manifest: dict[str, Any] | None = None) -> Callable[[Any, Any], None]:
+    """A sink ``(experts, layers)`` taking pyarrow Tables or DataFrames of newly flushed training rows; ``manifest``
+    (the run's ``ep_size`` / ``expert_placement``) gives the expert-parallel placement the ep_straggler rule needs."""
+    placement = None
+    if manifest and (manifest.get("ep_size") or manifest.get("expert_placement")):
+        from moewatch.store.placement import placement_for
+
+        def placement(layer: str, num_experts: int):
+            return placement_for(manifest, layer, num_experts)
+
+    tracker = AlertTracker(config, placement)
     lock = threading.Lock()
     callback_failed = False
 

@@ -69,6 +69,13 @@ def window_metrics(win: Windows, num_experts: int, top_k: int, th: LayerThreshol
         bias_spread = np.where(finite, bmax - bmin, np.nan)
     else:
         bias_spread = np.full(len(win), np.nan)
+    if win.placement is not None and len(win.placement) == e:
+        from moewatch.store.placement import device_load, straggler_ratio
+
+        device_ratio, busiest = straggler_ratio(device_load(load, win.placement))
+        busiest_experts = win.placement[None, :] == busiest[:, None]  # [W, E]: the experts the busiest device holds
+    else:
+        device_ratio, busiest_experts = np.full(len(win), np.nan), None
     if win.dropped_e is not None:
         with np.errstate(invalid="ignore", divide="ignore"):
             expert_drop = win.dropped_e / (win.dropped_e + load)
@@ -90,6 +97,8 @@ def window_metrics(win: Windows, num_experts: int, top_k: int, th: LayerThreshol
         "nonfinite": win.nonfinite,
         "bias_spread": bias_spread,
         "drop_experts": drop_experts,
+        "device_ratio": device_ratio,
+        "busiest_experts": busiest_experts,
     }
 
 
@@ -112,6 +121,21 @@ def level_tracks(m: dict, th: LayerThresholds, config: DetectorConfig, num_exper
             Track("drops/c", "drops", CRITICAL, drop >= config.drop_critical, drop, config.drop_critical,
                   experts=m["drop_experts"]),
             Track("nonfinite", "nonfinite", CRITICAL, m["nonfinite"] > 0, m["nonfinite"], 0.0, fire=1),
+            *ep_tracks(m, config),
+        ]
+
+
+def ep_tracks(m: dict, config: DetectorConfig) -> list[Track]:
+    """Expert-parallel stragglers: the busiest device's load over the mean device load (runs with a placement)."""
+    if m["busiest_experts"] is None:
+        return []
+    ratio = m["device_ratio"]
+    with np.errstate(invalid="ignore"):
+        return [
+            Track("ep/w", "ep_straggler", WARNING, ratio >= config.ep_warning, ratio, config.ep_warning,
+                  experts=m["busiest_experts"]),
+            Track("ep/c", "ep_straggler", CRITICAL, ratio >= config.ep_critical, ratio, config.ep_critical,
+                  experts=m["busiest_experts"]),
         ]
 
 
@@ -349,6 +373,12 @@ def describe(kind: str, layer: str, experts: tuple[int, ...], value: float, thre
     if kind == "bias_runaway":
         return (f"The spread of the balancing bias in {layer} keeps growing ({vals('+{:.0%}')} over the trend fit) "
                 f"while the load imbalance does not fall, from step {first_step}.")
+    if kind == "ep_straggler":
+        loss = f"{1 - 1 / value:.0%}" if value > 1 else "none"
+        return (f"The busiest expert-parallel device of {layer} (holding {who}) carries more than its share from "
+                f"step {first_step} (its load over the mean device load, threshold {threshold:.2f}×: "
+                f"{vals('{:.2f}×')}): each step waits on it, so about {loss} of the layer's expert throughput is "
+                f"lost at the peak.")
     raise ValueError(f"no message for alert kind {kind!r}")
 
 

@@ -43,6 +43,7 @@ class LayerData:
     bias: np.ndarray | None = None
     block: int = 1  # > 1: tokens/dropped/bias hold exact sums over blocks of this many steps (rollups)
     head: np.ndarray | None = None  # with blocks: the first steps' counts, per step (for the window size)
+    placement: np.ndarray | None = None  # [E] expert-parallel device of each expert (moewatch.store.placement)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -60,6 +61,7 @@ class LayerData:
             {k: v[sl] for k, v in self.stats.items()},
             None if self.dropped is None else self.dropped[sl],
             None if self.bias is None else self.bias[sl],
+            placement=self.placement,
         )
 
     @staticmethod
@@ -86,6 +88,7 @@ class LayerData:
             {k: np.concatenate([a.stats[k], b.stats[k]]) for k in LAYER_STATS},
             stack(a.dropped, b.dropped, 0.0),
             stack(a.bias, b.bias, np.nan),
+            placement=b.placement if b.placement is not None else a.placement,
         )
 
 
@@ -105,6 +108,7 @@ class Windows:
     dropped_e: np.ndarray | None = None  # [W, E]
     bias: np.ndarray | None = None  # [W, E], value at the window's last step
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    placement: np.ndarray | None = None  # [E] expert-parallel device of each expert
 
     def __len__(self) -> int:
         return len(self.first)
@@ -170,6 +174,7 @@ def make_windows(data: LayerData, size: int, include_tail: bool) -> tuple[Window
             dropped_e=None if data.dropped is None else (
                 _window_sum(data.dropped, size, full, used) if b == 1 else _block_sum(data.dropped, idx // b, cut)),
             bias=None if data.bias is None else data.bias[ends // b],
+            placement=data.placement,
         ),
         used,
     )

@@ -335,6 +335,36 @@ class Run:
         cv, max_share, dead and aux_loss are recomputed from the summed counts)."""
         return self._window(LAYERS, layer, steps, columns, ranks)
 
+    def device_load(self, layer: str, steps: int | tuple[int | None, int | None] | None = None) -> pd.DataFrame:
+        """Per step, each expert-parallel device's share of ``layer``'s assignments (all ranks summed), from the
+        placement run.json records (``attach(ep_size=...)`` / ``expert_placement``): one row per step (the index),
+        one column per device, plus ``straggler`` (busiest device's load / mean device load: a step lasts about as
+        long as its busiest device, so ``1 - 1/straggler`` of the layer's expert throughput is lost). Raises
+        ValueError when the run records no placement for the layer."""
+        from moewatch.store.placement import device_load, placement_for, straggler_ratio
+
+        ex = self.experts_frame(layer, steps, columns=["step", "expert", "tokens"])
+        E = int(self._num_experts(layer))
+        placement = placement_for(self.meta, layer, E)
+        if placement is None:
+            raise ValueError(f"{self.path} records no expert placement for {layer!r} ({E} experts): pass "
+                             "attach(..., ep_size=N) or expert_placement= when recording")
+        grid = ex.pivot_table(index="step", columns="expert", values="tokens", aggfunc="sum", fill_value=0)
+        grid = grid.reindex(columns=range(E), fill_value=0)
+        load = device_load(grid.to_numpy(np.float64), placement)
+        total = load.sum(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            shares = np.where(total > 0, load / np.where(total > 0, total, 1.0), np.nan)
+        out = pd.DataFrame(shares, index=grid.index, columns=[f"device{d}" for d in range(load.shape[1])])
+        out["straggler"] = straggler_ratio(load)[0]
+        return out
+
+    def _num_experts(self, layer: str) -> int:
+        for r in self.meta.get("routers") or []:
+            if isinstance(r, dict) and r.get("name") == layer and r.get("num_experts"):
+                return int(r["num_experts"])
+        return int(self.layers_frame(layer, columns=["num_experts"])["num_experts"].max())
+
     def _window(self, table: str, layer: Any, steps: Any, columns: Any, ranks: str) -> pd.DataFrame:
         if ranks not in ("global", "each"):
             raise ValueError(f"ranks must be 'global' (summed over ranks, like global_view()) or 'each'; got {ranks!r}")
