@@ -38,10 +38,15 @@ def test_synthetic_evaluation_set():
     scores = evaluate(seeds=(0, 1))
     families = {c.name.split("/")[0] for c in scores.cases}
     assert families == {"healthy-noisy", "small-batch", "slow-drift", "sudden", "dead-gradual", "oscillation",
-                        "late-recovery"}
+                        "late-recovery", "healthy-ep", "ep-hot-device"}
     check(scores)
     # Degraded runs are not silent either: each gets at least a warning.
     assert all(c.flagged for c in scores.cases if c.label == "degraded")
+    # A hot expert-parallel device is an ep_straggler (and only that family has one), after its drift begins.
+    for c in scores.cases:
+        ep = [a for a in c.alerts if a.kind == "ep_straggler"]
+        assert bool(ep) == c.name.startswith("ep-hot-device"), c.name
+        assert all(a.first_step >= 800 and a.experts == tuple(range(len(a.experts))) for a in ep), c.name
     # The trend warning's projected crossing lands near the observed one.
     est = scores.trend_estimates
     assert len(est) >= len(scores.leads) // 2

@@ -58,10 +58,10 @@ class DetectorConfig:
     logit_min_growth: float = 0.25
     # --- aux-free bias balancing
     bias_min_growth: float = 0.2
-    # --- expert parallelism: busiest device's load / mean device load over a window (1.25: 20% of the layer's
-    # expert throughput lost waiting on it; 1.5: 33%)
-    ep_warning: float = 1.25
-    ep_critical: float = 1.5
+    # --- expert parallelism: busiest device's load / mean device load over a window (1.5: a third of the layer's
+    # expert throughput lost waiting on it; 2.0: half)
+    ep_warning: float = 1.5
+    ep_critical: float = 2.0
     # --- trends: robust (Theil-Sen) slope over trend_windows points, at several time scales
     trend_windows: int = 8
     trend_scales: tuple[int, ...] = (1, 4, 16, 64)

@@ -174,6 +174,10 @@ def _fmt(v: int | None) -> str:
     return "-" if v is None else str(v)
 
 
+def _ep(e: int) -> int:
+    return e // 4 if e >= 16 else e // 2
+
+
 def _strength(cv: float, e: int, hot: int) -> float:
     """Concentration giving load CV ``cv`` (uncapped model: CV = c * sqrt(E / hot - 1))."""
     return min(cv / math.sqrt(e / hot - 1), 1.0)
@@ -199,6 +203,11 @@ def scenario_set(seeds: Iterable[int] = (0, 1, 2)) -> list[Scenario]:
                          period=500 + 100 * seed, **common),
                 Scenario(f"late-recovery/{tag}", "recovery", "degraded", onset=1200, ramp=600,
                          strength=_strength(0.8, e, 1), **common),
+                # Expert parallelism over E/2 devices (E/4 for E >= 16): a healthy router must not make a
+                # straggler; device 0's experts drifting to 1.75x the mean device load must.
+                Scenario(f"healthy-ep/{tag}", "healthy", "healthy", ep_size=_ep(e), **common),
+                Scenario(f"ep-hot-device/{tag}", "ep_hot", "degraded", onset=800, ramp=600,
+                         strength=0.75 / (_ep(e) - 1), ep_size=_ep(e), **common),
             ]
     return out
 
@@ -209,7 +218,7 @@ def evaluate_scenarios(scenarios: Iterable[Scenario], config: DetectorConfig | N
     for sc in scenarios:
         run = simulate(sc)
         if via_frames:
-            alerts = analyze_frames(*run.frames(), config).alerts
+            alerts = analyze_frames(*run.frames(), config, manifest={"ep_size": sc.ep_size}).alerts
         else:
             alerts = analyze(run.layer_data(), config).alerts
         cases.append(Case(sc.name, sc.label, sc.collapse_step, (sc.layer_name(0),), tuple(alerts)))

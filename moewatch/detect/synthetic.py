@@ -23,7 +23,7 @@ from .windows import LayerData
 
 SHAPES = (
     "healthy", "small_batch", "drift", "sudden", "dead_gradual", "oscillation", "recovery", "drops", "logit_drift",
-    "bias_runaway", "nonfinite",
+    "bias_runaway", "nonfinite", "ep_hot",
 )
 
 
@@ -49,6 +49,7 @@ class Scenario:
     capacity_factor: float | None = None
     aux_free: bool = False
     period: int = 600
+    ep_size: int | None = None  # expert-parallel devices (contiguous placement); "ep_hot" loads device 0's experts
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -57,6 +58,18 @@ class Scenario:
             raise ValueError(f"Scenario.label must be healthy, collapse or degraded, got {self.label!r}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"Scenario.top_k must be in [1, num_experts], got {self.top_k}")
+        if self.ep_size is not None and (self.ep_size < 2 or self.num_experts % self.ep_size):
+            raise ValueError(f"Scenario.ep_size must be >= 2 and divide num_experts, got {self.ep_size}")
+        if self.shape == "ep_hot" and self.ep_size is None:
+            raise ValueError("Scenario shape 'ep_hot' needs an ep_size")
+
+    @property
+    def placement(self) -> np.ndarray | None:
+        if self.ep_size is None:
+            return None
+        from moewatch.store.placement import contiguous
+
+        return contiguous(self.num_experts, self.ep_size)
 
     @property
     def collapse_step(self) -> int | None:
@@ -79,12 +92,13 @@ class SimLayer:
     prob: np.ndarray | None  # [S, E] mean router prob
     bias: np.ndarray | None  # [S, E]
     cols: dict[str, np.ndarray]  # per-step layers-table columns
+    placement: np.ndarray | None = None  # [E] expert-parallel device of each expert
 
     def layer_data(self) -> LayerData:
         stats = {k: self.cols[k].astype(np.float64) for k in ("tokens", "dropped", "entropy_norm", "z_loss",
                                                              "logit_abs_max", "nonfinite")}
         return LayerData(self.name, self.tokens.shape[1], self.top_k, self.steps, self.tokens, stats,
-                         self.dropped if self.dropped.any() else None, self.bias)
+                         self.dropped if self.dropped.any() else None, self.bias, placement=self.placement)
 
 
 @dataclass
@@ -143,6 +157,8 @@ class SyntheticRun:
                          "capacity": _capacity(sc)} for layer in self.layers],
             "meta": {"scenario": sc.name, "shape": sc.shape, "label": sc.label, "collapse_step": sc.collapse_step},
         }
+        if sc.ep_size is not None:
+            manifest["ep_size"] = sc.ep_size
         (path / schema.MANIFEST).write_text(json.dumps(manifest, indent=2))
         return path
 
@@ -171,7 +187,7 @@ def concentration(sc: Scenario, t: np.ndarray) -> np.ndarray:
     ramp = np.clip((t - sc.onset) / max(sc.ramp, 1), 0.0, 1.0)
     if sc.shape in ("healthy", "small_batch", "logit_drift", "nonfinite"):
         return np.zeros_like(t, dtype=np.float64)
-    if sc.shape in ("drift", "sudden", "dead_gradual", "drops"):
+    if sc.shape in ("drift", "sudden", "dead_gradual", "drops", "ep_hot"):
         return sc.strength * ramp
     if sc.shape == "oscillation":
         phase = np.clip(t - sc.onset, 0, None)
@@ -255,6 +271,8 @@ def _simulate_layer(sc: Scenario, rng: np.random.Generator, t: np.ndarray, name:
     c = concentration(sc, tf) if affected else np.zeros(len(t))
     hot = np.zeros(e)
     hot_idx = rng.choice(e, size=min(sc.hot, e), replace=False)
+    if sc.shape == "ep_hot":  # the experts device 0 holds get the extra load, evenly: a hot device, no hot expert
+        hot_idx = np.flatnonzero(sc.placement == 0)
     hot[hot_idx] = 1.0 / len(hot_idx)
     p = cap_shares((1 - c)[:, None] * base + c[:, None] * hot[None, :], k) if c.any() else base
     n = n_tok * k
@@ -283,7 +301,7 @@ def _simulate_layer(sc: Scenario, rng: np.random.Generator, t: np.ndarray, name:
             # The bias update keeps pushing (sign of the load error) but the router ignores it.
             grow = 1e-3 * np.clip(tf - sc.onset, 0, None)[:, None]
             bias = bias - grow * np.sign(p - 1.0 / e)
-    return SimLayer(name, k, t, counts, dropped, None if lean else p, bias, cols)
+    return SimLayer(name, k, t, counts, dropped, None if lean else p, bias, cols, sc.placement)
 
 
 def _layer_columns(sc: Scenario, rng, tf, p, counts, dropped, c, affected) -> dict[str, np.ndarray]:
