@@ -397,6 +397,12 @@ class RunData:
         with self.lock:
             return self._hold(self.layer_info(name_or_index).name)
 
+    def placement(self, layer: str) -> np.ndarray | None:
+        """The device of each of the layer's experts when the run records an expert-parallel placement."""
+        from moewatch.store.placement import placement_for
+
+        return placement_for(self.meta, layer, max(self.layer_info(layer).num_experts, 1))
+
     def blocks(self, layer: str) -> Any:
         """The layer's exact block sums from the run's rollups (`moewatch.store.rollup.Blocks`: block b sums the
         layer's recorded rows [b * block, (b + 1) * block)), or None when the run has no up-to-date rollups for it

@@ -529,7 +529,8 @@ def detector_thresholds(num_experts: int, top_k: int, windowed: bool, config: An
     config = config or DetectorConfig()
     th = LayerThresholds.resolve(config, num_experts, top_k)
     out = {"entropy_norm": (config.entropy_warning, config.entropy_critical),
-           "drop_rate": (config.drop_warning, config.drop_critical)}
+           "drop_rate": (config.drop_warning, config.drop_critical),
+           "device_ratio": (config.ep_warning, config.ep_critical)}
     if windowed and math.isfinite(th.cv_critical):
         out["cv"] = (th.cv_warning, th.cv_critical)
     return out
@@ -557,11 +558,15 @@ def metrics_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None,
             steps = run.steps[lo:hi].copy()
             bias = run.bias(layer, lo, hi)
             bias = None if bias is None else bias.copy()
+            if run.placement(layer) is not None:
+                s["device_ratio"] = windows.device_ratio(run, layer, run.tokens(layer, lo, hi).astype(np.float64))
     if bias is not None and not _moves(bias):
         bias = None  # a constant buffer (a router without bias balancing): nothing to chart
     rows: list[tuple[str, str, str]] = list(METRIC_ROWS)
     if window:
         rows[0] = ("cv", "load CV per window (sampling noise removed, as the detector reads it)", ".2f")
+    if s.get("device_ratio") is not None:
+        rows.append(("device_ratio", "busiest expert-parallel device ÷ mean device load (1 = even)", ".2f"))
     if bias is not None:
         rows.append(("bias", "router bias per expert (aux-free balancing)", ".3g"))
     traces: list[dict[str, Any]] = []

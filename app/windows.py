@@ -185,7 +185,19 @@ def window_series(run: RunData, layer: str, bins: Bins) -> dict[str, Any]:
     return {"first": first, "last": last, "cv": m["cv"], "max_share": m["max_share"],
             "dead": m["dead"].sum(axis=1).astype(np.float64), "entropy_norm": m["entropy_norm"],
             "drop_rate": m["drop_rate"], "z_loss": m["z_loss"], "logit_abs_max": m["logit_abs_max"],
-            "aux_loss": sums["aux_w"] * per_tok, "tokens": tok, "bias": bias}
+            "aux_loss": sums["aux_w"] * per_tok, "tokens": tok, "bias": bias,
+            "device_ratio": device_ratio(run, layer, load)}
+
+
+def device_ratio(run: RunData, layer: str, load: np.ndarray) -> np.ndarray | None:
+    """Busiest expert-parallel device's load / mean device load per row of ``load`` ([rows, E] expert loads), or
+    None when the run records no placement (what the detector's ep_straggler rule reads, on the same loads)."""
+    placement = run.placement(layer)
+    if placement is None or load.shape[1] != len(placement):
+        return None
+    from moewatch.store.placement import device_load, straggler_ratio
+
+    return straggler_ratio(device_load(load, placement))[0]
 
 
 def describe(bins: Bins) -> str:

@@ -180,3 +180,30 @@ def test_ep_size_is_read_from_dtensor_expert_weights_on_an_ep_mesh(tmp_path):
         out, _ = p.communicate(timeout=120)
         assert p.returncode == 0, out[-3000:]
     assert json.loads((tmp_path / "run" / "run.json").read_text())["ep_size"] == 2
+
+
+def test_the_dashboard_charts_the_busiest_device_as_the_detector_reads_it(tmp_path):
+    from moewatch.app import figures
+    from moewatch.app.data import RunData
+    from moewatch.app.windows import detector_window, plan, window_series
+
+    path = skewed_run(tmp_path / "r", hot=0.55)
+    run = RunData(path, "r")
+    run.refresh()
+    window = detector_window(run, "gate")
+    fig, _ = figures.metrics_figure(run, "gate", window=window)
+    titles = [a["text"] for a in fig["layout"]["annotations"] if "device" in str(a.get("text", ""))]
+    assert titles, "an EP run's metrics panel has the device-load row"
+    levels = {s["y0"] for s in fig["layout"]["shapes"] if s.get("type") == "line" and s.get("xref") == "x domain"}
+    assert {1.5, 2.0} <= levels  # the detector's ep_warning / ep_critical lines
+    bins = plan(run, "gate", 0, run.n, window, 1 << 40)
+    ratio = window_series(run, "gate", bins)["device_ratio"]
+    analysis = analyze_run(path)
+    crit = next(a for a in analysis.alerts if a.kind == "ep_straggler" and a.severity == "critical")
+    assert np.nanmax(ratio) == pytest.approx(crit.value, rel=1e-9)  # the chart's peak is the alert's peak
+    raw, _ = figures.metrics_figure(run, "gate")  # raw per-step view has the row too
+    assert any("device" in str(a.get("text", "")) for a in raw["layout"]["annotations"])
+    plain = RunData(skewed_run(tmp_path / "p", hot=0.55, ep=None), "p")
+    plain.refresh()
+    fig, _ = figures.metrics_figure(plain, "gate", window=window)
+    assert not any("device" in str(a.get("text", "")) for a in fig["layout"]["annotations"])
