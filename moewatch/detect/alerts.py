@@ -33,6 +33,7 @@ KINDS = (
     "nonfinite",
     "bias_runaway",
     "ep_straggler",
+    "expert_stalled",
 )
 # Kinds whose critical alert means the routing itself collapsed (as opposed to drops or numerics going wrong).
 COLLAPSE_KINDS = frozenset({"dead_expert", "dominant_expert", "imbalance", "entropy_collapse"})
@@ -49,6 +50,9 @@ LEVERS = {
     "logit_drift": "add z-loss (or raise its coefficient) or lower the learning rate",
     "nonfinite": "lower the learning rate and add z-loss; compute the router in float32",
     "bias_runaway": "tune bias balancing: raise the bias update rate or add a small aux loss",
+    "expert_stalled": ("check the starved experts' gradients (a frozen or detached expert, a learning-rate or weight-"
+                       "decay group that excludes them) and route them tokens again: router noise, a higher "
+                       "aux-loss coefficient"),
     "ep_straggler": ("spread the hot experts over devices (re-place or replicate them, as EPLB does) or strengthen "
                      "load balancing"),
 }

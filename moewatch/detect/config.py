@@ -62,6 +62,10 @@ class DetectorConfig:
     # expert throughput lost waiting on it; 2.0: half)
     ep_warning: float = 1.5
     ep_critical: float = 2.0
+    # --- expert learning: an expert whose gradient norm stays under this fraction of its layer's median expert's
+    # for stall_windows windows in a row has stopped learning
+    stall_fraction: float = 0.05
+    stall_windows: int = 5
     # --- trends: robust (Theil-Sen) slope over trend_windows points, at several time scales
     trend_windows: int = 8
     trend_scales: tuple[int, ...] = (1, 4, 16, 64)
@@ -86,7 +90,8 @@ class DetectorConfig:
                 raise ValueError(f"DetectorConfig.{f.name} must be a finite number, got {value!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"DetectorConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
-        positive_ints = ("window_steps", "max_window_steps", "fire_windows", "clear_windows", "dead_warning_windows")
+        positive_ints = ("window_steps", "max_window_steps", "fire_windows", "clear_windows", "dead_warning_windows",
+                         "stall_windows")
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ValueError(f"DetectorConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -120,6 +125,7 @@ class DetectorConfig:
             "drop_critical",
             "trend_consistency",
             "trend_min_level",
+            "stall_fraction",
         )
         for name in unit:
             value = getattr(self, name)

@@ -17,7 +17,17 @@ import pandas as pd
 
 from .alerts import Alert, fold_covered, lever_for, sort_alerts, status_of
 from .config import DetectorConfig, LayerThresholds
-from .rules import TREND_SERIES, Track, dead_tracks, describe, level_tracks, trend_tracks, window_metrics
+from .rules import (
+    TREND_SERIES,
+    Track,
+    dead_tracks,
+    describe,
+    level_tracks,
+    stall_flags,
+    stall_tracks,
+    trend_tracks,
+    window_metrics,
+)
 from .series import Hysteresis, hysteresis
 from .windows import (
     LayerData,
@@ -77,6 +87,7 @@ class LayerDetector:
         self.windows_seen = 0
         self._hyst: dict[str, Hysteresis] = {}
         self._dead = Hysteresis.new((num_experts,))
+        self._stall = Hysteresis.new((num_experts,))
         # Trend fits need m points at the coarsest scale, plus one block of slack for alignment.
         self._hist_len = config.trend_windows * max(config.trend_scales) + max(config.trend_scales)
         self._hist: dict[str, np.ndarray] = {k: np.zeros(0) for k in ("x", *TREND_SERIES)}
@@ -105,6 +116,10 @@ class LayerDetector:
             *dead_tracks(dead_active, dead_run, th, cfg),
             *trend_tracks(hist, g0, n, th, cfg, m),
         ]
+        stalled = stall_flags(win, cfg)
+        if stalled is not None:
+            _, stall_run = hysteresis(stalled, self._stall, 1, 1)
+            tracks += stall_tracks(stall_run, cfg)
         firsts = np.concatenate([self._first_hist, win.first])
         offset = len(self._first_hist)
         started: list[Episode] = []
@@ -336,9 +351,11 @@ def analyze_run(path, config: DetectorConfig | None = None,
     memory holds one group of layers' counts at a time (at most ``budget_bytes``; default
     ``moewatch.store.dense.DEFAULT_BUDGET``), never the run's long table. A layer is read from the run's rollups
     (exact block sums, when up to date) where its windows are whole blocks, else from its per-step rows."""
-    from moewatch.store.dense import DEFAULT_BUDGET, iter_dense_layers
+    from moewatch.store.dense import DEFAULT_BUDGET, has_values, iter_dense_layers
     from moewatch.store.manifest import read_manifest
     from moewatch.store.placement import placement_for
+    from moewatch.store.reader import part_files
+    from moewatch.store.schema import EXPERTS
 
     config = config or DetectorConfig()
     budget = DEFAULT_BUDGET if budget_bytes is None else budget_bytes
@@ -347,8 +364,11 @@ def analyze_run(path, config: DetectorConfig | None = None,
     except (OSError, ValueError):
         manifest = None  # no placement known: the other rules still run
 
+    # Rollups keep counts only: a run with per-expert gradient norms is read per step, so expert_stalled sees them.
+    rollups = not has_values(part_files(path, EXPERTS), "grad_norm")
+
     def stream():
-        for dense in iter_dense_layers(path, budget, skipped=[], rollups=True):
+        for dense in iter_dense_layers(path, budget, skipped=[], rollups=rollups):
             if dense.block != 1 and not _blocks_fit(dense, config):
                 (dense,) = iter_dense_layers(path, layers=[dense.layer], skipped=[])
             data = layer_data_from_dense(dense)

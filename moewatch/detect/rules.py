@@ -139,6 +139,25 @@ def ep_tracks(m: dict, config: DetectorConfig) -> list[Track]:
         ]
 
 
+def stall_flags(win: Windows, config: DetectorConfig) -> np.ndarray | None:
+    """[W, E] experts whose gradient norm is under ``stall_fraction`` of the layer's median expert's in the window
+    (None without gradient norms). A window where the median itself is 0 or unknown flags nobody."""
+    g = win.grad_norm
+    if g is None:
+        return None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        median = np.nanmedian(np.where(np.isfinite(g), g, np.nan), axis=1, keepdims=True)
+        return (g < config.stall_fraction * median) & (median > 0) & np.isfinite(g)
+
+
+def stall_tracks(stalled_run: np.ndarray, config: DetectorConfig) -> list[Track]:
+    """An expert that stopped learning: its gradient starved ``stall_windows`` windows in a row (already debounced)."""
+    stuck = stalled_run >= config.stall_windows
+    count = stuck.sum(axis=1).astype(np.float64)
+    return [Track("stalled/w", "expert_stalled", WARNING, count >= 1, count, 1.0, experts=stuck, fire=1, clear=1,
+                  onset_back=config.stall_windows - 1)]
+
+
 def dead_tracks(active: np.ndarray, starved_run: np.ndarray, th: LayerThresholds, config: DetectorConfig) -> list[Track]:
     """Layer-level dead-expert tracks from the per-expert hysteresis state (already debounced, so fire at once).
 
@@ -373,6 +392,12 @@ def describe(kind: str, layer: str, experts: tuple[int, ...], value: float, thre
     if kind == "bias_runaway":
         return (f"The spread of the balancing bias in {layer} keeps growing ({vals('+{:.0%}')} over the trend fit) "
                 f"while the load imbalance does not fall, from step {first_step}.")
+    if kind == "expert_stalled":
+        now = f"{int(latest)} now, " if ongoing and math.isfinite(latest) else ""
+        return (f"{who.capitalize()} in {layer} stopped learning from step {first_step}: gradient norm under "
+                f"{config.stall_fraction:.0%} of the layer's median expert's for {config.stall_windows} windows in "
+                f"a row ({now}peak {int(value)} of {num_experts} at once). A starved expert's gradient fades "
+                f"before its load reaches zero.")
     if kind == "ep_straggler":
         loss = f"{1 - 1 / value:.0%}" if value > 1 else "none"
         return (f"The busiest expert-parallel device of {layer} (holding {who}) carries more than its share from "

@@ -44,6 +44,7 @@ class LayerData:
     block: int = 1  # > 1: tokens/dropped/bias hold exact sums over blocks of this many steps (rollups)
     head: np.ndarray | None = None  # with blocks: the first steps' counts, per step (for the window size)
     placement: np.ndarray | None = None  # [E] expert-parallel device of each expert (moewatch.store.placement)
+    grad_norm: np.ndarray | None = None  # [S, E] each expert's gradient norm per step (NaN: not recorded)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -62,6 +63,7 @@ class LayerData:
             None if self.dropped is None else self.dropped[sl],
             None if self.bias is None else self.bias[sl],
             placement=self.placement,
+            grad_norm=None if self.grad_norm is None else self.grad_norm[sl],
         )
 
     @staticmethod
@@ -89,6 +91,7 @@ class LayerData:
             stack(a.dropped, b.dropped, 0.0),
             stack(a.bias, b.bias, np.nan),
             placement=b.placement if b.placement is not None else a.placement,
+            grad_norm=stack(a.grad_norm, b.grad_norm, np.nan),
         )
 
 
@@ -109,6 +112,7 @@ class Windows:
     bias: np.ndarray | None = None  # [W, E], value at the window's last step
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     placement: np.ndarray | None = None  # [E] expert-parallel device of each expert
+    grad_norm: np.ndarray | None = None  # [W, E] each expert's mean gradient norm over the window's steps
 
     def __len__(self) -> int:
         return len(self.first)
@@ -175,9 +179,18 @@ def make_windows(data: LayerData, size: int, include_tail: bool) -> tuple[Window
                 _window_sum(data.dropped, size, full, used) if b == 1 else _block_sum(data.dropped, idx // b, cut)),
             bias=None if data.bias is None else data.bias[ends // b],
             placement=data.placement,
+            grad_norm=None if data.grad_norm is None or b != 1 else _window_nanmean(data.grad_norm, idx, used),
         ),
         used,
     )
+
+
+def _window_nanmean(arr: np.ndarray, idx: np.ndarray, used: int) -> np.ndarray:
+    """[S, E] -> [W, E] means over each window's steps, ignoring NaN (steps without a recorded gradient)."""
+    x = arr[:used].astype(np.float64)
+    ok = np.isfinite(x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.add.reduceat(np.where(ok, x, 0.0), idx, axis=0) / np.add.reduceat(ok, idx, axis=0)
 
 
 def _window_sum(arr: np.ndarray, size: int, full: int, used: int) -> np.ndarray:
@@ -235,7 +248,7 @@ def layer_data_from_dense(dense) -> LayerData:
     dropped = dense.dropped if dense.dropped is not None and dense.dropped.any() else None
     bias = dense.bias if bias_moves(dense.bias) else None
     return LayerData(dense.layer, dense.num_experts, dense.top_k, dense.steps, dense.tokens, stats, dropped, bias,
-                     dense.block, dense.head)
+                     dense.block, dense.head, grad_norm=getattr(dense, "grad_norm", None))
 
 
 def layer_data_from_frames(layers: pd.DataFrame, experts: pd.DataFrame) -> list[LayerData]:
@@ -273,6 +286,7 @@ def layer_data_from_frames(layers: pd.DataFrame, experts: pd.DataFrame) -> list[
     e_tokens = _numpy(experts["tokens"])
     e_dropped = _numpy(experts["dropped"]) if "dropped" in experts.columns else None
     e_bias = _numpy(experts["bias"], np.float64) if "bias" in experts.columns else None
+    e_grad = _numpy(experts["grad_norm"], np.float64) if "grad_norm" in experts.columns else None
     l_step = _numpy(layers["step"], np.int64)
     lcols = {c: _numpy(layers[c], np.float64) for c in LAYER_STATS if c in layers.columns}
 
@@ -301,6 +315,10 @@ def layer_data_from_frames(layers: pd.DataFrame, experts: pd.DataFrame) -> list[
         if bias_moves(eb_rows):
             bias = np.full((len(steps), n_e), np.nan)
             bias[si, ex] = eb_rows
+        grad = None
+        if e_grad is not None and np.isfinite(e_grad[erows]).any():
+            grad = np.full((len(steps), n_e), np.nan)
+            grad[si, ex] = e_grad[erows]
         lsi = np.searchsorted(steps, l_step[lrows])
         stats: dict[str, np.ndarray] = {}
         for col in LAYER_STATS:
@@ -313,7 +331,7 @@ def layer_data_from_frames(layers: pd.DataFrame, experts: pd.DataFrame) -> list[
         no_tok = ~np.isfinite(stats["tokens"])
         if no_tok.any():
             stats["tokens"][no_tok] = tokens[no_tok].sum(axis=1) / max(top_k, 1)
-        out.append(LayerData(str(name), n_e, top_k, steps, tokens, stats, dropped, bias))
+        out.append(LayerData(str(name), n_e, top_k, steps, tokens, stats, dropped, bias, grad_norm=grad))
     return out
 
 

@@ -31,6 +31,8 @@ from moewatch.store.reader import (
 )
 from moewatch.store.schema import EXPERTS, LAYERS, SCHEMAS
 
+# Per-expert values averaged over the ranks that recorded them (replicas), not summed like counts.
+MEAN_COLUMNS = ("bias", "grad_norm")
 BATCH_ROWS = 2_000_000  # expert rows decoded at once by a pass
 DEFAULT_BUDGET = 2 << 30  # bytes of dense per-expert arrays held at once (a pass holds one group of layers)
 _LAYER_COLUMNS = ["step", "layer", "tokens", "top_k", "num_experts", "entropy", "z_loss", "logit_abs_max",
@@ -54,6 +56,7 @@ class DenseLayer:
     bias: np.ndarray | None = None
     block: int = 1  # > 1: tokens/dropped/bias are exact sums over blocks of this many steps (moewatch.store.rollup)
     head: np.ndarray | None = None  # with blocks: the first steps' counts, per step
+    grad_norm: np.ndarray | None = None  # [S, E] per-step gradient norm of each expert (mean over ranks), if recorded
 
 
 @dataclass
@@ -72,10 +75,12 @@ class Plan:
     drops: bool  # some assignment was dropped at capacity
     skipped: list[str] = field(default_factory=list)
 
-    def cell_bytes(self, bias: bool) -> int:
-        """Memory per (step, expert) cell of a pass: counts, drops, and the bias (with a per-rank count)."""
+    def cell_bytes(self, bias: bool, means: int = 0) -> int:
+        """Memory per (step, expert) cell of a pass: counts, drops, and the bias and other per-expert values averaged
+        over ranks (``means`` of them besides the bias; each with a per-rank count)."""
         count = 8 if self.wide else 4
-        return count + (count if self.drops else 0) + ((8 + (4 if self.ranks > 1 else 0)) if bias else 0)
+        per_mean = 8 + (4 if self.ranks > 1 else 0)
+        return count + (count if self.drops else 0) + per_mean * (int(bias) + means)
 
 
 def iter_dense_layers(run_dir: str | Path, budget_bytes: int = DEFAULT_BUDGET, layers: list[str] | None = None,
@@ -103,7 +108,7 @@ def iter_dense_layers(run_dir: str | Path, budget_bytes: int = DEFAULT_BUDGET, l
                                  plan.stats[name], b.dropped, b.bias, b.block, b.head)
             return
     files = part_files(run_dir, EXPERTS)
-    width = plan.cell_bytes(bias=any(_has_bias(f) for f in files))
+    width = plan.cell_bytes(bias=any(_has_bias(f) for f in files), means=int(has_values(files, "grad_norm")))
     group: list[str] = []
     size = 0
     for name in names:
@@ -369,8 +374,7 @@ def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[s
     offset = np.concatenate([[0], np.cumsum(len(axis) * width)])
     tokens = np.zeros(int(offset[-1]), dtype)
     dropped: np.ndarray | None = None
-    bias_sum: np.ndarray | None = None
-    bias_n: np.ndarray | None = None
+    means: dict[str, list] = {}  # column -> [sum (or the value, one rank), count over ranks or None]
     slot = {n: i for i, n in enumerate(group)}
     contiguous = len(axis) > 0 and int(axis[-1] - axis[0]) + 1 == len(axis)
     index = {n: i for i, n in enumerate(plan.names)}
@@ -408,19 +412,22 @@ def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[s
             if drop.any():
                 dropped = np.zeros_like(tokens) if dropped is None else dropped
                 add(dropped, flat, drop.astype(dtype, copy=False))
-        if "bias" in t.column_names:
-            b = t["bias"].to_numpy(zero_copy_only=False)[rows].astype(np.float64, copy=False)
+        for c in MEAN_COLUMNS:
+            if c not in t.column_names:
+                continue
+            b = t[c].to_numpy(zero_copy_only=False)[rows].astype(np.float64, copy=False)
             fin = np.isfinite(b)
-            if fin.any():
-                bias_sum = np.full(len(tokens), np.nan) if bias_sum is None else bias_sum
-                if plan.ranks <= 1:
-                    bias_sum[flat[fin]] = b[fin]  # one rank: the value itself, no count array
-                else:  # the mean over the ranks that hold the value (replicas of one buffer, as load averages)
-                    bias_n = np.zeros(len(tokens), np.int32) if bias_n is None else bias_n
-                    cells = flat[fin]
-                    bias_sum[cells] = np.where(bias_n[cells] > 0, bias_sum[cells], 0.0)
-                    add(bias_sum, cells, b[fin])
-                    add(bias_n, cells, np.ones(len(cells), np.int32))
+            if not fin.any():
+                continue
+            acc = means.setdefault(c, [np.full(len(tokens), np.nan), None])
+            if plan.ranks <= 1:
+                acc[0][flat[fin]] = b[fin]  # one rank: the value itself, no count array
+            else:  # the mean over the ranks that hold the value (replicas of one buffer, as load averages)
+                acc[1] = np.zeros(len(tokens), np.int32) if acc[1] is None else acc[1]
+                cells = flat[fin]
+                acc[0][cells] = np.where(acc[1][cells] > 0, acc[0][cells], 0.0)
+                add(acc[0], cells, b[fin])
+                add(acc[1], cells, np.ones(len(cells), np.int32))
     for i, name in enumerate(group):
         E = int(width[i])
         rows = np.searchsorted(axis, plan.steps[name])
@@ -432,17 +439,17 @@ def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[s
             block = buf[offset[_i] : offset[_i + 1]].reshape(len(axis), _E)
             return block if _whole else block[_rows]
 
-        bias = None
-        if bias_sum is not None:
-            bias = part(bias_sum)
-            if bias_n is not None:
-                n = part(bias_n)
-                bias = np.where(n > 0, bias / np.maximum(n, 1), np.nan)
-            if not np.isfinite(bias).any():
-                bias = None
+        mean = {}
+        for c, (total, n_ranks) in means.items():
+            v = part(total)
+            if n_ranks is not None:
+                n = part(n_ranks)
+                v = np.where(n > 0, v / np.maximum(n, 1), np.nan)
+            mean[c] = v if np.isfinite(v).any() else None
         drop = part(dropped)
         yield DenseLayer(name, plan.num_experts[name], plan.top_k[name], plan.steps[name], part(tokens),
-                         plan.stats[name], drop if drop is not None and drop.any() else None, bias)
+                         plan.stats[name], drop if drop is not None and drop.any() else None, mean.get("bias"),
+                         grad_norm=mean.get("grad_norm"))
 
 
 def _adder(single_rank: bool):
@@ -476,7 +483,7 @@ def _part_batches(files: list[Path], plan: Plan, group: set[str], skipped: list[
             columns = ["step", "layer", "expert", "tokens"]
             if plan.winners is not None:
                 columns += ["rank", "session", "seq"]
-            columns += [c for c in ("dropped", "bias") if _may_hold_values(meta, c)]
+            columns += [c for c in ("dropped", *MEAN_COLUMNS) if _may_hold_values(meta, c)]
             single = _single_valued(meta, "rank")
             # Row groups a few at a time, up to BATCH_ROWS rows: one read per part in the usual case (a row group
             # per layer is small), while a compacted part of millions of rows never sits decoded whole.
@@ -532,6 +539,17 @@ def _single_valued(meta: pq.FileMetaData, column: str) -> bool:
     return stats is not None and all(one_value(st) for st in stats) and len({st.min for st in stats}) <= 1
 
 
+def has_values(files: list[Path], column: str) -> bool:
+    """Whether some part's statistics show values in ``column`` (a gradient norm, say; cheap: footers only)."""
+    for f in files:
+        try:
+            if _may_hold_values(pq.read_metadata(f), column):
+                return True
+        except (OSError, pa.ArrowException, ValueError):
+            continue
+    return False
+
+
 def _has_bias(f: Path) -> bool:
     try:
         return _may_hold_values(pq.read_metadata(f), "bias")
@@ -549,7 +567,7 @@ def _may_hold_values(meta: pq.FileMetaData, column: str) -> bool:
             if st is None or st.null_count != meta.row_group(g).num_rows:
                 return True
             continue
-        if column == "bias" or st.min != 0 or st.max != 0:
+        if column in MEAN_COLUMNS or st.min != 0 or st.max != 0:
             return True
     return False
 

@@ -1,0 +1,75 @@
+"""The expert_stalled rule: an expert whose gradient norm stays a small fraction of its layer's median expert's for
+stall_windows windows in a row has stopped learning, named with its experts and onset; healthy spread never fires."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moewatch.detect import DetectorConfig, analyze, analyze_frames
+from moewatch.detect.windows import LayerData
+
+
+def layer(grad: np.ndarray | None, steps: int = 1200, E: int = 8, seed: int = 0) -> LayerData:
+    rng = np.random.default_rng(seed)
+    tokens = rng.multinomial(2048, np.full(E, 1 / E), size=steps)
+    stats = {"tokens": np.full(steps, 1024.0), "dropped": np.zeros(steps), "entropy_norm": np.full(steps, 0.8),
+             "z_loss": np.full(steps, 1.0), "logit_abs_max": np.full(steps, 3.0), "nonfinite": np.zeros(steps)}
+    return LayerData("gate", E, 2, np.arange(steps), tokens, stats, grad_norm=grad)
+
+
+def healthy_grads(steps: int = 1200, E: int = 8, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.3, 3.0, size=E)  # experts learn at different rates: a 10x spread is healthy
+    return scale * np.exp(0.5 * rng.standard_normal((steps, E)))
+
+
+def test_starved_gradients_are_flagged_with_the_experts_and_their_onset():
+    grad = healthy_grads()
+    grad[600:, [3, 5]] *= 0.005  # experts 3 and 5 stop getting gradient from step 600
+    analysis = analyze([layer(grad)])
+    stalled = [a for a in analysis.alerts if a.kind == "expert_stalled"]
+    assert len(stalled) == 1
+    a = stalled[0]
+    assert a.severity == "warning" and a.experts == (3, 5) and a.value == 2
+    assert 560 <= a.first_step <= 660 and a.detected_step > a.first_step  # onset at the drop, raised 5 windows on
+    assert "stopped learning" in a.message and "gradient" in a.lever
+    assert not [x for x in analysis.alerts if x.kind != "expert_stalled"], "counts stay balanced: nothing else"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_healthy_spread_and_missing_gradients_never_fire(seed):
+    grad = healthy_grads(seed=seed)
+    grad[::7] = np.nan  # steps without a recorded norm (an optimizer step skipped) are ignored
+    assert not analyze([layer(grad, seed=seed)]).alerts
+    assert not analyze([layer(None, seed=seed)]).alerts  # no gradient norms recorded: the rule is silent
+    zero = healthy_grads(seed=seed)
+    zero[400:] = 0.0  # the whole layer's gradient vanishes (frozen layer): no median to compare against
+    assert not [a for a in analyze([layer(zero, seed=seed)]).alerts if a.kind == "expert_stalled"]
+
+
+def test_a_short_dip_is_not_a_stall_and_the_threshold_is_a_setting():
+    grad = healthy_grads()
+    grad[600:660, 2] *= 0.001  # three windows: fewer than stall_windows
+    assert not analyze([layer(grad)]).alerts
+    grad = healthy_grads()
+    grad[:, 2] = np.median(grad, axis=1)
+    grad[600:, 2] *= 0.2
+    assert not analyze([layer(grad)]).alerts  # 20% of the median is slow, not stopped
+    strict = analyze([layer(grad)], DetectorConfig(stall_fraction=0.5)).alerts
+    assert [a.kind for a in strict] == ["expert_stalled"] and 2 in strict[0].experts
+    with pytest.raises(ValueError, match="stall_fraction"):
+        DetectorConfig(stall_fraction=1.5)
+
+
+def test_the_frames_path_reads_a_grad_norm_column():
+    grad = healthy_grads()
+    grad[600:, 3] *= 0.005
+    d = layer(grad)
+    S, E = d.tokens.shape
+    experts = pd.DataFrame({"step": np.repeat(d.steps, E), "layer": "gate", "expert": np.tile(np.arange(E), S),
+                            "tokens": d.tokens.reshape(-1), "grad_norm": grad.reshape(-1)})
+    layers = pd.DataFrame({"step": d.steps, "layer": "gate", "top_k": 2, "num_experts": E, **d.stats})
+    alerts = analyze_frames(layers, experts).alerts
+    assert [(a.kind, a.experts) for a in alerts] == [("expert_stalled", (3,))]
