@@ -9,13 +9,26 @@ Two halves:
 Shape legend: S steps, T tokens, E experts, K experts chosen per token.
 
 Layout of one layer's accumulator (float64, length `state_size(E)`):
-    [0, E)          tokens   assignments that reached expert i
-    [E, 2E)         dropped  assignments refused by expert i's capacity
-    2E              sentinel slots routed to no expert (index outside [0, E))
-    2E+1            ignored  padding slots (token mask), discarded
-    [2E+2, 3E+2)    prob_sum sum over observed tokens of the router probability P_i
+    [0, E)          tokens     assignments that reached expert i
+    [E, 2E)         dropped    assignments refused by expert i's capacity
+    2E              sentinel   slots routed to no expert (index outside [0, E))
+    2E+1            ignored    padding slots (token mask), discarded
+    [2E+2, 3E+2)    prob_sum   sum over observed tokens of the router probability P_i
     3E+2 ...        scalars, see SCALARS
-    last E          bias     the router's correction bias, copied once per step
+    then E          gate_mass  sum of the combine weights of the assignments expert i received
+    then ...        routing scalars, see ROUTING_SCALARS
+    then MARGIN_BINS margin_hist tokens per routing-margin bin (edges `margin_edges()`)
+    last E          bias       the router's correction bias, copied once per step
+
+Every entry is a sum except `logit_abs_max` (a running max) and `bias` (a copy), so summing accumulators over
+calls, steps or ranks gives the accumulator of their union (moewatch.capture.reduce relies on this).
+
+Routing margin, in logit units: per token, the selection score of the weakest chosen expert minus that of the strongest
+unchosen one, in the space the router selects in (`Routing.select_TE`), times `MARGIN_SCALE[space]`: 1 for logits
+(the gap is the log of the two experts' probability ratio), 4 for sigmoid scores (a score gap d needs a logit change
+of at least 4d to close, since sigmoid' <= 1/4). Ties give 0; a chosen set that is not the top-k of the scores
+(rounding between the router's and the given scores) counts as 0. `MARGIN_EPS` (0.05) is the near-tie threshold and the
+first histogram edge; the other edges grow by sqrt(2) up to 6.4 (`margin_edges()`).
 """
 
 from __future__ import annotations
@@ -36,17 +49,43 @@ SCALARS = (
 )
 _N_SCALARS = len(SCALARS)
 
+ROUTING_SCALARS = (
+    "margin_sum",  # sum of the routing margins (logit units) of the tokens that have one
+    "margin_tokens",  # tokens with a margin (a choice, and a finite unchosen score beside it)
+    "overridden",  # assignments whose expert is below the k-th largest score without the correction bias
+    "override_slots",  # assignments checked for that (a chosen expert of a token whose unbiased scores were seen)
+    "weight_slots",  # assignments whose combine weight was seen (gate_mass is recorded where this is > 0)
+    "spill",  # scratch: the scatter-add target of the weights of assignments not received (never read)
+)
+_N_ROUTING = len(ROUTING_SCALARS)
+
+# Routing-margin histogram: bin 0 is [0, MARGIN_EPS), bin i >= 1 is [MARGIN_EPS * 2**((i-1)/2), the next edge), the
+# last bin open-ended (>= 6.4).
+MARGIN_EPS = 0.05
+MARGIN_BINS = 16
+# Logit units per unit of selection score: the smallest logit change that closes a gap d is d / max(score').
+MARGIN_SCALE = {"logits": 1.0, "sigmoid": 4.0}
+
+
+def margin_edges() -> list[float]:
+    """The MARGIN_BINS - 1 inner edges of the margin histogram (logit units): MARGIN_EPS * sqrt(2)**i, i = 0..14."""
+    return [MARGIN_EPS * 2.0 ** (i / 2) for i in range(MARGIN_BINS - 1)]
+
 
 def state_size(num_experts: int) -> int:
-    return 5 * num_experts + 2 + _N_SCALARS
+    return 6 * num_experts + 2 + _N_SCALARS + _N_ROUTING + MARGIN_BINS
 
 
 def _offsets(num_experts: int) -> dict[str, int]:
     E = num_experts
     sc = 3 * E + 2
+    gate = sc + _N_SCALARS
+    rs = gate + E
+    hist = rs + _N_ROUTING
     return {"tokens": 0, "dropped": E, "sentinel": 2 * E, "ignored": 2 * E + 1, "prob_sum": 2 * E + 2,
             "scalars": sc, "logit_sum": sc + SCALARS.index("logit_sum"),
-            "logit_abs_max": sc + SCALARS.index("logit_abs_max"), "bias": sc + _N_SCALARS}
+            "logit_abs_max": sc + SCALARS.index("logit_abs_max"), "gate_mass": gate, "routing": rs,
+            "spill": rs + ROUTING_SCALARS.index("spill"), "margin_hist": hist, "bias": hist + MARGIN_BINS}
 
 
 def bias_slice(num_experts: int) -> slice:
@@ -88,23 +127,59 @@ def observe(
     dropped_TK: torch.Tensor | None = None,
     scoring: str = "softmax",
     token_mask_T: torch.Tensor | None = None,
+    weights_TK: torch.Tensor | None = None,
+    select_TE: torch.Tensor | None = None,
+    select_space: str = "logits",
+    unbiased_TE: torch.Tensor | None = None,
 ) -> None:
-    """Add one router call to a layer's accumulator `state` in place (see the module docstring for its layout)."""
+    """Add one router call to a layer's accumulator `state` in place (see the module docstring for its layout).
+
+    `weights_TK`, `select_TE` and `unbiased_TE` (see `moewatch.capture.types.Routing`) are read only together with
+    `indices_TK`: they describe the choice it holds.
+    """
     E = num_experts
     off = _offsets(E)
     if indices_TK is not None:
         ids = indices_TK.long()
         ids_TK = ids.reshape(-1, 1) if ids.dim() == 1 else ids.reshape(-1, ids.shape[-1])
+        in_range_TK = (ids_TK >= 0) & (ids_TK < E)
         # Map every slot to one accumulator cell: its expert, its expert's drop cell, the sentinel or the padding cell.
-        slot_TK = torch.where((ids_TK < 0) | (ids_TK >= E), off["sentinel"], ids_TK)
+        slot_TK = torch.where(in_range_TK, ids_TK, off["sentinel"])
         if dropped_TK is not None:
-            refused_TK = dropped_TK.reshape(slot_TK.shape).bool() & (slot_TK < E)
+            refused_TK = dropped_TK.reshape(slot_TK.shape).bool() & in_range_TK
             slot_TK = torch.where(refused_TK, slot_TK + E, slot_TK)
-        if token_mask_T is not None:
-            keep_T1 = token_mask_T.reshape(-1, 1).bool()
+        keep_T1 = token_mask_T.reshape(-1, 1).bool() if token_mask_T is not None else None
+        if keep_T1 is not None:
             slot_TK = torch.where(keep_T1, slot_TK, off["ignored"])
         flat = slot_TK.reshape(-1)
-        state.index_add_(0, flat, torch.ones(flat.shape, dtype=state.dtype, device=state.device))
+        # One scatter-add per call: the slot counts, and the gate mass and margin bins when they are observed
+        # (a scatter-add of per-call sums into a single cell would serialize on the GPU; those are reduced instead).
+        cells = [flat]
+        values = [torch.ones(flat.shape, dtype=state.dtype, device=state.device)]
+        sums: list[torch.Tensor] | None = None
+        if weights_TK is not None:
+            w_TK = weights_TK.reshape(slot_TK.shape).to(state.dtype)
+            received_TK = slot_TK < E  # not refused, not a sentinel, not padding
+            cells.append(torch.where(received_TK, slot_TK + off["gate_mass"], off["spill"]).reshape(-1))
+            values.append(torch.where(received_TK & torch.isfinite(w_TK), w_TK, 0.0).reshape(-1))
+            sums = _routing_sums(sums, state, weight_slots=received_TK.sum())
+        if select_TE is not None:
+            bins_T, margin_T, has_T = _margins(select_TE.reshape(-1, E), ids_TK, in_range_TK, select_space)
+            if keep_T1 is not None:
+                has_T = has_T * keep_T1.reshape(-1)
+            cells.append(bins_T + off["margin_hist"])
+            values.append(has_T.to(state.dtype))
+            sums = _routing_sums(sums, state, margin_sum=(margin_T * has_T).sum(), margin_tokens=has_T.sum())
+        if unbiased_TE is not None:
+            over_TK, seen_TK = _overrides(unbiased_TE.reshape(-1, E), ids_TK, in_range_TK)
+            if keep_T1 is not None:
+                seen_TK = seen_TK & keep_T1
+            sums = _routing_sums(sums, state, overridden=(over_TK & seen_TK).sum(), override_slots=seen_TK.sum())
+        state.index_add_(0, torch.cat(cells) if len(cells) > 1 else flat,
+                         torch.cat(values) if len(values) > 1 else values[0])
+        if sums is not None:
+            rs = off["routing"]
+            state[rs : rs + len(sums)].add_(torch.stack(sums))
 
     if logits_TE is None and probs_TE is None:
         return
@@ -149,6 +224,70 @@ def observe(
     if x_TE.numel():
         am = off["logit_abs_max"]
         torch.maximum(state[am : am + 1], xf_TE.abs().amax().reshape(1), out=state[am : am + 1])
+
+
+def _routing_sums(sums: list[torch.Tensor] | None, state: torch.Tensor, **named: torch.Tensor) -> list[torch.Tensor]:
+    """The routing scalars of one call (ROUTING_SCALARS order, up to `weight_slots`), `named` ones filled in."""
+    if sums is None:
+        zero = torch.zeros((), dtype=state.dtype, device=state.device)
+        sums = [zero] * ROUTING_SCALARS.index("spill")
+    for name, value in named.items():
+        sums[ROUTING_SCALARS.index(name)] = value.to(state.dtype)
+    return sums
+
+
+_EDGES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _edges_on(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`margin_edges()` as a tensor on `device`, made there (arange and pow: no host-to-device copy, no sync)."""
+    key = (device, dtype)
+    edges = _EDGES.get(key)
+    if edges is None:
+        i = torch.arange(MARGIN_BINS - 1, device=device, dtype=torch.float64)
+        edges = _EDGES[key] = (MARGIN_EPS * torch.pow(2.0, i / 2)).to(dtype)
+    return edges
+
+
+def _margins(select_TE: torch.Tensor, ids_TK: torch.Tensor, in_range_TK: torch.Tensor,
+             space: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token: (histogram bin, margin in logit units, 1.0 where it has one else 0.0) of the choice `ids_TK`.
+
+    margin = (weakest chosen score - strongest unchosen score) * MARGIN_SCALE[space], clamped at 0. A token has one
+    when both are finite: it chose an expert (a sentinel slot is no choice), its scores have no NaN, and an unchosen
+    expert is selectable (-inf marks an expert the router could not choose: masked, or outside the allowed groups).
+    A token without one gets margin 0 (bin 0) and weight 0.0, so its scatter-add adds nothing.
+    """
+    E = select_TE.shape[-1]
+    # float64: the gap of two float32 (or bf16) scores is exact in it, so ties are exactly 0.
+    # Column E stands in for sentinel slots: +inf never lowers the weakest chosen score.
+    x_TX = torch.nn.functional.pad(select_TE.double(), (0, 1), value=torch.inf)
+    chosen_TK = torch.where(in_range_TK, ids_TK, E)
+    weakest_T = x_TX.gather(1, chosen_TK).amin(dim=-1)
+    strongest_T = x_TX.scatter_(1, chosen_TK, -torch.inf)[:, :E].amax(dim=-1)
+    margin_T = weakest_T - strongest_T
+    if MARGIN_SCALE[space] != 1.0:
+        margin_T = margin_T * MARGIN_SCALE[space]
+    has_T = torch.isfinite(margin_T)
+    margin_T = torch.where(has_T, margin_T.clamp_min(0.0), 0.0)
+    bins_T = torch.bucketize(margin_T, _edges_on(margin_T.device, margin_T.dtype), right=True)
+    return bins_T, margin_T, has_T.to(torch.float64)
+
+
+def _overrides(unbiased_TE: torch.Tensor, ids_TK: torch.Tensor,
+               in_range_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per assignment: (whether the bias overrode it, whether it was checked).
+
+    Overridden: the chosen expert's unbiased score is strictly below the token's k-th largest unbiased score, so no
+    tie-break of the unbiased top-k would have chosen it. Checked: a chosen expert (not a sentinel) of a token whose
+    unbiased scores hold no NaN.
+    """
+    x_TE = unbiased_TE.float() if unbiased_TE.dtype in (torch.float16, torch.bfloat16) else unbiased_TE
+    K = ids_TK.shape[-1]
+    kth_T1 = torch.topk(x_TE, K, dim=-1).values[:, K - 1 :]
+    chosen_TK = x_TE.gather(1, torch.where(in_range_TK, ids_TK, 0))
+    seen_TK = in_range_TK & ~torch.isnan(x_TE).any(dim=-1, keepdim=True)
+    return chosen_TK < kth_T1, seen_TK
 
 
 # ---------------------------------------------------------------- cold path (host, float64, vectorized over steps)
@@ -197,7 +336,8 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 def finalize_layers(states_SX: torch.Tensor, num_experts: int, top_k: int, has_bias: bool) -> dict[str, torch.Tensor]:
     """Per-step accumulators of one layer -> recorded columns.
 
-    Returns per-expert arrays [S, E] (tokens, dropped, prob_mean, bias) and per-layer arrays [S].
+    Returns per-expert arrays [S, E] (tokens, dropped, prob_mean, bias, gate_mass) and per-layer arrays [S] (and
+    ``margin_hist`` [S, MARGIN_BINS]); NaN marks what was not recorded.
     """
     E = num_experts
     off = _offsets(E)
@@ -231,11 +371,42 @@ def finalize_layers(states_SX: torch.Tensor, num_experts: int, top_k: int, has_b
         nonfinite=col["nonfinite"],
     )
     layer["entropy_norm"] = layer["entropy"] / math.log(E) if E > 1 else torch.zeros_like(layer["entropy"])
+    rs = off["routing"]
+    routing = {name: st[:, rs + i] for i, name in enumerate(ROUTING_SCALARS)}
+    layer.update(routing_columns(routing["margin_sum"], routing["margin_tokens"],
+                                 st[:, off["margin_hist"] : off["margin_hist"] + MARGIN_BINS],
+                                 routing["overridden"], routing["override_slots"]))
     bs = bias_slice(E)
+    gate = off["gate_mass"]
     experts = dict(
         tokens=tokens_SE,
         dropped=dropped_SE,
         prob_mean=prob_mean_SE,
         bias=st[:, bs] if has_bias else torch.full_like(tokens_SE, torch.nan),
+        gate_mass=torch.where(routing["weight_slots"].unsqueeze(-1) > 0, st[:, gate : gate + E], torch.nan),
     )
     return {"experts": experts, "layer": layer}
+
+
+def routing_columns(margin_sum_S: torch.Tensor, margin_tokens_S: torch.Tensor, margin_hist_SH: torch.Tensor,
+                    overridden_S: torch.Tensor, override_slots_S: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The recorded routing-margin and override columns from their sums (float64, NaN where not recorded).
+
+    Shared by the writer (per step) and the loader (the same sums over ranks), so both derive them alike:
+    ``margin_mean`` = margin_sum / margin_tokens, ``near_tie_frac`` = margin_hist[:, 0] / margin_tokens (margins
+    below MARGIN_EPS), ``override_frac`` = overridden / override_slots; the counts are NaN where their denominator
+    is 0 (the signal was not recorded).
+    """
+    n_S = margin_tokens_S.double()
+    has_S = n_S > 0
+    slots_S = override_slots_S.double()
+    checked_S = slots_S > 0
+    return dict(
+        margin_mean=_safe_div(margin_sum_S.double(), n_S),
+        near_tie_frac=_safe_div(margin_hist_SH[:, 0].double(), n_S),
+        margin_tokens=torch.where(has_S, n_S, torch.nan),
+        margin_hist=torch.where(has_S.unsqueeze(-1), margin_hist_SH.double(), torch.nan),
+        override_frac=_safe_div(overridden_S.double(), slots_S),
+        overridden=torch.where(checked_S, overridden_S.double(), torch.nan),
+        override_slots=torch.where(checked_S, slots_S, torch.nan),
+    )

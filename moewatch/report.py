@@ -13,10 +13,12 @@ import json
 import math
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from moewatch.detect import (
     STATUSES,
@@ -48,6 +50,8 @@ class RunReport:
     run_status: str
     steps: int
     analysis: Analysis
+    # Per layer, over its last detector window: margin_mean, near_tie_frac, override_frac (None: not recorded).
+    routing: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
@@ -71,9 +75,53 @@ class RunReport:
             "run_status": self.run_status,
             "model_class": self.meta.get("model_class"),
             "steps": self.steps,
-            "layers": [_json_safe(layer.summary()) for layer in self.analysis.layers],
+            "layers": [_json_safe(self.layer_summary(layer)) for layer in self.analysis.layers],
             "alerts": [a.to_dict() for a in self.analysis.alerts],
         }
+
+
+    def layer_summary(self, layer: Any) -> dict[str, Any]:
+        """The layer's final-window numbers: the detector's, with the routing diagnostics before its status."""
+        summary = layer.summary()
+        status = summary.pop("status")
+        routing = self.routing.get(layer.layer, {})
+        return {**summary, **{c: routing.get(c) for c in ROUTING_COLUMNS}, "status": status}
+
+
+# The routing diagnostics in the per-layer table and JSON (docs/format.md): over each layer's last detector window.
+ROUTING_COLUMNS = ("margin_mean", "near_tie_frac", "override_frac")
+
+
+def routing_summary(path: Path, layers: list[Any]) -> dict[str, dict[str, float | None]]:
+    """Per layer, the routing diagnostics over its last detector window, all ranks summed: the margin and override
+    sums of the window's steps, then their ratios (exact, like the global view). Reads only the layers table's
+    rows of those steps and the columns it needs; a run recorded before schema 2, or a router that does not show
+    them, gives None."""
+    from moewatch.store.reader import hist_matrix, load
+
+    windows = {r.layer: (int(r.series["first"][-1]), int(r.series["last"][-1])) for r in layers
+               if len(r.series["last"])}
+    if not windows:
+        return {}
+    lo, hi = min(a for a, _ in windows.values()), max(b for _, b in windows.values())
+    try:
+        frame = load(path, eval=False).layers_frame(
+            steps=(lo, hi), ranks="each", columns=["step", "layer", "margin_mean", "margin_tokens", "margin_hist",
+                                                  "overridden", "override_slots"])
+    except ValueError:  # steps or layers the parts no longer hold (a run rewritten under us): say nothing
+        return {}
+    out: dict[str, dict[str, float | None]] = {}
+    hist = hist_matrix(frame["margin_hist"]) if len(frame) else None
+    for name, (first, last) in windows.items():
+        rows = ((frame["layer"] == name) & (frame["step"] >= first) & (frame["step"] <= last)).to_numpy()
+        n = float(frame["margin_tokens"][rows].sum())
+        margin = float((frame["margin_mean"][rows] * frame["margin_tokens"][rows]).sum())
+        near = float(np.nansum(hist[rows, 0])) if hist is not None else 0.0
+        slots = float(frame["override_slots"][rows].sum())
+        over = float(frame["overridden"][rows].sum())
+        out[name] = {"margin_mean": margin / n if n > 0 else None, "near_tie_frac": near / n if n > 0 else None,
+                     "override_frac": over / slots if slots > 0 else None}
+    return out
 
 
 def build_config(path: Path | None, pairs: list[str]) -> DetectorConfig:
@@ -133,7 +181,7 @@ def build_report(path: Path, config: DetectorConfig, progress: bool = False) -> 
         why = f"; run.json records: {'; '.join(problems)}" if problems else ""
         raise ReportInputError(f"{path} has no recorded steps yet: report it once training has flushed some{why}")
     analysis.alerts = analysis.shown_alerts()
-    return RunReport(path, meta, run_state(meta), analysis.steps, analysis)
+    return RunReport(path, meta, run_state(meta), analysis.steps, analysis, routing_summary(path, analysis.layers))
 
 
 def report_paths(paths: list[Path], fmt: str = "text", config: DetectorConfig | None = None,
@@ -200,23 +248,25 @@ def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ text and markdown
 
-_COLUMNS = ("layer", "E", "k", "cv", "entropy", "max share", "dead", "drop rate", "z-loss", "status")
+_COLUMNS = ("layer", "E", "k", "cv", "entropy", "max share", "dead", "drop rate", "z-loss", "margin", "near ties",
+            "override", "status")
 
 
 def _layer_rows(report: RunReport) -> list[tuple[str, ...]]:
     rows = []
     for layer in report.analysis.layers:
-        s = layer.summary()
+        s = report.layer_summary(layer)
         rows.append((
             s["layer"], str(s["num_experts"]), str(s["top_k"]), _num(s["cv"], "{:.2f}"),
             _num(s["entropy_norm"], "{:.3f}"), _num(s["max_share"], "{:.1%}"), str(s["dead"]),
-            _num(s["drop_rate"], "{:.2%}"), _num(s["z_loss"], "{:.3g}"), s["status"],
+            _num(s["drop_rate"], "{:.2%}"), _num(s["z_loss"], "{:.3g}"), _num(s["margin_mean"], "{:.3f}", "—"),
+            _num(s["near_tie_frac"], "{:.1%}", "—"), _num(s["override_frac"], "{:.1%}", "—"), s["status"],
         ))
     return rows
 
 
-def _num(v: float | None, spec: str) -> str:
-    return "-" if v is None or not math.isfinite(v) else spec.format(v)
+def _num(v: float | None, spec: str, null: str = "-") -> str:
+    return null if v is None or not math.isfinite(v) else spec.format(v)
 
 
 @dataclass

@@ -90,6 +90,9 @@ def write_rows(run_dir: Path, rank: int, session: int, n: int, rows: list[tuple[
     for name in ly:
         if not ly[name]:
             ly[name] = [None] * len(rows)
+    for name in ex:  # columns no row sets (gate_mass): null
+        if not ex[name]:
+            ex[name] = [None] * len(ex["step"])
     writer = PartWriter(run_dir, rank, session)
     writer.count = n
     writer.write(EXPERTS, pa.table(ex, schema=SCHEMAS[EXPERTS]))

@@ -44,6 +44,12 @@ def write_manifest(run: Path, layers: list[str], E: int, k: int = 2, status: str
     (run / MANIFEST).write_text(json.dumps(manifest))
 
 
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` in the schema's columns and types; columns it lacks (schema 2's routing diagnostics) are null."""
+    return pa.table({f.name: table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+                     for f in schema}).cast(schema)
+
+
 def write_part(run: Path, counts: dict[str, np.ndarray], steps: np.ndarray, *, rank: int = 0, session: int = 1,
                n: int = 0, k: int = 2, bias: float | None = None, seed: int = 0) -> None:
     """One flush: experts + layers parts for `steps` ([S]) with per-layer counts ``[S, E]``, schema-conforming."""
@@ -56,14 +62,14 @@ def write_part(run: Path, counts: dict[str, np.ndarray], steps: np.ndarray, *, r
         mean = c.mean(axis=1)
         f = c / np.maximum(tot, 1)[:, None]
         ent = rng.uniform(0.5, 0.9, S) * np.log(E)
-        ex.append(pa.table({
+        ex.append(_conform(pa.table({
             "step": np.repeat(steps, E).astype(np.int64), "layer": [layer] * (S * E),
             "expert": np.tile(np.arange(E, dtype=np.int32), S), "tokens": c.reshape(-1).astype(np.int64),
             "dropped": np.zeros(S * E, np.int64), "prob_mean": f.reshape(-1),
             "bias": np.full(S * E, np.nan if bias is None else bias),
             "rank": np.full(S * E, rank, np.int32), "session": np.full(S * E, session, np.int32),
-            "seq": np.repeat(steps, E).astype(np.int64)}).cast(EXPERTS_SCHEMA))
-        ly.append(pa.table({
+            "seq": np.repeat(steps, E).astype(np.int64)}), EXPERTS_SCHEMA))
+        ly.append(_conform(pa.table({
             "step": steps.astype(np.int64), "layer": [layer] * S, "tokens": tokens.astype(np.int64),
             "top_k": np.full(S, k, np.int32), "num_experts": np.full(S, E, np.int32), "entropy": ent,
             "entropy_norm": ent / np.log(E), "cv": c.std(axis=1) / np.where(mean > 0, mean, 1),
@@ -72,7 +78,7 @@ def write_part(run: Path, counts: dict[str, np.ndarray], steps: np.ndarray, *, r
             "logit_abs_max": rng.uniform(1, 5, S), "logit_mean": np.zeros(S), "logit_std": np.ones(S),
             "z_loss": rng.uniform(1, 3, S), "aux_loss": E * (f * f).sum(axis=1), "nonfinite": np.zeros(S, np.int64),
             "calls": np.ones(S, np.int32), "time": np.zeros(S), "rank": np.full(S, rank, np.int32),
-            "session": np.full(S, session, np.int32), "seq": steps.astype(np.int64)}).cast(LAYERS_SCHEMA))
+            "session": np.full(S, session, np.int32), "seq": steps.astype(np.int64)}), LAYERS_SCHEMA))
     for table, parts in (("experts", ex), ("layers", ly)):
         (run / table).mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.concat_tables(parts), run / table / f"r{rank:04d}-s{session:04d}-{n:08d}.parquet")

@@ -134,9 +134,11 @@ def truth_counts(case: Case, model: torch.nn.Module, calls: dict[str, list]) -> 
     return result
 
 
-def probe_counts(specs, model, run) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Counts from moewatch's own probes, accumulated with `metrics.observe` as the Watch does (without its I/O)."""
-    states, handles = {}, []
+def probe_counts(specs, model, run, states: dict | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Counts from moewatch's own probes, accumulated with `metrics.observe` as the Watch does (without its I/O);
+    the accumulators are left in `states` when given."""
+    states = {} if states is None else states
+    handles = []
     for s in specs:
         state = states[s.name] = torch.zeros(metrics.state_size(s.num_experts), dtype=torch.float64)
         for p in s.probes:
@@ -146,7 +148,8 @@ def probe_counts(specs, model, run) -> dict[str, tuple[torch.Tensor, torch.Tenso
                     if r is not None:
                         metrics.observe(state, s.num_experts, logits_TE=r.logits_TE, probs_TE=r.probs_TE,
                                         indices_TK=r.indices_TK, dropped_TK=r.dropped_TK, scoring=r.scoring,
-                                    token_mask_T=r.token_mask_T)
+                                        token_mask_T=r.token_mask_T, weights_TK=r.weights_TK, select_TE=r.select_TE,
+                                        select_space=r.select_space, unbiased_TE=r.unbiased_TE)
 
             handles.append(p.module.register_forward_hook(hook, with_kwargs=True))
     run()
@@ -185,7 +188,9 @@ def test_discovery_and_counts(case: Case):
     specs = check_discovery(case, model)
 
     calls, handles = capture(case, model)
-    got = probe_counts(specs, model, lambda: model(**inputs(case)))
+    combined = combine_weights(case, model)
+    states: dict[str, torch.Tensor] = {}
+    got = probe_counts(specs, model, lambda: model(**inputs(case)), states)
     for h in handles:
         h.remove()
     truth = truth_counts(case, model, calls)
@@ -195,6 +200,53 @@ def test_discovery_and_counts(case: Case):
     for name, (tokens, dropped) in truth.items():
         assert got[name][0].tolist() == tokens.tolist(), name
         assert got[name][1].tolist() == dropped.tolist(), name
+    check_routing_signals(case, model, specs, states, calls, combined)
+
+
+def combine_weights(case: Case, model: torch.nn.Module) -> dict[str, list[torch.Tensor]]:
+    """Per router, the float [.., K] weights its sibling experts module receives (the weights it combines with)."""
+    seen: dict[str, list[torch.Tensor]] = defaultdict(list)
+    named = dict(model.named_modules())
+    for name in router_modules(model, case):
+        experts = getattr(named[name.rpartition(".")[0]], "experts", None)
+        if case.truth == "indices" and isinstance(experts, torch.nn.Module):
+            def hook(mod, args, kwargs, out, name=name):
+                for x in (*args, *kwargs.values()):
+                    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 2 and \
+                            x.shape[-1] == case.top_k:
+                        seen[name].append(x.detach().clone())
+            experts.register_forward_hook(hook, with_kwargs=True)
+    return seen
+
+
+def check_routing_signals(case: Case, model, specs, states, calls, combined) -> None:
+    """Gate mass where the router hands its combine weights over (the [.., K] weights output, equal to what its
+    experts receive), margin where its selection recipe is known exactly (`hf.selection_recipe`), override where
+    that recipe has a correction bias; null everywhere else."""
+    from moewatch.capture.hf import selection_recipe
+
+    routers = router_modules(model, case)
+    for s in specs:
+        E, K = s.num_experts, s.top_k
+        out = metrics.finalize_layers(states[s.name].unsqueeze(0), E, K, has_bias=False)
+        layer, gate = out["layer"], out["experts"]["gate_mass"][0]
+        recipe = selection_recipe(type(routers[s.name]))
+        outs = [o for _, o in calls[s.name]]
+        if not outs:  # a router this input never reaches (Ernie-VL's vision experts): nothing recorded
+            assert torch.isnan(gate).all() and torch.isnan(layer["margin_tokens"]).all()
+            continue
+        if case.truth == "indices":
+            w = torch.cat([o[1].reshape(-1, K).double() for o in outs])
+            ids = torch.cat([o[2].reshape(-1, K) for o in outs])
+            if combined.get(s.name):  # the router's weights are exactly what its experts combine with
+                assert torch.equal(torch.cat([c.reshape(-1, K) for c in combined[s.name]]).double(), w), s.name
+            expected = torch.zeros(E, dtype=torch.float64).index_add_(0, ids.reshape(-1), w.reshape(-1))
+            torch.testing.assert_close(gate, expected, rtol=1e-12, atol=1e-12)
+        r = routers[s.name]
+        # A group limit that leaves exactly K selectable experts leaves no unchosen competitor: no margin (by design).
+        competitors = recipe is not None and (recipe != "deepseek_v3" or r.topk_group * E // r.num_group > K)
+        assert (layer["margin_tokens"][0] > 0).item() == competitors, s.name
+        assert (layer["override_slots"][0] > 0).item() == (recipe == "deepseek_v3"), s.name
 
 
 @pytest.mark.parametrize("case_id", END_TO_END)
@@ -363,6 +415,17 @@ def test_readers_do_not_sync_on_cuda(case_id: str):
         h.remove()
     got = [r for r in reads if r is not None and r.indices_TK is not None]
     assert got and all(r.indices_TK.is_cuda for r in got)
+    # and their accumulation, routing diagnostics included (margin, gate mass, override: deepseek_v3 has all three)
+    state = torch.zeros(metrics.state_size(case.experts), dtype=torch.float64, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for r in got:
+            metrics.observe(state, case.experts, logits_TE=r.logits_TE, probs_TE=r.probs_TE, indices_TK=r.indices_TK,
+                            dropped_TK=r.dropped_TK, scoring=r.scoring, token_mask_T=r.token_mask_T,
+                            weights_TK=r.weights_TK, select_TE=r.select_TE, select_space=r.select_space,
+                            unbiased_TE=r.unbiased_TE)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("module, config, model_cls", [

@@ -36,22 +36,43 @@ WORKER = textwrap.dedent(
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
+    from dataclasses import replace
     import moewatch
+    from moewatch.capture.types import Probe, Routing
+    from tests.test_routing_signals import add, reference, signal_vector
     from tests.toy import ToyMoE, toy_specs
 
     dist.init_process_group("gloo", init_method="file://" + init, rank=rank, world_size=world)
     layout = opts["layout"]
     torch.manual_seed(0)  # the same weights on every rank
     model = ToyMoE(capacity=opts.get("capacity"))
-    specs = {{s.name: s for s in toy_specs(model)}}
-    counts, current = {{}}, {{}}
+    for b in model.blocks:  # a selection bias that changes some choices (the same on every rank)
+        b.router.e_score_correction_bias.uniform_(0.0, 0.2, generator=torch.Generator().manual_seed(5))
+
+    def select_of(probs, bias):  # the toy ranks probs + bias (> 0): their log is a logit-unit selection space
+        return torch.log(probs.detach() + bias)
+
+    def read_signals(module, args, kwargs, output):  # the toy reader, plus the routing diagnostics
+        logits, probs, ids, dropped = output
+        return Routing(logits_TE=logits, indices_TK=ids, dropped_TK=dropped,
+                       weights_TK=probs.gather(-1, ids) * ~dropped,
+                       select_TE=select_of(probs, module.e_score_correction_bias), unbiased_TE=probs)
+
+    specs = {{s.name: replace(s, probes=[Probe(s.probes[0].module, read_signals)]) for s in toy_specs(model)}}
+    counts, current, signals, current_sig = {{}}, {{}}, {{}}, {{}}
 
     def counting(name):
         def hook(mod, args, output):
-            _, _, ids, dropped = output
+            _, probs, ids, dropped = output
             c = torch.bincount(ids[~dropped].flatten(), minlength=mod.num_experts)
             key = name if torch.is_grad_enabled() else "eval:" + name
             current[key] = current.get(key, torch.zeros_like(c)) + c
+            if torch.is_grad_enabled():  # this rank's own float64 reference of the diagnostics
+                p = probs.detach()
+                r = reference(mod.num_experts, ids.numpy(), weights=(p.gather(-1, ids) * ~dropped).double().numpy(),
+                              dropped=dropped.numpy(), select=select_of(p, mod.e_score_correction_bias).double().numpy(),
+                              unbiased=p.double().numpy())
+                current_sig[name] = add(current_sig[name], r) if name in current_sig else r
         return hook
 
     kw = dict(flush_steps=opts.get("flush_steps", 3), flush_seconds=opts.get("flush_seconds", 30.0),
@@ -129,12 +150,15 @@ WORKER = textwrap.dedent(
         for name in [n for n in current if n.startswith("eval:") and n not in counts]:
             counts[name] = [[0] * 4] * step + [current[name].tolist()]
         current.clear()
+        for name in [n for n in counts if not n.startswith(("eval:", "manual."))]:
+            signals.setdefault(name, []).append(signal_vector(current_sig.get(name), 4))
+        current_sig.clear()
         if watch is not None:
             watch.step()
         if extra is not None:
             extra.step()
         with open(os.path.join(out, "rank%d.json" % rank), "w") as f:
-            json.dump(counts, f)  # before a kill, too
+            json.dump({{**counts, **{{"signals:" + k: v for k, v in signals.items()}}}}, f)  # before a kill, too
         if kill and rank == kill["rank"] and step == kill["after"]:
             watch.wait(10)  # this rank's steps so far are summed: the group's writer has them
             os.kill(os.getpid(), getattr(signal, kill["signal"]))
@@ -191,6 +215,29 @@ def rank_counts(out: Path, ranks) -> dict[int, dict[str, np.ndarray]]:
     return {r: {k: np.asarray(v) for k, v in json.loads((out / f"rank{r}.json").read_text()).items()} for r in ranks}
 
 
+def assert_signals_are_rank_sums(run, truth: dict[int, dict[str, np.ndarray]], ranks) -> None:
+    """The group's routing diagnostics equal the float64 sums of each rank's own reference (`signal_vector` rows
+    per step): counts exactly, sums to float64 rounding, fractions from the summed counts."""
+    from moewatch.store.reader import hist_matrix
+    from tests.test_routing_signals import H
+
+    E = 4
+    for layer in LAYERS:
+        exp = sum(truth[r]["signals:" + layer] for r in ranks)
+        rows = run.layers[run.layers.layer == layer].sort_values("step")
+        gate = run.experts[run.experts.layer == layer].pivot(index="step", columns="expert", values="gate_mass")
+        np.testing.assert_allclose(gate.sort_index().to_numpy(), exp[:, :E], rtol=1e-12)
+        n, hist = exp[:, E + 1], exp[:, E + 2 : E + 2 + H]
+        np.testing.assert_array_equal(rows.margin_tokens.to_numpy(), n)
+        np.testing.assert_array_equal(hist_matrix(rows.margin_hist), hist)
+        np.testing.assert_allclose(rows.margin_mean.to_numpy(), exp[:, E] / n, rtol=1e-12)
+        np.testing.assert_allclose(rows.near_tie_frac.to_numpy(), hist[:, 0] / n, rtol=1e-12)
+        np.testing.assert_array_equal(rows.overridden.to_numpy(), exp[:, E + 2 + H])
+        np.testing.assert_array_equal(rows.override_slots.to_numpy(), exp[:, E + 3 + H])
+        np.testing.assert_allclose(rows.override_frac.to_numpy(), exp[:, E + 2 + H] / exp[:, E + 3 + H], rtol=1e-12)
+        assert (exp[:, E + 2 + H] > 0).any() and (hist[:, 1:].sum(1) > 0).all()  # the bias overrode; margins vary
+
+
 def experts_grid(experts: pd.DataFrame, layer: str) -> np.ndarray:
     """[steps, experts] token counts of one layer (one row per (step, expert) is asserted by the callers)."""
     e = experts[experts.layer == layer]
@@ -215,11 +262,18 @@ def assert_matches_per_rank_sum(run_dir: Path, run) -> None:
                 "aux_loss"):
         np.testing.assert_allclose(a[col].to_numpy(float), b[col].to_numpy(float), rtol=1e-9, atol=1e-12,
                                    err_msg=col)
+    for col in ("margin_tokens", "overridden", "override_slots"):
+        assert a[col].notna().all(), col
+        np.testing.assert_array_equal(a[col].to_numpy(), b[col].to_numpy(), err_msg=col)
+    np.testing.assert_array_equal(np.stack(a.margin_hist.to_numpy()), np.stack(b.margin_hist.to_numpy()))
+    for col in ("margin_mean", "near_tie_frac", "override_frac"):
+        np.testing.assert_allclose(a[col].to_numpy(float), b[col].to_numpy(float), rtol=1e-12, err_msg=col)
     ae = run.experts.sort_values(["step", "layer", "expert"]).reset_index(drop=True)
     be = gex.sort_values(["step", "layer", "expert"]).reset_index(drop=True)
     np.testing.assert_array_equal(ae.tokens.to_numpy(), be.tokens.to_numpy())
     np.testing.assert_allclose(ae.prob_mean.to_numpy(float), be.prob_mean.to_numpy(float), rtol=1e-9)
     np.testing.assert_allclose(ae.bias.to_numpy(float), be.bias.to_numpy(float))
+    np.testing.assert_allclose(ae.gate_mass.to_numpy(float), be.gate_mass.to_numpy(float), rtol=1e-12)
 
 
 @pytest.mark.slow
@@ -245,6 +299,7 @@ def test_dp4_sums_once_even_with_time_based_flushes(tmp_path):
     assert run.meta["aggregation"] == "group" and run.meta["world_size"] == 4
     assert run.meta["groups"] == [{"writer": 0, "ranks": [0, 1, 2, 3], "routers": list(LAYERS)}]
     assert run.meta["fallbacks"] == [] and run.meta["status"] == "finished"
+    assert_signals_are_rank_sums(run, truth, range(4))
     g = run.global_view()
     np.testing.assert_array_equal(experts_grid(g.experts, LAYERS[0]), experts_grid(run.experts, LAYERS[0]))
     # record_eval: the evaluation forwards (every third step) are summed into the eval tables the same way

@@ -14,7 +14,8 @@ from moewatch.detect import synthetic as syn
 from moewatch.detect.evaluate import _strength
 from moewatch.report import ReportInputError, build_config, find_run_dirs, report_paths
 
-LAYER_KEYS = {"layer", "cv", "entropy_norm", "max_share", "dead", "drop_rate", "z_loss"}
+LAYER_KEYS = {"layer", "cv", "entropy_norm", "max_share", "dead", "drop_rate", "z_loss", "margin_mean", "near_tie_frac",
+              "override_frac"}
 ALERT_KEYS = {"kind", "severity", "layer", "experts", "first_step", "last_step", "value", "threshold", "message",
               "lever"}
 
@@ -49,7 +50,10 @@ def test_text_report_layout(runs, capsys):
     header = next(i for i, line in enumerate(lines) if line.strip().startswith("layer"))
     for col in ("cv", "entropy", "max share", "dead", "drop rate", "z-loss"):
         assert col in lines[header]
+    for col in ("margin", "near ties", "override"):
+        assert col in lines[header]
     assert "model.layers.0.mlp.gate" in lines[header + 1] and lines[header + 1].rstrip().endswith("collapsed")
+    assert lines[header + 1].split()[-4:-1] == ["—", "—", "—"]  # not recorded by the synthetic run
     assert lines[header + 2].rstrip().endswith("healthy")
     severities = [line.split()[0] for line in lines if line.startswith(("  CRITICAL", "  WARNING", "  INFO"))]
     assert severities and severities == sorted(severities, key=["CRITICAL", "WARNING", "INFO"].index)
@@ -76,6 +80,9 @@ def test_json_contract(runs, capsys):
             assert ALERT_KEYS <= set(a) and a["severity"] in ("info", "warning", "critical")
             assert isinstance(a["experts"], list) and a["first_step"] <= a["last_step"]
     assert by_name["healthy"]["alerts"] == []
+    # the synthetic runs record no routing diagnostics: null, never 0
+    assert all(layer[k] is None for r in doc["runs"] for layer in r["layers"]
+               for k in ("margin_mean", "near_tie_frac", "override_frac"))
     crit = [a for a in by_name["collapsed"]["alerts"] if a["severity"] == "critical"]
     assert {a["kind"] for a in crit} >= {"imbalance", "dominant_expert"}
 
@@ -83,7 +90,8 @@ def test_json_contract(runs, capsys):
 def test_markdown_tables(runs, capsys):
     _, out = run_report(capsys, [runs / "team" / "collapsed"], "markdown")
     assert out.startswith("# moewatch report")
-    assert "| layer | E | k | cv | entropy | max share | dead | drop rate | z-loss | status |" in out
+    assert ("| layer | E | k | cv | entropy | max share | dead | drop rate | z-loss | margin | near ties | override "
+            "| status |") in out
     assert "| severity | kind | layer | when | message | lever |" in out and "**Verdict:** COLLAPSED" in out
 
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from moewatch.capture import hf, stacks
 from moewatch.capture.readers import (
+    SELECTIONS,
     ExpertsInputReader,
     IndicesInputReader,
     ProductKeyReader,
@@ -214,16 +215,21 @@ def router_spec(
     classes = getattr(module, "num_router_classes", None)
     if isinstance(classes, int) and classes == num_experts and _int_attr(module, ("num_experts",)) == classes - 1:
         null_expert = classes - 1  # ZAYA: its skip class is masked to expert 0 with weight 0 before the experts
+    kind = kind or _kind(module)
+    recipe = hf.selection_recipe(type(module))
+    # A transformers router's [.., K] float output is what its block hands the experts as combine weights.
     reader = RouterReader(num_experts, top_k, scoring=scoring, score_fn=score_fn, logits_index=logits_index,
                           names=hf.return_names(type(module)), guess_choice=not watch_experts,
-                          null_expert=null_expert, padding_arg=_arg_position(module, "padding_mask"))
+                          null_expert=null_expert, padding_arg=_arg_position(module, "padding_mask"),
+                          weights=kind == "transformers" or recipe is not None,
+                          selection=SELECTIONS[recipe] if recipe is not None else None,
+                          protocol_methods=_kind(module) == "moewatch")
     probes = [Probe(module, reader)]
     if watch_experts:
         assert experts is not None
         probes.append(Probe(experts, ExpertsInputReader(reader)))
     capacity, factor = _capacity(module)
     bias = find_bias(module, parent, num_experts)
-    kind = kind or _kind(module)
     # Only a router returning bare logits with no experts probe has its choice recomputed (top-k of the logits).
     guessed = not watch_experts and hf.returns_single(type(module)) is True and kind != "moewatch"
     counts = "counts_topk" if guessed else "counts"

@@ -8,7 +8,9 @@ compute routing although they carry no ``num_experts``/``top_k`` attributes (DBR
 output position their logits sit (Llama-4: 1, Switch/NLLB: 2).
 
 The rest reads a router class's source once (cached) to learn what its ``forward`` returns by name (Gemma-4 returns
-probabilities where others return logits) and whether it scores experts with a sigmoid or a softmax.
+probabilities where others return logits), whether it scores experts with a sigmoid or a softmax, and which selection
+recipe it runs (`selection_recipe`): the routing margin and the balancer override need the very scores a router
+ranks, so they are recorded only for routers whose ``forward`` is, statement for statement, one of the recipes below.
 """
 
 from __future__ import annotations
@@ -154,3 +156,124 @@ def infer_scoring(module: nn.Module) -> tuple[str, Callable[[torch.Tensor], torc
             if callable(v) and not isinstance(v, str):
                 return "sigmoid", v
     return _source_scoring(type(module)), None
+
+
+# The selection recipes moewatch can reproduce exactly, by the source of a transformers router's `forward` (compared as
+# syntax trees: formatting and comments aside, the code must be the same). "logits": the choice is the top-k of the
+# logits or of their softmax, so the logits are the selection space. "deepseek_v3": sigmoid scores plus
+# `e_score_correction_bias`, top-k within the `topk_group` best of `num_group` groups (groups scored by their two best
+# biased scores). Any other router, including one edited from these, gets no margin and no override (null columns).
+_RECIPES: dict[str, tuple[str, ...]] = {
+    "logits": (
+        """
+def forward(self, hidden_states):
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states, self.weight)
+    router_probs = torch.nn.functional.softmax(router_logits.float(), dim=-1)
+    router_top_value, router_indices = torch.topk(router_probs, self.top_k, dim=-1)
+    router_top_value /= router_top_value.sum(dim=-1, keepdim=True)
+    router_scores = router_top_value
+    return router_logits, router_scores, router_indices
+""",  # Mixtral, MiniMax
+        """
+def forward(self, hidden_states):
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states, self.weight)
+    router_probs = torch.nn.functional.softmax(router_logits, dtype=torch.float, dim=-1)
+    router_top_value, router_indices = torch.topk(router_probs, self.top_k, dim=-1)
+    if self.norm_topk_prob:
+        router_top_value /= router_top_value.sum(dim=-1, keepdim=True)
+    router_top_value = router_top_value.to(router_logits.dtype)
+    router_scores = router_top_value
+    return router_logits, router_scores, router_indices
+""",  # Qwen2/3-MoE, Qwen3-Next, OLMoE, FlexOlmo, ...
+        """
+def forward(self, hidden_states):
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states, self.weight)
+    router_probs = torch.nn.functional.softmax(router_logits, dtype=torch.float, dim=-1)
+    router_top_value, router_indices = torch.topk(router_probs, self.top_k, dim=-1)
+    router_top_value /= router_top_value.sum(dim=-1, keepdim=True)
+    router_top_value = router_top_value.to(router_logits.dtype)
+    router_scores = router_top_value
+    return router_logits, router_scores, router_indices
+""",  # Qwen3.5-MoE, Qwen3-VL-MoE
+        """
+def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    router_logits = F.linear(hidden_states, self.weight).float()
+    top_k_logits, top_k_index = router_logits.topk(self.top_k, dim=-1)
+    top_k_weights = torch.softmax(top_k_logits, dim=-1).type_as(hidden_states)
+    return router_logits, top_k_weights, top_k_index
+""",  # GraniteMoe (and its shared / hybrid / SWA variants)
+        """
+def forward(self, hidden_states):
+    router_logits = F.linear(hidden_states, self.weight, self.bias)
+    router_top_value, router_indices = torch.topk(router_logits, self.top_k, dim=-1)
+    router_scores = torch.nn.functional.softmax(router_top_value, dim=1, dtype=router_top_value.dtype)
+    return router_logits, router_scores, router_indices
+""",  # GPT-OSS
+    ),
+    "deepseek_v3": (
+        """
+def forward(self, hidden_states):
+    hidden_states = hidden_states.view(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+    scores = router_logits.sigmoid()
+    scores_for_choice = scores + self.e_score_correction_bias
+    group_scores = (
+        scores_for_choice.view(-1, self.num_group, self.num_experts // self.num_group)
+        .topk(2, dim=-1)[0]
+        .sum(dim=-1)
+    )
+    group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    score_mask = (
+        group_mask.unsqueeze(-1)
+        .expand(-1, self.num_group, self.num_experts // self.num_group)
+        .reshape(-1, self.num_experts)
+    )
+    scores_for_choice = scores_for_choice.masked_fill(~score_mask.bool(), float("-inf"))
+    topk_indices = torch.topk(scores_for_choice, k=self.top_k, dim=-1, sorted=False)[1]
+    topk_weights = scores.gather(1, topk_indices)
+    if self.norm_topk_prob:
+        denominator = topk_weights.sum(dim=-1, keepdim=True) + 1e-20
+        topk_weights /= denominator
+    topk_weights = topk_weights * self.routed_scaling_factor
+    return router_logits, topk_weights, topk_indices
+""",  # DeepSeek-V3 and the models that copy its router (GLM-4-MoE, dots1, Kimi-Linear, Exaone-MoE, ...)
+    ),
+}
+
+
+def _tree(fn: ast.FunctionDef) -> str:
+    """A function's syntax tree as text, without its docstring (comments and formatting are not in the tree)."""
+    body = fn.body[1:] if (fn.body and isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant)
+                           and isinstance(fn.body[0].value.value, str)) else fn.body
+    return ast.dump(ast.FunctionDef(name=fn.name, args=fn.args, body=body, decorator_list=[], returns=fn.returns),
+                    annotate_fields=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _recipe_trees() -> dict[str, str]:
+    out = {}
+    for recipe, sources in _RECIPES.items():
+        for src in sources:
+            fn = ast.parse(textwrap.dedent(src)).body[0]
+            assert isinstance(fn, ast.FunctionDef)
+            out[_tree(fn)] = recipe
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def selection_recipe(cls: type) -> str | None:
+    """The selection recipe of a router class (``"logits"`` or ``"deepseek_v3"``, see `_RECIPES`), or None.
+
+    The class's own ``forward`` (or the inherited one) must be one of the recipes' code exactly; a router whose
+    forward a hub kernel may replace (``use_kernel_forward_from_hub``) keeps the recipe, as kernels implement the same
+    contract."""
+    owner = next((c for c in cls.__mro__ if "forward" in vars(c)), None)
+    if owner is None or owner.__module__.startswith("torch."):
+        return None
+    fn = _forward_ast(owner)
+    return _recipe_trees().get(_tree(fn)) if fn is not None else None

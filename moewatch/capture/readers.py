@@ -18,6 +18,11 @@ Router outputs come in a few shapes, and `RouterReader` adapts to whichever it s
 - bare logits (DBRX, classic ``gate`` Linears): the choice is read by an `ExpertsInputReader` on the experts module
   when one is probed, else recomputed as top-k of the logits (the only case where moewatch guesses the choice).
 
+The routing diagnostics (`Routing.weights_TK`, ``select_TE``, ``unbiased_TE``) are filled only where they are exact:
+the combine weights from a transformers router's ``[.., K]`` weights output (what its MoE block hands the experts),
+the selection scores from a router whose ``forward`` is one of the recipes `moewatch.capture.hf.selection_recipe`
+knows (`logit_selection`, `deepseek_v3_selection`), and from the moewatch router protocol's optional fields.
+
 Shape legend: T tokens (leading dims flattened), E experts, K experts chosen per token.
 """
 
@@ -31,6 +36,7 @@ import torch
 from torch import nn
 
 from moewatch.capture.types import Routing, UnreadableOutput
+from moewatch.metrics import MARGIN_SCALE
 
 
 @runtime_checkable
@@ -39,7 +45,12 @@ class RouterOutput(Protocol):
 
     ``logits`` ``[.., E]`` raw router logits and ``indices`` ``[.., K]`` the experts chosen; optionally ``probs``
     ``[.., E]`` (the router's distribution or non-negative scores), ``dropped`` (bool ``[.., K]``, capacity refusals)
-    and ``scoring`` (``"softmax"`` or ``"sigmoid"``).
+    and ``scoring`` (``"softmax"`` or ``"sigmoid"``), and for the routing diagnostics ``weights`` (``[.., K]``
+    combine weights), ``select`` (``[.., E]`` the scores it ranked), ``select_space`` (``"logits"`` or
+    ``"sigmoid"``) and ``unbiased`` (``[.., E]`` those scores without its correction bias); see `Routing`. A router
+    whose output type is fixed (its ``forward`` annotated to return it, like the reference model's) may instead
+    define ``combine_weights(output)`` and ``selection_scores(output)`` (returning ``(select, select_space, unbiased
+    or None)`` or None), which the reader calls on each output.
     """
 
     logits: torch.Tensor
@@ -151,6 +162,12 @@ class RouterReader:
             experts (ZAYA): slots with zero weight are recorded as this expert id.
         padding_arg: position of a ``padding_mask`` argument in the router's forward (NLLB-MoE), if it takes one:
             padded tokens are then masked out (the router zeroes their dispatch, which would otherwise read as drops).
+        weights: read the ``[.., K]`` float output beside the indices as the combine weights (transformers routers,
+            whose MoE blocks hand exactly that tensor to the experts).
+        selection: ``selection(module, logits_TE) -> (select_TE, space, unbiased_TE or None)``: the scores the
+            router ranked, rebuilt from its logits by its own recipe (`logit_selection`, `deepseek_v3_selection`).
+        protocol_methods: call the router's ``combine_weights(output)`` and ``selection_scores(output)`` (a router
+            whose ``forward`` is annotated to return the moewatch router protocol, like the reference model's).
     """
 
     def __init__(
@@ -165,6 +182,9 @@ class RouterReader:
         guess_choice: bool = True,
         null_expert: int | None = None,
         padding_arg: int | None = None,
+        weights: bool = False,
+        selection: Selection | None = None,
+        protocol_methods: bool = False,
     ):
         self.num_experts = num_experts
         self.top_k = top_k
@@ -175,6 +195,9 @@ class RouterReader:
         self.guess_choice = guess_choice
         self.null_expert = null_expert
         self.padding_arg = padding_arg
+        self.weights = weights
+        self.selection = selection
+        self.protocol_methods = protocol_methods
         # Whether the last output showed the choice; an ExpertsInputReader reads it only when this is False.
         self.has_choice: bool | None = None
 
@@ -182,7 +205,7 @@ class RouterReader:
         # hasattr, not isinstance(output, RouterOutput): a runtime Protocol check costs more than the whole read.
         if hasattr(output, "indices") and hasattr(output, "logits") and not isinstance(output, torch.Tensor):
             self.has_choice = True
-            return self._read_protocol(output)
+            return self._read_protocol(module, output)
         items = output if isinstance(output, (tuple, list)) else (output,)
         p = parse_roles(items, self.num_experts, self.top_k, logits_index=self.logits_index, names=self.names)
         self.has_choice = p.has_choice
@@ -210,6 +233,10 @@ class RouterReader:
             r.indices_TK = ids_TK
             if p.dropped is not None:
                 r.dropped_TK = _flat(items[p.dropped], K)
+            if self.weights and p.weights is not None and items[p.weights].numel() == ids_TK.numel():
+                r.weights_TK = _flat(items[p.weights], K)
+            if self.selection is not None and logits_TE is not None:
+                r.select_TE, r.select_space, r.unbiased_TE = self.selection(module, logits_TE)
         elif logits_TE is not None and p.mask is not None:
             dense_TE = _flat(items[p.dense], E) if p.dense is not None else None
             r.indices_TK, r.dropped_TK = dispatch_choice(_flat(items[p.mask], E), logits_TE, K, dense_TE)
@@ -221,20 +248,72 @@ class RouterReader:
             r.indices_TK = topk_choice(logits_TE, K)
         return r
 
-    def _read_protocol(self, out: Any) -> Routing:
+    def _read_protocol(self, module: nn.Module, out: Any) -> Routing:
         E, K = self.num_experts, self.top_k
         logits = getattr(out, "logits", None)
         probs = getattr(out, "probs", None)
         indices = getattr(out, "indices", None)
         dropped = getattr(out, "dropped", None)
         scoring = getattr(out, "scoring", None) or self.scoring
-        return Routing(
+        r = Routing(
             logits_TE=_flat(logits, E) if isinstance(logits, torch.Tensor) else None,
             probs_TE=_flat(probs, E) if isinstance(probs, torch.Tensor) else None,
             indices_TK=_flat(indices, K) if isinstance(indices, torch.Tensor) else None,
             dropped_TK=_flat(dropped, K) if isinstance(dropped, torch.Tensor) else None,
             scoring=scoring if isinstance(scoring, str) else self.scoring,
         )
+        weights = getattr(out, "weights", None)
+        if not isinstance(weights, torch.Tensor) and self.protocol_methods and hasattr(module, "combine_weights"):
+            weights = module.combine_weights(out)
+        if isinstance(weights, torch.Tensor):
+            r.weights_TK = _flat(weights, K)
+        select, space, unbiased = getattr(out, "select", None), getattr(out, "select_space", None), getattr(
+            out, "unbiased", None)
+        if not isinstance(select, torch.Tensor) and self.protocol_methods and hasattr(module, "selection_scores"):
+            select, space, unbiased = module.selection_scores(out) or (None, None, None)
+        if isinstance(select, torch.Tensor) and space in MARGIN_SCALE:
+            r.select_TE, r.select_space = _flat(select, E), space
+        if isinstance(unbiased, torch.Tensor):
+            r.unbiased_TE = _flat(unbiased, E)
+        return r
+
+
+# ---------------------------------------------------------------------------------------------- selection recipes
+
+# selection(module, logits_TE) -> (select_TE, select_space, unbiased_TE or None); see `Routing`.
+Selection = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, str, "torch.Tensor | None"]]
+
+
+def logit_selection(module: nn.Module, logits_TE: torch.Tensor) -> tuple[torch.Tensor, str, None]:
+    """Routers that choose the top-k of their logits or of the softmax of them: the logits are the selection space
+    (softmax is monotone, and the log of a probability ratio is the logit gap). No correction bias."""
+    return logits_TE, "logits", None
+
+
+def group_limited(scores_TE: torch.Tensor, num_group: int, topk_group: int, fill: float = float("-inf"),
+                  per_group: int = 2) -> torch.Tensor:
+    """`scores_TE` with the experts outside each token's `topk_group` best groups set to `fill`: DeepSeek-V3's group
+    limit, with its ops (groups scored by the sum of their `per_group` best scores), so the same groups come out."""
+    T, E = scores_TE.shape
+    group_scores_TG = scores_TE.view(T, num_group, E // num_group).topk(per_group, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores_TG, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask_TG = torch.zeros_like(group_scores_TG)
+    group_mask_TG.scatter_(1, group_idx, 1)
+    score_mask_TE = group_mask_TG.unsqueeze(-1).expand(-1, num_group, E // num_group).reshape(-1, E)
+    return scores_TE.masked_fill(~score_mask_TE.bool(), fill)
+
+
+def deepseek_v3_selection(module: nn.Module, logits_TE: torch.Tensor) -> tuple[torch.Tensor, str, torch.Tensor]:
+    """DeepSeek-V3's router (`hf.selection_recipe` "deepseek_v3"): it ranks sigmoid(logits) + its correction bias
+    within the groups that score best with the bias. Without the bias it would rank the sigmoid scores within the
+    groups that score best without it. Same ops as the router, so the same floats and the same groups."""
+    scores_TE = logits_TE.sigmoid()
+    G, k = int(module.num_group), int(module.topk_group)
+    select_TE = group_limited(scores_TE + module.e_score_correction_bias, G, k)
+    return select_TE, "sigmoid", group_limited(scores_TE, G, k)
+
+
+SELECTIONS: dict[str, Selection] = {"logits": logit_selection, "deepseek_v3": deepseek_v3_selection}
 
 
 def _non_padding(args: tuple, kwargs: dict, position: int, T: int) -> torch.Tensor | None:

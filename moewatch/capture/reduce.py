@@ -363,7 +363,8 @@ class GroupReducer(threading.Thread):
         values, counts = np.unique(prints, return_counts=True)
         if (counts == 1).all():
             return
-        same = [[self.members[i] for i in np.nonzero(prints == v)[0]] for v in values[counts > 1]]
+        # In rank order (not checksum order), so the message does not depend on what was routed.
+        same = sorted([self.members[i] for i in np.nonzero(prints == v)[0]] for v in values[counts > 1])
         sets = " and ".join("{" + ", ".join(map(str, g)) + "}" for g in same)
         message = (f"moewatch: ranks {sets} of the group {list(self.members)} recorded "
                    f"exactly the same routing (steps from {step}): they look like tensor-parallel replicas, which "

@@ -13,6 +13,13 @@ Stacks that report capacity only as per-expert counts (DeepSpeed's pre-capacity 
 sorted by expert, the first ``kept[e]`` of expert ``e``'s slots kept and the rest dropped. The per-expert totals are
 exact; which token was dropped is not recorded (moewatch's tables do not keep tokens).
 
+The routing diagnostics (`Routing.weights_TK`, ``select_TE``, ``unbiased_TE``) are filled where a stack hands them
+over or its own ops rebuild them exactly: the combine weights torchtitan, OLMo-core (dropless), NeMo, LitGPT's grouped
+router and Megatron return; the selection scores of torchtitan, OLMo-core (dropless) and LitGPT from the scores or
+logits they return or re-run, with the correction bias and group limits applied by the same ops. DeepSpeed, the
+lucidrains gates, NeMo's and Megatron's selection, OLMo-core's capacity MoE and LitGPT's plain gate's weights (scaled
+by its block) are left null.
+
 Everything here runs in forward hooks: no host sync (no ``.item()``, ``.tolist()``, ``.cpu()``, boolean indexing,
 ``nonzero`` or ``unique``); shapes come from tensor metadata and Python attributes only. Stack imports happen inside
 the readers, so importing this module never imports a stack.
@@ -29,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moewatch.capture.readers import _describe
+from moewatch.capture.readers import _describe, group_limited
 from moewatch.capture.types import Routing, UnreadableOutput
 
 
@@ -109,10 +116,26 @@ class TorchtitanRouterReader:
                 and output[1].shape[-1] == K):
             raise UnreadableOutput(f"expected (top_scores [.., {K}], expert_ids [.., {K}], scores [.., {E}]), "
                                    f"got {_describe(output)}")
-        _, ids, scores = output
+        top, ids, scores = output
         scores_TE = scores.reshape(-1, E)
-        return Routing(logits_TE=self.stash.take(scores_TE.shape[0], E), probs_TE=scores_TE,
-                       indices_TK=ids.reshape(-1, K), scoring=self.scoring)
+        r = Routing(logits_TE=self.stash.take(scores_TE.shape[0], E), probs_TE=scores_TE,
+                    indices_TK=ids.reshape(-1, K), scoring=self.scoring, weights_TK=top.reshape(-1, K))
+        if getattr(module, "_debug_force_load_balance", False):
+            return r  # round-robin routing: not chosen by score, so no margin and no override
+        bias = _arg(args, kwargs, 1, "expert_bias_E")
+        bias = bias if isinstance(bias, torch.Tensor) else None
+        G, k = getattr(module, "num_expert_groups", None), getattr(module, "num_limited_groups", None)
+
+        def limit(x_TE: torch.Tensor) -> torch.Tensor:  # node-limited routing, by the router's rule
+            return group_limited(x_TE, int(G), int(k)) if G is not None and k is not None else x_TE
+
+        if bias is not None:
+            r.unbiased_TE = limit(scores_TE)
+        if self.scoring == "sigmoid":
+            r.select_TE, r.select_space = limit(scores_TE if bias is None else scores_TE + bias), "sigmoid"
+        elif bias is None and G is None and r.logits_TE is not None:
+            r.select_TE = r.logits_TE  # top-k of a softmax is top-k of its logits; the gap is a log-probability ratio
+        return r
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed
@@ -179,11 +202,32 @@ class OlmoRouterReader:
         r = Routing(scoring=self.scoring)
         if self.count_choice:
             r.indices_TK = output[1].reshape(-1, K)
+            if isinstance(output[0], torch.Tensor) and output[0].shape == output[1].shape:
+                r.weights_TK = output[0].reshape(-1, K)
         x = _arg(args, kwargs, 0, "x")
         noisy = getattr(module, "jitter_eps", None) is not None and module.training
         if isinstance(x, torch.Tensor) and not noisy:
             r.logits_TE = module.get_expert_logits(x).float().reshape(-1, E)
+            if self.count_choice:
+                self._selection(module, r, r.logits_TE)
         return r
+
+    def _selection(self, module: nn.Module, r: Routing, logits_TE: torch.Tensor) -> None:
+        """The scores `MoERouter.get_top_k` ranks, rebuilt with the router's ops (a sigmoid router adds 1e-7, a
+        ``bias_gamma`` router its ``score_bias``). Random or uniform expert assignment chooses by no score."""
+        if getattr(module, "random_expert_assignment", False) or getattr(module, "uniform_expert_assignment", False):
+            return
+        bias = getattr(module, "score_bias", None) if getattr(module, "bias_gamma", None) is not None else None
+        if self.scoring == "sigmoid":
+            scores_TE = F.sigmoid(logits_TE) + 1e-7
+            r.select_TE = scores_TE if bias is None else scores_TE + bias.unsqueeze(0)
+            r.select_space = "sigmoid"
+        else:
+            scores_TE = logits_TE.softmax(dim=-1)
+            if bias is None:
+                r.select_TE = logits_TE
+        if bias is not None:
+            r.unbiased_TE = scores_TE
 
 
 class OlmoCapacityReader:
@@ -240,6 +284,8 @@ class NemoGateReader:
         logits_TE = nemo_gate_logits(module, x).reshape(-1, E)
         r = Routing(logits_TE=logits_TE, indices_TK=output[1].reshape(-1, K),
                     scoring="sigmoid" if "sigmoid" in self.score_func else "softmax")
+        if isinstance(output[0], torch.Tensor) and output[0].shape == output[1].shape:
+            r.weights_TK = output[0].reshape(-1, K)
         if self.score_func == "sqrtsoftplus":
             r.probs_TE = torch.sqrt(F.softplus(logits_TE.float()))
         mask = _arg(args, kwargs, 1, "token_mask")
@@ -262,7 +308,8 @@ class LitGPTGateReader:
         if not (isinstance(output, torch.Tensor) and output.shape[-1] == self.num_experts):
             raise UnreadableOutput(f"expected logits [.., {self.num_experts}], got {_describe(output)}")
         logits_TE = output.reshape(-1, self.num_experts)
-        return Routing(logits_TE=logits_TE, indices_TK=torch.topk(logits_TE, self.top_k).indices)
+        return Routing(logits_TE=logits_TE, indices_TK=torch.topk(logits_TE, self.top_k).indices,
+                       select_TE=logits_TE)
 
 
 class LitGPTGroupedReader:
@@ -279,7 +326,22 @@ class LitGPTGroupedReader:
                 and output[1].shape[-1] == K):
             raise UnreadableOutput(f"expected (topk_weights, topk_indices [.., {K}]), got {_describe(output)}")
         logits_TE = F.linear(x.type(torch.float32), module.weight.type(torch.float32)).reshape(-1, E)
-        return Routing(logits_TE=logits_TE, indices_TK=output[1].reshape(-1, K), scoring="sigmoid")
+        r = Routing(logits_TE=logits_TE, indices_TK=output[1].reshape(-1, K), scoring="sigmoid")
+        cfg = module.config
+        scale = getattr(cfg, "routed_scaling_factor", 1.0)
+        # LLaMAMoE scales the router's weights by routed_scaling_factor before combining (when it is not 1).
+        r.weights_TK = output[0].reshape(-1, K) * scale if scale != 1.0 else output[0].reshape(-1, K)
+        scores_TE = logits_TE.sigmoid()
+        r.select_TE = self._grouped(cfg, scores_TE + module.e_score_correction_bias.unsqueeze(0))
+        r.select_space = "sigmoid"
+        r.unbiased_TE = self._grouped(cfg, scores_TE)
+        return r
+
+    @staticmethod
+    def _grouped(cfg: Any, scores_TE: torch.Tensor) -> torch.Tensor:
+        """``get_topk_indices``' group limit: experts outside the chosen groups score 0.0 (not -inf), as it ranks."""
+        return group_limited(scores_TE, int(cfg.n_expert_groups), int(cfg.n_topk_groups), fill=0.0,
+                             per_group=int(cfg.n_topk_scores_per_group))
 
 
 # ---------------------------------------------------------------------------------------------- lucidrains
@@ -416,6 +478,8 @@ class MegatronRouterReader:
         if pre_TE is not None:
             r.indices_TK = torch.topk(pre_TE.float(), K, dim=-1).indices  # its K chosen experts
             r.dropped_TK = ~map_TE.gather(1, r.indices_TK)
+            # probs are the combine weights, zero off the kept choice (a dropped slot receives nothing anyway)
+            r.weights_TK = output[0].reshape(-1, E).gather(1, r.indices_TK)
             return r
         # The pre-drop choice cannot be recomputed (randomized or replayed routing): record the kept assignments.
         return [r, kept_cells(map_TE if real_T is None else map_TE & real_T.unsqueeze(-1))]

@@ -30,6 +30,20 @@ class Routing:
       attributed to that expert and the assignment does not count in ``tokens``.
     - ``scoring``: ``"softmax"`` or ``"sigmoid"``: how to turn logits into a distribution when ``probs_TE`` is None.
     - ``token_mask_T``: optional bool mask of real (non-padding) tokens; masked tokens are ignored everywhere.
+
+    Routing diagnostics, each read together with ``indices_TK`` (the choice they describe) and recorded only when
+    given (a reader that cannot see one exactly leaves it None: the column is then null, never estimated):
+
+    - ``weights_TK``: the combine weights of the chosen slots, as the router hands them to the experts (after its
+      renormalization and scaling). Their sum per expert over the assignments it received is ``gate_mass``.
+    - ``select_TE``: the scores the router ranks to choose, in its own selection space: the logits for routers that
+      take the top-k of logits or of their softmax; sigmoid scores plus the correction bias for DeepSeek-V3-style
+      routers; ``-inf`` for experts the router could not choose (masked, or outside the allowed groups of a
+      group-limited router). Gives the routing margin (`moewatch.metrics`).
+    - ``select_space``: ``"logits"`` or ``"sigmoid"``: the units of ``select_TE``, which set the margin's scale.
+    - ``unbiased_TE``: the scores the router would rank without its selection-only correction bias (with the groups
+      it would then allow, ``-inf`` outside them). The share of assignments whose expert falls below the k-th
+      largest of them is ``override_frac``. Only for routers with such a bias.
     """
 
     logits_TE: torch.Tensor | None = None
@@ -38,6 +52,10 @@ class Routing:
     dropped_TK: torch.Tensor | None = None
     scoring: str = "softmax"
     token_mask_T: torch.Tensor | None = None
+    weights_TK: torch.Tensor | None = None
+    select_TE: torch.Tensor | None = None
+    select_space: str = "logits"
+    unbiased_TE: torch.Tensor | None = None
 
 
 # A reader turns a hooked module's forward call into an observation (or None to ignore the call). It may return

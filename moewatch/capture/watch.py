@@ -512,7 +512,8 @@ class Watch:
             state.tensors[phase] = acc
         metrics.observe(acc, state.spec.num_experts, logits_TE=r.logits_TE, probs_TE=r.probs_TE,
                         indices_TK=r.indices_TK, dropped_TK=r.dropped_TK, scoring=r.scoring,
-                        token_mask_T=r.token_mask_T)
+                        token_mask_T=r.token_mask_T, weights_TK=r.weights_TK, select_TE=r.select_TE,
+                        select_space=r.select_space, unbiased_TE=r.unbiased_TE)
         state.calls[phase] += 1
         if phase == "train":
             state.recorded = True

@@ -169,6 +169,10 @@ def _with_schema_dtypes(layers: pd.DataFrame, experts: pd.DataFrame) -> tuple[pd
     def cast(df: pd.DataFrame, sch) -> pd.DataFrame:
         out = {}
         for f in sch:
+            if f.name not in df:  # a column the simulation has no value for (schema 2's routing diagnostics): null
+                dtype = f.type.to_pandas_dtype()
+                out[f.name] = np.full(len(df), np.nan) if dtype == np.float64 else np.full(len(df), None, object)
+                continue
             col = df[f.name]
             out[f.name] = col.astype(str) if f.name == "layer" else col.to_numpy().astype(f.type.to_pandas_dtype())
         return pd.DataFrame(out)

@@ -13,7 +13,8 @@ balanced by any combination of:
 
 The router implements moewatch's router protocol (integer ``num_experts`` and ``top_k``, a buffer
 ``e_score_correction_bias`` of shape E, a forward returning ``RouterOutput(logits, probs, indices,
-dropped)``), so ``moewatch.attach`` finds it without registration. docs/reference.md explains each method.
+dropped)``), so ``moewatch.attach`` finds it without registration; its ``combine_weights`` and ``selection_scores``
+give moewatch the gate weights and the scores it ranked. docs/reference.md explains each method.
 
 Shape legend (suffixes on tensor names):
     B batch, S sequence length, T tokens in one router call (B*S), V vocabulary,
@@ -200,6 +201,7 @@ class Router(nn.Module):
         self.top_k = config.top_k
         self.capacity_factor = config.capacity_factor
         self.bias_update_rate = config.bias_update_rate
+        self.norm_topk_prob = config.norm_topk_prob
         self.router_noise = config.router_noise
         self.noise_std = config.noise_std
         # A bare Parameter, not nn.Linear: a Linear named like a gate would also match moewatch's classic
@@ -250,6 +252,24 @@ class Router(nn.Module):
                 self.tokens_E += chosen_E - dropped_E
                 self.dropped_E += dropped_E
         return RouterOutput(logits_TE, probs_TE, indices_TK, dropped_TK)
+
+    def combine_weights(self, route: RouterOutput) -> torch.Tensor:
+        """The gate weights of the chosen experts (T, K): their probabilities, renormalized to sum 1 when
+        ``norm_topk_prob`` (and top_k > 1), 0 where capacity refused the assignment. The MoE layer combines the
+        expert outputs with these, and moewatch's reader records their sum per expert (``gate_mass``)."""
+        weights_TK = route.probs.gather(1, route.indices)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        # A dropped assignment contributes nothing: the token keeps only the residual (and its other experts).
+        return weights_TK.masked_fill(route.dropped, 0.0)
+
+    def selection_scores(self, route: RouterOutput) -> tuple[torch.Tensor, str, torch.Tensor] | None:
+        """What the last forward ranked to choose, for moewatch's routing margin and override: (logits + bias,
+        "logits", logits). None in training with ``noisy_topk``: the noisy logits it ranked are not kept."""
+        if self.training and self.router_noise == "noisy_topk":
+            return None
+        logits_TE = route.logits.detach()
+        return logits_TE + self.e_score_correction_bias, "logits", logits_TE
 
     @torch.no_grad()
     def update_bias(self) -> None:
@@ -313,11 +333,7 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         route = self.router(x_TD)
         # Gate weights come from the unbiased probabilities: the selection bias only decides *which* experts.
-        weights_TK = route.probs.gather(1, route.indices)
-        if self.norm_topk_prob and self.top_k > 1:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        # A dropped assignment contributes nothing: the token keeps only the residual (and its other experts).
-        weights_TK = weights_TK.masked_fill(route.dropped, 0.0)
+        weights_TK = self.router.combine_weights(route)
         y_TD = self.experts(x_TD, route.indices, weights_TK)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)

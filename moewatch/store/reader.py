@@ -676,12 +676,22 @@ def global_frames(experts: pd.DataFrame, layers: pd.DataFrame) -> tuple[pd.DataF
     ly["_ls"] = ly["logit_mean"].fillna(0) * n_logit
     ly["_lsq"] = (ly["logit_std"].fillna(0) ** 2 + ly["logit_mean"].fillna(0) ** 2) * n_logit
     ly["_nl"] = n_logit.where(ly["logit_mean"].notna(), 0.0)
+    routing = [c for c in _ROUTING_SUMS if c in ly.columns]
+    if "margin_mean" in ly.columns and "margin_tokens" in ly.columns:
+        ly["_ms"] = ly["margin_mean"].fillna(0) * ly["margin_tokens"].fillna(0)  # each rank's margin sum
     g = ly.groupby(["step", "layer"], sort=True)
+    sums = {c: (c, "sum") for c in routing} | {f"_n_{c}": (c, "count") for c in routing}
+    if "_ms" in ly.columns:
+        sums["_ms"] = ("_ms", "sum")
     out = g.agg(tokens=("tokens", "sum"), top_k=("top_k", "first"), num_experts=("num_experts", "first"),
                 dropped=("dropped", "sum"), logit_abs_max=("logit_abs_max", "max"), nonfinite=("nonfinite", "sum"),
                 calls=("calls", "sum"), time=("time", "max"), _w=("_w", "sum"), _wz=("_wz", "sum"),
                 _ent=("_ent", "sum"), _z=("_z", "sum"), _ls=("_ls", "sum"), _lsq=("_lsq", "sum"),
-                _nl=("_nl", "sum")).reset_index()
+                _nl=("_nl", "sum"), **sums).reset_index()
+    if "margin_hist" in ly.columns:
+        out["margin_hist"] = _hist_column(group_hist_sums(ly["margin_hist"], g.ngroup().to_numpy(), len(out)))
+    if routing:
+        _routing_fractions(out, routing)
     out["entropy"] = out["_ent"] / out["_w"].where(out["_w"] > 0)
     out["entropy_norm"] = out["entropy"] / np.log(out["num_experts"].clip(lower=2))
     out["z_loss"] = out["_z"] / out["_wz"].where(out["_wz"] > 0)
@@ -693,11 +703,14 @@ def global_frames(experts: pd.DataFrame, layers: pd.DataFrame) -> tuple[pd.DataF
                       on=["rank", "step", "layer"], how="left")
     e["_pw"] = e["prob_mean"].fillna(0) * e["_lt"]
     e["_w"] = e["_lt"].where(e["prob_mean"].notna(), 0)
+    gate = {"gate_mass": ("gate_mass", "sum"), "_gm": ("gate_mass", "count")} if "gate_mass" in e.columns else {}
     ge = e.groupby(["step", "layer", "expert"], sort=True).agg(
         tokens=("tokens", "sum"), dropped=("dropped", "sum"), _pw=("_pw", "sum"), _w=("_w", "sum"),
-        bias=("bias", "mean")).reset_index()
+        bias=("bias", "mean"), **gate).reset_index()
     ge["prob_mean"] = ge["_pw"] / ge["_w"].where(ge["_w"] > 0)
-    ge = ge.drop(columns=["_pw", "_w"])
+    if gate:  # a sum over the ranks that recorded it; null where none did
+        ge["gate_mass"] = ge["gate_mass"].where(ge["_gm"] > 0)
+    ge = ge.drop(columns=[c for c in ge.columns if c.startswith("_")])
     ge["rank"] = np.int32(-1)
 
     # Count-based layer metrics from the summed counts, one [steps*layers, E] block per expert count.
@@ -720,6 +733,68 @@ def global_frames(experts: pd.DataFrame, layers: pd.DataFrame) -> tuple[pd.DataF
     out["rank"] = np.int32(-1)
     out = out.drop(columns=[c for c in out.columns if c.startswith("_")])
     return ge, out
+
+
+# Count columns of the routing diagnostics, summed over ranks (the fractions are derived from the sums).
+_ROUTING_SUMS = ("margin_tokens", "overridden", "override_slots")
+
+
+def _routing_fractions(out: pd.DataFrame, routing: list[str]) -> None:
+    """margin_mean, near_tie_frac and override_frac of summed rows from their summed counts, as the writer derives
+    them (`moewatch.metrics.routing_columns`); a count no rank recorded stays null."""
+    for c in routing:
+        out[c] = out[c].where(out[f"_n_{c}"] > 0)
+    if "margin_tokens" in routing:
+        n = out["margin_tokens"].where(out["margin_tokens"] > 0)
+        if "_ms" in out.columns:
+            out["margin_mean"] = out["_ms"] / n
+        if "margin_hist" in out.columns:
+            out["near_tie_frac"] = hist_matrix(out["margin_hist"])[:, 0] / n
+    if "overridden" in routing and "override_slots" in routing:
+        out["override_frac"] = out["overridden"] / out["override_slots"].where(out["override_slots"] > 0)
+    for c in routing:
+        if out[c].notna().all():
+            out[c] = out[c].astype("int64")
+
+
+def hist_matrix(column: Any) -> np.ndarray:
+    """A ``margin_hist`` column (Arrow list<int64>, or a pandas/numpy column of arrays and None) as a float64
+    matrix ``[rows, MARGIN_BINS]``, NaN rows where it is null (not recorded, or a part written before schema 2)."""
+    from moewatch.metrics import MARGIN_BINS
+
+    if isinstance(column, pd.Series):
+        column = column.array
+    if not isinstance(column, (pa.Array, pa.ChunkedArray)):  # an Arrow-backed pandas column converts at no cost
+        column = pa.array(column if hasattr(column, "__arrow_array__") else list(column), type=pa.list_(pa.int64()),
+                          from_pandas=True)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    out = np.full((len(column), MARGIN_BINS), np.nan)
+    valid = ~column.is_null().to_numpy(zero_copy_only=False)
+    if valid.any():
+        out[valid] = pc.list_flatten(column).to_numpy().astype(np.float64).reshape(-1, MARGIN_BINS)
+    return out
+
+
+def group_hist_sums(column: Any, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """Sum ``margin_hist`` rows per group (``groups``: each row's group number): ``[n_groups, MARGIN_BINS]``, NaN
+    for a group none of whose rows recorded it."""
+    rows = hist_matrix(column)
+    valid = ~np.isnan(rows[:, 0])
+    out = np.zeros((n_groups, rows.shape[1]))
+    np.add.at(out, groups[valid], rows[valid])
+    seen = np.zeros(n_groups, dtype=bool)
+    seen[groups[valid]] = True
+    out[~seen] = np.nan
+    return out
+
+
+def _hist_column(matrix: np.ndarray) -> list[np.ndarray | None]:
+    """Rows of a hist matrix back to the column's form as pandas reads it: int64 arrays, None for NaN rows."""
+    rows: list[np.ndarray | None] = list(np.nan_to_num(matrix).astype(np.int64))
+    for i in np.flatnonzero(np.isnan(matrix[:, 0])):
+        rows[i] = None
+    return rows
 
 
 def count_metrics(counts_SE: np.ndarray, prob_mean_SE: np.ndarray) -> dict[str, np.ndarray]:

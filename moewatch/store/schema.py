@@ -1,13 +1,17 @@
 """The run-directory format: table schemas, folder and file names, and the schema version.
 
 Documented for users in docs/format.md; change both together and bump SCHEMA_VERSION on any incompatible change.
+
+Version 2 added the routing diagnostics (experts: ``gate_mass``; layers: ``margin_mean``, ``near_tie_frac``,
+``margin_tokens``, ``margin_hist``, ``override_frac``, ``overridden``, ``override_slots``). Readers read version-1
+parts against these schemas, so the columns those parts lack read as null.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MANIFEST = "run.json"
 EXPERTS = "experts"
@@ -33,6 +37,7 @@ EXPERTS_SCHEMA = pa.schema(
         pa.field("dropped", pa.int64(), nullable=False),
         pa.field("prob_mean", pa.float64()),
         pa.field("bias", pa.float64()),
+        pa.field("gate_mass", pa.float64()),
         *_PROVENANCE,
     ]
 )
@@ -57,6 +62,13 @@ LAYERS_SCHEMA = pa.schema(
         pa.field("z_loss", pa.float64()),
         pa.field("aux_loss", pa.float64()),
         pa.field("nonfinite", pa.int64(), nullable=False),
+        pa.field("margin_mean", pa.float64()),
+        pa.field("near_tie_frac", pa.float64()),
+        pa.field("margin_tokens", pa.int64()),
+        pa.field("margin_hist", pa.list_(pa.int64())),  # metrics.MARGIN_BINS counts, edges in docs/format.md
+        pa.field("override_frac", pa.float64()),
+        pa.field("overridden", pa.int64()),
+        pa.field("override_slots", pa.int64()),
         pa.field("calls", pa.int32(), nullable=False),
         pa.field("time", pa.float64()),
         *_PROVENANCE,

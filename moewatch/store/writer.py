@@ -88,6 +88,7 @@ def chunk_to_tables(chunk: Chunk, rank: int, session: int) -> tuple[pa.Table, pa
                 "dropped": ex["dropped"].round().long().reshape(-1).numpy(),
                 "prob_mean": ex["prob_mean"].reshape(-1).numpy(),
                 "bias": ex["bias"].reshape(-1).numpy(),
+                "gate_mass": ex["gate_mass"].reshape(-1).numpy(),
                 "seq": np.repeat(seqs[idx], E),
             }
         )
@@ -127,11 +128,24 @@ def _table(parts: list[dict[str, np.ndarray]], schema: pa.Schema, rank: int, ses
     arrays = []
     for field in schema:
         v = cols[field.name]
-        if pa.types.is_floating(field.type):
-            arrays.append(pa.array(v, type=field.type, from_pandas=True))  # NaN -> null
+        if pa.types.is_list(field.type):
+            arrays.append(count_lists(v))
+        elif pa.types.is_floating(field.type) or v.dtype.kind == "f":
+            # NaN -> null (a count column computed in float64 holds whole numbers; rint keeps the cast exact)
+            arrays.append(pa.array(v if pa.types.is_floating(field.type) else np.rint(v), type=field.type,
+                                   from_pandas=True))
         else:
             arrays.append(pa.array(v, type=field.type))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def count_lists(counts_NH: np.ndarray) -> pa.Array:
+    """Rows of float64 counts [N, H] as a list<int64> column, a row with NaN as null (not recorded)."""
+    n, h = counts_NH.shape
+    null_N = np.isnan(counts_NH).any(axis=1)
+    values = np.rint(np.nan_to_num(counts_NH)).astype(np.int64).reshape(-1)
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * h)
+    return pa.ListArray.from_arrays(offsets, pa.array(values), mask=pa.array(null_N) if null_N.any() else None)
 
 
 
