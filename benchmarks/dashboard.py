@@ -60,6 +60,13 @@ def write_part(run: Path, table: str, t: pa.Table, n: int) -> None:
     (folder / f"r0000-s0001-{n:08d}.parquet").write_bytes(part_bytes(t))  # the writer's layout: a row group per layer
 
 
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """The table in the schema's columns and types; a column the synthetic run has no value for is null."""
+    cols = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
 def chunk_tables(rng, lo: int, hi: int, total: int, layers: int, E: int, k: int, tokens: int, seq0: int
                  ) -> tuple[pa.Table, pa.Table]:
     steps = np.arange(lo, hi, dtype=np.int64)
@@ -89,7 +96,7 @@ def chunk_tables(rng, lo: int, hi: int, total: int, layers: int, E: int, k: int,
         ly["aux_loss"].append(E * (f * p).sum(axis=1))
     names = pa.array([layer_name(i) for i in range(layers)])
     n_ex = S * E * layers
-    ex = pa.table({
+    ex = conform(pa.table({
         "step": np.concatenate(ex_cols["step"]),
         "layer": pa.DictionaryArray.from_arrays(np.concatenate(ex_cols["layer"]), names).cast(pa.string()),
         "expert": np.concatenate(ex_cols["expert"]),
@@ -100,10 +107,10 @@ def chunk_tables(rng, lo: int, hi: int, total: int, layers: int, E: int, k: int,
         "rank": np.zeros(n_ex, np.int32),
         "session": np.ones(n_ex, np.int32),
         "seq": np.repeat(np.tile(np.arange(seq0, seq0 + S, dtype=np.int64), layers), E),
-    }).cast(EXPERTS_SCHEMA)
+    }), EXPERTS_SCHEMA)
     n_ly = S * layers
     ent = np.concatenate(ly["entropy_norm"])
-    lyt = pa.table({
+    lyt = conform(pa.table({
         "step": np.concatenate(ly["step"]),
         "layer": pa.DictionaryArray.from_arrays(np.concatenate(ly["layer"]), names).cast(pa.string()),
         "tokens": np.full(n_ly, tokens, np.int64), "top_k": np.full(n_ly, k, np.int32),
@@ -115,7 +122,7 @@ def chunk_tables(rng, lo: int, hi: int, total: int, layers: int, E: int, k: int,
         "aux_loss": np.concatenate(ly["aux_loss"]), "nonfinite": np.zeros(n_ly, np.int64),
         "calls": np.ones(n_ly, np.int32), "time": np.zeros(n_ly), "rank": np.zeros(n_ly, np.int32),
         "session": np.ones(n_ly, np.int32), "seq": np.tile(np.arange(seq0, seq0 + S, dtype=np.int64), layers),
-    }).cast(LAYERS_SCHEMA)
+    }), LAYERS_SCHEMA)
     return ex, lyt
 
 

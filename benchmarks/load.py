@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from dashboard import conform  # noqa: E402
 
 import moewatch
 from moewatch.store.manifest import new_manifest, write_manifest
@@ -49,12 +50,13 @@ def write_run(run_dir: Path, steps: int, layers: int, experts: int, steps_per_pa
                 "seq": np.repeat(s, layers * experts),
             }
             n_ly = S * layers
-            ly = {f.name: np.zeros(n_ly, dtype=f.type.to_pandas_dtype()) for f in SCHEMAS[LAYERS]}
+            ly = {f.name: np.zeros(n_ly, dtype=f.type.to_pandas_dtype()) for f in SCHEMAS[LAYERS]
+                  if not pa.types.is_list(f.type)}
             ly.update(step=np.repeat(s, layers), layer=np.tile(names, S), session=np.full(n_ly, session, np.int32),
                       seq=np.repeat(s, layers), tokens=np.full(n_ly, 4096), top_k=np.full(n_ly, 2, np.int32),
                       num_experts=np.full(n_ly, experts, np.int32), cv=rng.random(n_ly))
-            writer.write(EXPERTS, pa.Table.from_pydict(ex, schema=SCHEMAS[EXPERTS]))
-            writer.write(LAYERS, pa.Table.from_pydict(ly, schema=SCHEMAS[LAYERS]))
+            writer.write(EXPERTS, conform(pa.table(ex), SCHEMAS[EXPERTS]))
+            writer.write(LAYERS, conform(pa.table(ly), SCHEMAS[LAYERS]))
 
 
 CALLS = {
