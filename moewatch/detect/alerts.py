@@ -34,6 +34,8 @@ KINDS = (
     "bias_runaway",
     "ep_straggler",
     "expert_stalled",
+    "fragile_routing",
+    "balancer_override",
 )
 # Kinds whose critical alert means the routing itself collapsed (as opposed to drops or numerics going wrong).
 COLLAPSE_KINDS = frozenset({"dead_expert", "dominant_expert", "imbalance", "entropy_collapse"})
@@ -50,6 +52,10 @@ LEVERS = {
     "logit_drift": "add z-loss (or raise its coefficient) or lower the learning rate",
     "nonfinite": "lower the learning rate and add z-loss; compute the router in float32",
     "bias_runaway": "tune bias balancing: raise the bias update rate or add a small aux loss",
+    "fragile_routing": ("the router barely separates its top-k from the rest: lower the router's learning rate (or warm "
+                        "it up longer) and check its input (a collapsed hidden state scores every expert alike)"),
+    "balancer_override": ("the balancing bias is holding back a collapse: add (or raise) a small aux loss so the "
+                          "router balances by itself, or lower the learning rate"),
     "expert_stalled": ("check the starved experts' gradients (a frozen or detached expert, a learning-rate or weight-"
                        "decay group that excludes them) and route them tokens again: router noise, a higher "
                        "aux-loss coefficient"),

@@ -66,6 +66,14 @@ class DetectorConfig:
     # for stall_windows windows in a row has stopped learning
     stall_fraction: float = 0.05
     stall_windows: int = 5
+    # --- routing margin: share of tokens whose chosen set is within epsilon (docs/format.md) of flipping. A balanced
+    # router is uncertain by design (0.3-0.6 on the reference model) and a collapsing one grows confident, so only
+    # a router that cannot tell its experts apart for most tokens is flagged
+    fragile_warning: float = 0.85
+    fragile_trend_floor: float = 0.65
+    # --- balancer override: share of assignments a selection-only correction bias changed
+    override_warning: float = 0.25
+    override_trend_floor: float = 0.05
     # --- trends: robust (Theil-Sen) slope over trend_windows points, at several time scales
     trend_windows: int = 8
     trend_scales: tuple[int, ...] = (1, 4, 16, 64)
@@ -126,6 +134,10 @@ class DetectorConfig:
             "trend_consistency",
             "trend_min_level",
             "stall_fraction",
+            "fragile_warning",
+            "fragile_trend_floor",
+            "override_warning",
+            "override_trend_floor",
         )
         for name in unit:
             value = getattr(self, name)

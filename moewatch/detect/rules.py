@@ -20,7 +20,10 @@ from .series import Fit, forward_fill, theil_sen
 from .windows import Windows
 
 # Scalar window series kept as history for the trend fits (besides "x", the window's last step).
-TREND_SERIES = ("cv", "entropy_norm", "drop_rate", "log_logit", "bias_spread")
+# moewatch.metrics.MARGIN_EPS, as words (importing metrics would import torch into the detector).
+NEAR_TIE = "0.05 logit units"
+
+TREND_SERIES = ("cv", "entropy_norm", "drop_rate", "log_logit", "bias_spread", "near_tie_frac", "override_frac")
 
 
 @dataclass
@@ -99,6 +102,9 @@ def window_metrics(win: Windows, num_experts: int, top_k: int, th: LayerThreshol
         "drop_experts": drop_experts,
         "device_ratio": device_ratio,
         "busiest_experts": busiest_experts,
+        "near_tie_frac": win.extra.get("near_tie_frac", np.full(len(win), np.nan)),
+        "margin_mean": win.extra.get("margin_mean", np.full(len(win), np.nan)),
+        "override_frac": win.extra.get("override_frac", np.full(len(win), np.nan)),
     }
 
 
@@ -202,6 +208,14 @@ def trend_tracks(
         "logit": ("log_logit", 1, math.log(config.logit_abs_warning), math.log(config.logit_floor),
                   math.log1p(config.logit_min_growth)),
     }
+    routing = {
+        "fragile": ("near_tie_frac", 1, config.fragile_warning, config.fragile_trend_floor,
+                    lo_rise * config.fragile_warning),
+        "override": ("override_frac", 1, config.override_warning, config.override_trend_floor,
+                     lo_rise * config.override_warning),
+    }
+    # The routing diagnostics are fitted only where a router recorded them (most runs before schema 2: none).
+    specs.update({k: v for k, v in routing.items() if np.isfinite(hist[v[0]]).any()})
     results = {name: _multiscale(hist, g0, n_new, config, *spec) for name, spec in specs.items()}
     bias = _multiscale_bias(hist, g0, n_new, th, config)
 
@@ -221,7 +235,32 @@ def trend_tracks(
             Track("logit", "logit_drift", WARNING, (logit >= config.logit_abs_warning) | lg_b, logit,
                   config.logit_abs_warning, collapse=lg_c),
             Track("bias", "bias_runaway", WARNING, bias[0], bias[1], config.bias_min_growth),
+            *_routing_tracks(results, hist, n_new, th, config, new),
         ]
+
+
+def _routing_tracks(results: dict, hist: dict, n_new: int, th: LayerThresholds, config: DetectorConfig,
+                    new: dict) -> list[Track]:
+    """fragile_routing: near-tie share high or rising toward it; balancer_override: override share high or rising
+    toward it while the imbalance it should fix does not fall (its CV is not below what it was a fit ago)."""
+    out = []
+    with np.errstate(invalid="ignore"):
+        if "fragile" in results:
+            b, _, c = results["fragile"]
+            ntf = new["near_tie_frac"]
+            out.append(Track("fragile", "fragile_routing", WARNING, (ntf >= config.fragile_warning) | b, ntf,
+                             config.fragile_warning, collapse=c))
+        if "override" in results:
+            b, _, c = results["override"]
+            ovr = new["override_frac"]
+            cv = hist["cv"]
+            lag = config.trend_windows
+            then = np.r_[np.full(lag, np.nan), cv[:-lag]][-n_new:] if len(cv) > lag else np.full(n_new, np.nan)
+            not_falling = ~(cv[-n_new:] < then - config.trend_min_rise * th.cv_critical)
+            out.append(Track("override", "balancer_override", WARNING,
+                             ((ovr >= config.override_warning) | b) & not_falling, ovr, config.override_warning,
+                             collapse=c))
+    return out
 
 
 def _projection(f: Fit, recent: np.ndarray, config: DetectorConfig, direction: int, target: float, start: float,
@@ -392,6 +431,14 @@ def describe(kind: str, layer: str, experts: tuple[int, ...], value: float, thre
     if kind == "bias_runaway":
         return (f"The spread of the balancing bias in {layer} keeps growing ({vals('+{:.0%}')} over the trend fit) "
                 f"while the load imbalance does not fall, from step {first_step}.")
+    if kind == "fragile_routing":
+        return (f"Routing in {layer} is fragile from step {first_step}: a large share of tokens is within "
+                f"{NEAR_TIE} of choosing different experts (threshold {threshold:.0%}: "
+                f"{vals('{:.0%}')}). Near-ties turn into load flips.")
+    if kind == "balancer_override":
+        return (f"The balancing bias in {layer} changes a growing share of the router's choices from step "
+                f"{first_step} (threshold {threshold:.0%} of assignments: {vals('{:.0%}')}) while the imbalance it "
+                f"fights does not fall: a collapse held back by force.")
     if kind == "expert_stalled":
         now = f"{int(latest)} now, " if ongoing and math.isfinite(latest) else ""
         return (f"{who.capitalize()} in {layer} stopped learning from step {first_step}: gradient norm under "

@@ -26,9 +26,14 @@ _PHRASES = {
     "nonfinite": lambda v, e: "NaN/inf router logits",
     "logit_drift": lambda v, e: f"router logits growing (max |logit| {v})",
     "bias_runaway": lambda v, e: "the balancing bias running away",
+    "ep_straggler": lambda v, e: f"an expert-parallel device at {v} the mean device load",
+    "expert_stalled": lambda v, e: f"{v} of {e} experts no longer learning (starved gradients)",
+    "fragile_routing": lambda v, e: f"fragile routing ({v} of tokens near a tie)",
+    "balancer_override": lambda v, e: f"the balancing bias overriding {v} of the router's choices",
 }
 _FORMATS = {"dead_expert": "{:.0f}", "dominant_expert": "{:.0%}", "imbalance": "{:.2f}", "imbalance_trend": "{:.2f}",
-            "entropy_collapse": "{:.2f}", "drops": "{:.0%}", "logit_drift": "{:.3g}"}
+            "entropy_collapse": "{:.2f}", "drops": "{:.0%}", "logit_drift": "{:.3g}", "ep_straggler": "{:.2f}×",
+            "expert_stalled": "{:.0f}", "fragile_routing": "{:.0%}", "balancer_override": "{:.0%}"}
 
 
 def verdict(analysis: Analysis) -> str:

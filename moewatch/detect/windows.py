@@ -17,6 +17,8 @@ from .config import DetectorConfig
 
 # Per-step layer columns the rules use; a missing column reads as NaN (or 0 for counts).
 LAYER_STATS = ("tokens", "dropped", "entropy_norm", "z_loss", "logit_abs_max", "nonfinite")
+# Optional per-step sums behind the routing diagnostics (schema 2; absent or NaN where a router does not expose them).
+ROUTING_STATS = ("margin_tokens", "near_ties", "margin_sum", "overridden", "override_slots")
 _EXPERT_COLUMNS = ("step", "layer", "expert", "tokens")
 _LAYER_COLUMNS = ("step", "layer")
 
@@ -87,7 +89,8 @@ class LayerData:
             b.top_k,
             np.concatenate([a.steps, b.steps]),
             np.concatenate([a.tokens, b.tokens]),
-            {k: np.concatenate([a.stats[k], b.stats[k]]) for k in LAYER_STATS},
+            {k: np.concatenate([a.stats.get(k, np.full(len(a), np.nan)), b.stats.get(k, np.full(len(b), np.nan))])
+             for k in dict.fromkeys([*LAYER_STATS, *a.stats, *b.stats])},
             stack(a.dropped, b.dropped, 0.0),
             stack(a.bias, b.bias, np.nan),
             placement=b.placement if b.placement is not None else a.placement,
@@ -180,9 +183,30 @@ def make_windows(data: LayerData, size: int, include_tail: bool) -> tuple[Window
             bias=None if data.bias is None else data.bias[ends // b],
             placement=data.placement,
             grad_norm=None if data.grad_norm is None or b != 1 else _window_nanmean(data.grad_norm, idx, used),
+            extra=_routing_windows(data.stats, idx, used),
         ),
         used,
     )
+
+
+def _routing_windows(stats: dict[str, np.ndarray], idx: np.ndarray, used: int) -> dict[str, np.ndarray]:
+    """Per window: near_tie_frac, margin_mean and override_frac from the summed counts (exact over steps and
+    ranks), NaN where the router recorded none."""
+    def total(name: str) -> tuple[np.ndarray, np.ndarray]:
+        v = stats.get(name)
+        if v is None:
+            return np.zeros(len(idx)), np.zeros(len(idx), bool)
+        v = v[:used].astype(np.float64)
+        ok = np.isfinite(v)
+        return np.add.reduceat(np.where(ok, v, 0.0), idx), np.add.reduceat(ok, idx) > 0
+
+    out = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for name, num, den in (("near_tie_frac", "near_ties", "margin_tokens"), ("margin_mean", "margin_sum",
+                               "margin_tokens"), ("override_frac", "overridden", "override_slots")):
+            (n, n_ok), (d, d_ok) = total(num), total(den)
+            out[name] = np.where(n_ok & d_ok & (d > 0), n / np.where(d > 0, d, 1.0), np.nan)
+    return out
 
 
 def _window_nanmean(arr: np.ndarray, idx: np.ndarray, used: int) -> np.ndarray:
@@ -239,7 +263,8 @@ def layer_data_from_dense(dense) -> LayerData:
     Same rules as :func:`layer_data_from_frames`: no drops array when nothing was dropped, no bias unless it moves,
     and a missing per-step token count falls back to assignments / k.
     """
-    stats = {k: np.asarray(dense.stats[k], np.float64).copy() for k in LAYER_STATS}
+    stats = {k: np.asarray(dense.stats[k], np.float64).copy() for k in (*LAYER_STATS, *ROUTING_STATS)
+             if k in dense.stats}
     no_tok = ~np.isfinite(stats["tokens"])
     if no_tok.any() and dense.block != 1:
         raise ValueError(f"layer {dense.layer!r} has steps without a token count: read it per step, not from rollups")
@@ -289,6 +314,18 @@ def layer_data_from_frames(layers: pd.DataFrame, experts: pd.DataFrame) -> list[
     e_grad = _numpy(experts["grad_norm"], np.float64) if "grad_norm" in experts.columns else None
     l_step = _numpy(layers["step"], np.int64)
     lcols = {c: _numpy(layers[c], np.float64) for c in LAYER_STATS if c in layers.columns}
+    # Routing diagnostics from a layers frame: the counts behind the fractions (global view: already rank-summed).
+    # (Only where recorded, as the dense reader does: a schema-1 run, or a router without them, has none.)
+    mt = _numpy(layers["margin_tokens"], np.float64) if "margin_tokens" in layers.columns else None
+    if mt is not None and np.isfinite(mt).any():
+        lcols["margin_tokens"] = mt
+        if "near_tie_frac" in layers.columns:
+            lcols["near_ties"] = _numpy(layers["near_tie_frac"], np.float64) * mt
+        if "margin_mean" in layers.columns:
+            lcols["margin_sum"] = _numpy(layers["margin_mean"], np.float64) * mt
+        for c in ("overridden", "override_slots"):
+            if c in layers.columns:
+                lcols[c] = _numpy(layers[c], np.float64)
 
     out: list[LayerData] = []
     for code, name in enumerate(names):
@@ -321,7 +358,7 @@ def layer_data_from_frames(layers: pd.DataFrame, experts: pd.DataFrame) -> list[
             grad[si, ex] = e_grad[erows]
         lsi = np.searchsorted(steps, l_step[lrows])
         stats: dict[str, np.ndarray] = {}
-        for col in LAYER_STATS:
+        for col in (*LAYER_STATS, *(c for c in ROUTING_STATS if c in lcols)):
             fill = 0.0 if col in ("nonfinite", "dropped") else np.nan
             arr = np.full(len(steps), fill)
             if col in lcols:

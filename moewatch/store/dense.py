@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +39,10 @@ DEFAULT_BUDGET = 2 << 30  # bytes of dense per-expert arrays held at once (a pas
 _LAYER_COLUMNS = ["step", "layer", "tokens", "top_k", "num_experts", "entropy", "z_loss", "logit_abs_max",
                   "dropped", "nonfinite", "rank", "session", "seq"]
 _EXTRA_COLUMNS = ("aux_loss", "cv", "max_share", "dead")
+# Schema-2 routing diagnostics (null where a router does not expose them, and in older parts): per-step sums over
+# ranks of the counts behind near_tie_frac, margin_mean and override_frac, so a window's fraction is exact.
+_ROUTING_COLUMNS = ("margin_tokens", "near_tie_frac", "margin_mean", "overridden", "override_slots")
+ROUTING_STATS = ("margin_tokens", "near_ties", "margin_sum", "overridden", "override_slots")
 
 
 @dataclass
@@ -148,7 +153,7 @@ def plan_run(run_dir: str | Path, skipped: list[str] | None = None, extra: bool 
     (a run appending flushes) only they are read, and the last plan is extended with them. A part listed in
     ``skipped`` (unreadable, already warned about) is not tried again."""
     run_dir = Path(run_dir)
-    columns = _LAYER_COLUMNS + list(_EXTRA_COLUMNS if extra else ())
+    columns = _LAYER_COLUMNS + list(_EXTRA_COLUMNS if extra else ()) + list(_ROUTING_COLUMNS)
     files = part_files(run_dir, LAYERS)
     if skipped:
         files = [f for f in files if str(f) not in skipped]
@@ -187,7 +192,9 @@ def _extend(old: Plan, new: Plan, ranks: int) -> Plan:
     for n in new.names:
         if n in steps:
             steps[n] = np.concatenate([steps[n], new.steps[n]])
-            stats[n] = {c: np.concatenate([v, new.stats[n][c]]) for c, v in stats[n].items()}
+            a, b = stats[n], new.stats[n]  # a stat only one side has (routing diagnostics) is NaN on the other
+            stats[n] = {c: np.concatenate([a.get(c, np.full(len(old.steps[n]), np.nan)),
+                                           b.get(c, np.full(len(new.steps[n]), np.nan))]) for c in {*a, *b}}
             E[n] = max(E[n], new.num_experts[n])
         else:
             steps[n], stats[n], E[n] = new.steps[n], new.stats[n], new.num_experts[n]
@@ -226,7 +233,10 @@ def _read_columns(files: list[Path], columns: list[str], skipped: list[str] | No
             sizes.append(0)  # reported when read below
     schema = SCHEMAS[LAYERS]
     n = sum(sizes)
-    col = {c: np.empty(n, schema.field(c).type.to_pandas_dtype()) for c in columns if c != "layer"}
+    def dtype(f: pa.Field) -> Any:  # a nullable integer column reads as float (NaN: not recorded)
+        return np.float64 if f.nullable and pa.types.is_integer(f.type) else f.type.to_pandas_dtype()
+
+    col = {c: np.empty(n, dtype(schema.field(c))) for c in columns if c != "layer"}
     codes = np.empty(n, np.int64)
     names: dict[str, int] = {}
     at = 0
@@ -323,6 +333,21 @@ def _plan_table(data: _Columns, rules: list, extra: bool) -> tuple[Plan, frozens
             "logit_abs_max": logit,
             "nonfinite": total(col["nonfinite"][rows].astype(np.float64)),
         }
+        if "margin_tokens" in col and np.isfinite(col["margin_tokens"][rows]).any():
+            mt = col["margin_tokens"][rows].astype(np.float64)
+
+            def recorded(values: np.ndarray, _mt=mt) -> np.ndarray:
+                ok = np.isfinite(values)
+                out = total(np.where(ok, values, 0.0))
+                return np.where(total(ok.astype(np.float64)) > 0, out, np.nan)
+
+            stats_of[name].update(
+                margin_tokens=recorded(mt),
+                near_ties=recorded(col["near_tie_frac"][rows] * mt),
+                margin_sum=recorded(col["margin_mean"][rows] * mt),
+                overridden=recorded(col["overridden"][rows].astype(np.float64)),
+                override_slots=recorded(col["override_slots"][rows].astype(np.float64)),
+            )
         if extra:
             stats_of[name]["aux_loss"] = weighted(col["aux_loss"][rows].astype(np.float64))
             for c in ("cv", "max_share", "dead"):  # as recorded: the last row's of a step (one writer: its only one)

@@ -1,0 +1,83 @@
+"""fragile_routing and balancer_override on windows of the routing diagnostics (schema 2): they fire on their
+scenarios, stay quiet on healthy ones, and read the same through the dense reader's plan and a frames table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moewatch.detect import DetectorConfig, analyze, analyze_frames
+from moewatch.detect.windows import LayerData
+
+
+def layer(near_tie: np.ndarray | None = None, override: np.ndarray | None = None, skew: np.ndarray | None = None,
+          steps: int = 1200, E: int = 16, seed: int = 0) -> LayerData:
+    """A top-2 layer of 1,024 tokens a step: balanced unless ``skew`` (per step, the hot expert's extra share)."""
+    rng = np.random.default_rng(seed)
+    p = np.full((steps, E), 1.0 / E)
+    if skew is not None:
+        p = p * (1 - skew[:, None])
+        p[:, 0] += skew
+    tokens = np.stack([rng.multinomial(2048, row) for row in p])
+    stats = {"tokens": np.full(steps, 1024.0), "dropped": np.zeros(steps), "entropy_norm": np.full(steps, 0.8),
+             "z_loss": np.full(steps, 1.0), "logit_abs_max": np.full(steps, 3.0), "nonfinite": np.zeros(steps)}
+    if near_tie is not None:
+        stats.update(margin_tokens=np.full(steps, 1024.0), near_ties=near_tie * 1024, margin_sum=np.full(steps, 300.0))
+    if override is not None:
+        stats.update(overridden=override * 2048, override_slots=np.full(steps, 2048.0))
+    return LayerData("gate", E, 2, np.arange(steps), tokens, stats)
+
+
+def kinds(data: LayerData, config: DetectorConfig | None = None) -> dict[str, tuple[int, float]]:
+    return {a.kind: (a.first_step, a.value) for a in analyze([data], config).alerts}
+
+
+def test_a_router_that_cannot_tell_its_experts_apart_is_fragile():
+    rng = np.random.default_rng(1)
+    ntf = np.clip(0.4 + 0.05 * rng.standard_normal(1200), 0, 1)
+    ntf[500:] = np.clip(np.linspace(0.4, 0.97, 700) + 0.02 * rng.standard_normal(700), 0, 1)
+    got = kinds(layer(near_tie=ntf))
+    assert set(got) == {"fragile_routing"}
+    first, peak = got["fragile_routing"]
+    assert 500 <= first <= 1100 and peak >= 0.85
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_balanced_uncertain_router_is_not_fragile(seed):
+    """The reference model's balanced routers keep 0.3-0.6 of their tokens near a tie, rising early in training."""
+    rng = np.random.default_rng(seed)
+    ntf = np.clip(np.r_[np.linspace(0.3, 0.6, 150), np.linspace(0.6, 0.3, 1050)] + 0.05 * rng.standard_normal(1200),
+                  0, 1)
+    assert kinds(layer(near_tie=ntf, seed=seed)) == {}
+
+
+def test_an_override_that_holds_back_a_collapse_is_flagged_and_one_that_balances_is_not():
+    rng = np.random.default_rng(2)
+    ovr = np.clip(np.r_[np.full(400, 0.05), np.linspace(0.05, 0.6, 800)] + 0.01 * rng.standard_normal(1200), 0, 1)
+    skew = np.r_[np.zeros(400), np.linspace(0.0, 0.12, 800)]  # the imbalance the bias fights keeps growing
+    got = kinds(layer(override=ovr, skew=skew))
+    assert "balancer_override" in got and 400 <= got["balancer_override"][0] <= 1150
+    # The same override share while the imbalance falls: the balancer is winning, nothing to say about it.
+    falling = np.r_[np.full(400, 0.12), np.linspace(0.12, 0.0, 800)]
+    assert "balancer_override" not in kinds(layer(override=ovr, skew=falling))
+    # A bias that overrides little, on a balanced router.
+    assert kinds(layer(override=np.full(1200, 0.05))) == {}
+    assert "balancer_override" not in kinds(layer(override=np.full(1200, 0.2)), DetectorConfig())
+    assert "balancer_override" in kinds(layer(override=np.full(1200, 0.2)), DetectorConfig(override_warning=0.15))
+
+
+def test_the_frames_path_reads_the_routing_columns_like_the_dense_reader():
+    rng = np.random.default_rng(3)
+    ntf = np.clip(np.r_[np.full(500, 0.4), np.linspace(0.4, 0.97, 700)] + 0.02 * rng.standard_normal(1200), 0, 1)
+    d = layer(near_tie=ntf)
+    S, E = d.tokens.shape
+    experts = pd.DataFrame({"step": np.repeat(d.steps, E), "layer": "gate", "expert": np.tile(np.arange(E), S),
+                            "tokens": d.tokens.reshape(-1)})
+    layers = pd.DataFrame({"step": d.steps, "layer": "gate", "top_k": 2, "num_experts": E,
+                           **{k: d.stats[k] for k in ("tokens", "dropped", "entropy_norm", "z_loss", "logit_abs_max",
+                                                      "nonfinite")},
+                           "margin_tokens": 1024, "near_tie_frac": ntf, "margin_mean": 300 / 1024,
+                           "overridden": np.nan, "override_slots": np.nan})
+    got = {(a.kind, a.first_step) for a in analyze_frames(layers, experts).alerts}
+    assert got == {(a.kind, a.first_step) for a in analyze([d]).alerts} and got
