@@ -44,13 +44,15 @@ from .arrays import Rows, count_metrics
 # table's per-layer stats (no second copy). Sums combine over bins exactly; derived metrics come from them
 # (entropy = ent_w / tokens, ...). cv / max_share / dead are the recorded values; where several ranks wrote rows
 # they are recomputed from the summed counts of a layer once it is read.
-SUMS = ("tokens", "dropped", "ent_w", "z_w", "aux_w", "nonfinite")
+# The routing diagnostics (schema 2) are sums too: margin_tokens, near_ties, margin_sum, overridden, override_slots.
+ROUTING = ("margin_tokens", "near_ties", "margin_sum", "overridden", "override_slots")
+SUMS = ("tokens", "dropped", "ent_w", "z_w", "aux_w", "nonfinite", *ROUTING)
 COLS = (*SUMS, "logit_abs_max", "rows", "cv", "max_share", "dead")
 _COUNTED = ("cv", "max_share", "dead")
 
 # Metric series a layer view can chart, in display order.
 SERIES = ("cv", "entropy_norm", "max_share", "dead", "drop_rate", "z_loss", "logit_abs_max", "aux_loss", "tokens",
-          "nonfinite")
+          "nonfinite", "near_tie_frac", "margin_mean", "override_frac")
 
 LAYER_BUDGET = 768 << 20  # bytes of expert counts held per run (a 100k x 64 layer is 26 MB)
 
@@ -225,6 +227,10 @@ class RunData:
             v = np.nan_to_num(self._counted[name][c] if name in self._counted else s[c])  # bins sum them
         elif c == "rows":
             v = np.ones(len(steps))
+        elif c in ROUTING:
+            v = s.get(c)
+            if v is None:  # not recorded (schema 1, or a router that does not expose it)
+                return np.full(n, np.nan)
         elif c in ("ent_w", "z_w", "aux_w"):
             mean = {"ent_w": "entropy_norm", "z_w": "z_loss", "aux_w": "aux_loss"}[c]
             v = s[mean] * s["tokens"]
@@ -548,6 +554,10 @@ def derive(m: dict[str, np.ndarray], num_experts: Any, top_k: Any, names: tuple[
                 v = m["z_w"] * per_tok
             elif name == "aux_loss":
                 v = m["aux_w"] * per_tok
+            elif name in ("near_tie_frac", "margin_mean", "override_frac"):
+                num, den = {"near_tie_frac": ("near_ties", "margin_tokens"), "margin_mean": ("margin_sum", "margin_tokens"),
+                            "override_frac": ("overridden", "override_slots")}[name]
+                v = np.where(present & (m[den] > 0), m[num] / np.where(m[den] > 0, m[den], 1.0), np.nan)
             elif name in ("cv", "max_share"):
                 v = np.where(present & (tok > 0), m[name], np.nan)
             else:

@@ -39,6 +39,11 @@ METRIC_ROWS = (
     ("logit_abs_max", "max |router logit|", ".3g"),
     ("aux_loss", "aux loss (E·Σ f·P, 1 = balanced)", ".3f"),
 )
+ROUTING_ROWS = (
+    ("near_tie_frac", "tokens within ε of a different choice (fragile routing)", ".0%"),
+    ("margin_mean", "mean routing margin (logit units)", ".3f"),
+    ("override_frac", "assignments the balancing bias changed (balancer override)", ".0%"),
+)
 COMPARE_ROWS = (
     ("cv", "load CV", ".2f"),
     ("entropy_norm", "router entropy (normalized)", ".2f"),
@@ -530,7 +535,8 @@ def detector_thresholds(num_experts: int, top_k: int, windowed: bool, config: An
     th = LayerThresholds.resolve(config, num_experts, top_k)
     out = {"entropy_norm": (config.entropy_warning, config.entropy_critical),
            "drop_rate": (config.drop_warning, config.drop_critical),
-           "device_ratio": (config.ep_warning, config.ep_critical)}
+           "device_ratio": (config.ep_warning, config.ep_critical),
+           "near_tie_frac": (config.fragile_warning,), "override_frac": (config.override_warning,)}
     if windowed and math.isfinite(th.cv_critical):
         out["cv"] = (th.cv_warning, th.cv_critical)
     return out
@@ -565,6 +571,9 @@ def metrics_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None,
     rows: list[tuple[str, str, str]] = list(METRIC_ROWS)
     if window:
         rows[0] = ("cv", "load CV per window (sampling noise removed, as the detector reads it)", ".2f")
+    for key, title, fmt in ROUTING_ROWS:  # only where the router recorded them (schema 2, routers that expose them)
+        if key in s and np.isfinite(s[key]).any():
+            rows.append((key, title, fmt))
     if s.get("device_ratio") is not None:
         rows.append(("device_ratio", "busiest expert-parallel device ÷ mean device load (1 = even)", ".2f"))
     if bias is not None:

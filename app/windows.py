@@ -165,6 +165,12 @@ def window_series(run: RunData, layer: str, bins: Bins) -> dict[str, Any]:
         col = run.layer_column
         sums = {name: np.add.reduceat(col(layer, name, bins.rows), starts, dtype=np.float64)
                 for name in ("tokens", "dropped", "ent_w", "z_w", "aux_w", "nonfinite")}
+        routing = {}  # the routing diagnostics' counts: NaN-free sums, and whether a bin recorded any
+        for name in ("margin_tokens", "near_ties", "margin_sum", "overridden", "override_slots"):
+            v = col(layer, name, bins.rows)
+            ok = np.isfinite(v)
+            routing[name] = np.where(np.add.reduceat(ok, starts) > 0,
+                                     np.add.reduceat(np.where(ok, v, 0.0), starts, dtype=np.float64), np.nan)
         logit = np.fmax.reduceat(col(layer, "logit_abs_max", bins.rows).astype(np.float64), starts)
         steps = run.steps[bins.rows]
         first, last = steps[starts].copy(), steps[ends].copy()
@@ -186,7 +192,15 @@ def window_series(run: RunData, layer: str, bins: Bins) -> dict[str, Any]:
             "dead": m["dead"].sum(axis=1).astype(np.float64), "entropy_norm": m["entropy_norm"],
             "drop_rate": m["drop_rate"], "z_loss": m["z_loss"], "logit_abs_max": m["logit_abs_max"],
             "aux_loss": sums["aux_w"] * per_tok, "tokens": tok, "bias": bias,
-            "device_ratio": device_ratio(run, layer, load)}
+            "device_ratio": device_ratio(run, layer, load),
+            "near_tie_frac": _ratio(routing["near_ties"], routing["margin_tokens"]),
+            "margin_mean": _ratio(routing["margin_sum"], routing["margin_tokens"]),
+            "override_frac": _ratio(routing["overridden"], routing["override_slots"])}
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
 def device_ratio(run: RunData, layer: str, load: np.ndarray) -> np.ndarray | None:

@@ -81,3 +81,50 @@ def test_the_frames_path_reads_the_routing_columns_like_the_dense_reader():
                            "overridden": np.nan, "override_slots": np.nan})
     got = {(a.kind, a.first_step) for a in analyze_frames(layers, experts).alerts}
     assert got == {(a.kind, a.first_step) for a in analyze([d]).alerts} and got
+
+
+def test_the_dashboard_charts_the_routing_diagnostics_in_the_detectors_windows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from moewatch.app import figures
+    from moewatch.app.data import RunData
+    from moewatch.app.windows import detector_window, plan, window_series
+
+    from tests.test_app_data import random_counts, write_manifest, write_part
+
+    rng = np.random.default_rng(4)
+    run = tmp_path / "r"
+    write_manifest(run, ["gate"], 8)
+    write_part(run, {"gate": random_counts(rng, 600, 8)}, np.arange(600))
+    f = run / "layers" / "r0000-s0001-00000000.parquet"
+    t = pq.read_table(f)
+    ntf, mt = rng.uniform(0.2, 0.6, 600), rng.integers(500, 1024, 600)
+    ovr, slots = rng.integers(0, 100, 600), np.full(600, 512)
+    for name, values in (("near_tie_frac", ntf), ("margin_tokens", mt), ("margin_mean", np.full(600, 0.3)),
+                         ("overridden", ovr), ("override_slots", slots)):
+        t = t.set_column(t.schema.get_field_index(name), t.schema.field(name), pa.array(values).cast(
+            t.schema.field(name).type))
+    pq.write_table(t, f)
+
+    data = RunData(run, "r")
+    data.refresh()
+    window = detector_window(data, "gate")
+    fig, _ = figures.metrics_figure(data, "gate", window=window)
+    titles = " ".join(str(a.get("text", "")) for a in fig["layout"]["annotations"])
+    assert "fragile routing" in titles and "balancer override" in titles and "routing margin" in titles
+    s = window_series(data, "gate", plan(data, "gate", 0, data.n, window, 1 << 40))
+    edges = np.arange(0, 601, window)
+    want_ntf = np.add.reduceat(ntf * mt, edges[:-1]) / np.add.reduceat(mt, edges[:-1])
+    want_ovr = np.add.reduceat(ovr, edges[:-1]) / np.add.reduceat(slots, edges[:-1])
+    np.testing.assert_allclose(s["near_tie_frac"], want_ntf, rtol=1e-12)
+    np.testing.assert_allclose(s["override_frac"], want_ovr, rtol=1e-12)
+    raw = data.series("gate")
+    np.testing.assert_allclose(raw["near_tie_frac"], ntf, rtol=1e-12)
+    # A run without them shows no such rows.
+    plain = tmp_path / "p"
+    write_manifest(plain, ["gate"], 8)
+    write_part(plain, {"gate": random_counts(rng, 200, 8)}, np.arange(200))
+    other = RunData(plain, "p")
+    other.refresh()
+    fig, _ = figures.metrics_figure(other, "gate", window=detector_window(other, "gate"))
+    assert "fragile routing" not in " ".join(str(a.get("text", "")) for a in fig["layout"]["annotations"])
