@@ -74,14 +74,15 @@ class Layer:
     tokens: Rows | None = None
     bias: Rows | None = None
     dropped: Rows | None = None
+    grad: Rows | None = None  # [steps, experts] gradient norms (float32, NaN where none), when the run records them
     sources: set[str] | None = None  # the expert part files the held counts were read from
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in (self.tokens, self.bias, self.dropped) if r is not None)
+        return sum(r.nbytes for r in (self.tokens, self.bias, self.dropped, self.grad) if r is not None)
 
     def drop_counts(self) -> None:
-        self.tokens = self.bias = self.dropped = self.sources = None
+        self.tokens = self.bias = self.dropped = self.grad = self.sources = None
 
 
 class RunData:
@@ -108,6 +109,7 @@ class RunData:
         self._seen: set[str] = set()  # expert parts listed at the last refresh
         self._files: list[Path] = []  # ... and the list itself
         self._replaces: dict[str, list[str]] = {}  # compacted part -> the parts it replaces (files are immutable)
+        self.has_grads = False  # some expert part records gradient norms (footers of new parts are checked)
         self._steps = np.zeros(0, np.int64)
         self._counted: dict[str, dict[str, np.ndarray]] = {}  # layer -> cv/max_share/dead of the all-ranks sum
         self._layers: list[Layer] = []
@@ -131,6 +133,10 @@ class RunData:
             if key == self._key:
                 return False
             new_experts, _, _ = self._classify(files[EXPERTS], self._seen)
+            if not self.has_grads:
+                from moewatch.store.dense import has_values
+
+                self.has_grads = has_values(new_experts, "grad_norm")
             plan = plan_run(self.path, self._skipped, extra=True, cache=self._plans)
             old_steps, old_plan = self._steps, self._plan
             self._plan, self._key = plan, key
@@ -256,7 +262,7 @@ class RunData:
             if not clean or plan.winners is not None or lay.tokens.a.shape[1] != max(lay.num_experts, 1):
                 self._release(name)
                 continue
-            for rows in (lay.tokens, lay.bias, lay.dropped):
+            for rows in (lay.tokens, lay.bias, lay.dropped, lay.grad):
                 if rows is not None:
                     rows.resize(n) if appended else rows.remap(pos, n)
             lay.sources = names
@@ -330,6 +336,10 @@ class RunData:
             if lay.bias is None:
                 lay.bias = Rows((E,), np.float32, np.nan, n)
             lay.bias.a[rows] = d.bias[:, :E]
+        if getattr(d, "grad_norm", None) is not None:
+            if lay.grad is None:
+                lay.grad = Rows((E,), np.float32, np.nan, n)
+            lay.grad.a[rows] = d.grad_norm[:, :E]
 
     def _release(self, name: str) -> None:
         self._held.pop(name, None)
@@ -471,6 +481,12 @@ class RunData:
     def tokens(self, layer: str | int, lo: int = 0, hi: int | None = None) -> np.ndarray:
         with self.lock:
             return self.layer(layer).tokens.a[lo:hi]
+
+    def grads(self, layer: str | int, lo: int = 0, hi: int | None = None) -> np.ndarray | None:
+        """Each expert's gradient norm per step ([steps, experts], NaN where none), or None when not recorded."""
+        with self.lock:
+            rows = self.layer(layer).grad
+            return None if rows is None else rows.a[lo:hi]
 
     def bias(self, layer: str | int, lo: int = 0, hi: int | None = None) -> np.ndarray | None:
         with self.lock:

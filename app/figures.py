@@ -432,6 +432,12 @@ def heatmap_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None,
             centres = _centres(steps, edges)
         E = binned.shape[1]
         order = expert_order(binned, sort)
+        grads = run.grads(layer) if run.has_grads else None  # (a run without them: no per-step read for this)
+        if grads is not None:  # the same columns as the load: windows (or pixel bins) of per-step norms
+            grad_cols = _nanmean_bins(grads[bins.rows], bins.edges) if window else \
+                _nanmean_bins(grads[lo:hi], edges)
+            if not np.isfinite(grad_cols).any():
+                grads = None
     trace, n_cols = _load_trace(binned, centres, E, order, cap, explicit_x=explicit_x)
     if window:
         trace["hovertemplate"] = ("expert %{y}<br>window around step %{x:.0f}<br>load %{customdata:.2f}× fair share"
@@ -441,12 +447,51 @@ def heatmap_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None,
         binned_note = _bins_note(hi - lo, n_cols)
         note = windows.RAW_NOTE + (f"; {binned_note}" if binned_note else "")
         tone, raw = "warn", n_cols == hi - lo and not sort
-    layout = _layout(max(240, min(640, 70 + 9 * E)), xaxis=_xaxis(),
+    height = max(240, min(640, 70 + 9 * E))
+    layout = _layout(height, xaxis=_xaxis(),
                      yaxis={"title": {"text": "expert (busiest first)" if sort else "expert"}, "autorange": "reversed",
                             "type": "category", "tickfont": {"size": 9}},
                      shapes=_marker_shapes(marker), annotations=[_note(note, tone)],
                      uirevision=f"heat:{run.run_id}:{lay.name}")
-    return {"data": [trace], "layout": layout}, FigureInfo(raw, 1, hi, note, "x" in trace)
+    data = [trace]
+    if grads is not None:
+        data.append(_grad_trace(grad_cols, trace, order))
+        # Two panels on one step axis: load on top, gradient norm below, so a starved expert shows in both.
+        layout["height"] = 2 * height - 40
+        layout["yaxis"]["domain"] = [0.53, 1.0]
+        layout["yaxis2"] = {**layout["yaxis"], "domain": [0.0, 0.45],
+                            "title": {"text": "expert: gradient norm ÷ layer median"}}
+        layout["xaxis"]["anchor"] = "y2"
+        layout["annotations"].append({"text": "each expert's gradient norm ÷ the layer's median expert's (log "
+                                      "colour): an expert that stopped learning is dark here before its load is",
+                                      "xref": "paper", "yref": "paper", "x": 0, "y": 0.46, "xanchor": "left",
+                                      "yanchor": "bottom", "showarrow": False, "font": {"size": 10, "color": "#555"}})
+        raw = False  # live ticks rebuild both panels rather than patching one
+    return {"data": data, "layout": layout}, FigureInfo(raw, len(data), hi, note, "x" in trace)
+
+
+def _nanmean_bins(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """[rows, E] -> [bins, E] means over each bin's rows, ignoring NaN (steps without a recorded norm)."""
+    x = values.astype(np.float64)
+    ok = np.isfinite(x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.add.reduceat(np.where(ok, x, 0.0), edges[:-1], axis=0) / np.add.reduceat(ok, edges[:-1], axis=0)
+
+
+def _grad_trace(grad_BE: np.ndarray, load_trace: dict[str, Any], order: np.ndarray) -> dict[str, Any]:
+    """Gradient norm ÷ the column's median expert, log10 colour clipped at 100× either way, experts as the load."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        median_B = np.nanmedian(grad_BE, axis=1, keepdims=True)
+        ratio_BE = np.where(median_B > 0, grad_BE / np.where(median_B > 0, median_B, 1.0), np.nan)
+        z = np.log10(np.clip(ratio_BE, 1e-2, 1e2))[:, order].T
+    x_keys = {k: v for k, v in load_trace.items() if k in ("x", "x0", "dx")}
+    return {"type": "heatmap", **x_keys, "y": load_trace["y"], "z": _f32(z, 3),
+            "customdata": _f32(ratio_BE[:, order].T, 3), "yaxis": "y2", "zmin": -2, "zmax": 2,
+            "colorscale": "RdBu", "hoverongaps": False,
+            "colorbar": {"title": {"text": "grad ÷ median"}, "tickvals": [-2, -1, 0, 1, 2],
+                         "ticktext": ["1/100", "1/10", "1", "10", "100"], "y": 0.22, "len": 0.45},
+            "hovertemplate": "expert %{y}<br>step %{x:.0f}<br>gradient %{customdata:.3g}× the median expert's"
+                             "<extra></extra>"}
 
 
 def _load_trace(binned: np.ndarray, centres: np.ndarray, E: int, order: np.ndarray, cap: float | None,

@@ -73,3 +73,41 @@ def test_the_frames_path_reads_a_grad_norm_column():
     layers = pd.DataFrame({"step": d.steps, "layer": "gate", "top_k": 2, "num_experts": E, **d.stats})
     alerts = analyze_frames(layers, experts).alerts
     assert [(a.kind, a.experts) for a in alerts] == [("expert_stalled", (3,))]
+
+
+def test_the_dashboard_shows_gradient_norms_beside_the_load_and_the_detector_names_the_same_expert(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from moewatch.app import figures
+    from moewatch.app.data import RunData
+    from moewatch.app.windows import detector_window
+
+    from moewatch.detect import analyze_run
+    from tests.test_app_data import random_counts, write_manifest, write_part
+
+    rng = np.random.default_rng(5)
+    run = tmp_path / "r"
+    write_manifest(run, ["gate"], 8)
+    write_part(run, {"gate": random_counts(rng, 600, 8)}, np.arange(600))
+    f = run / "experts" / "r0000-s0001-00000000.parquet"
+    t = pq.read_table(f)
+    grad = healthy_grads(600, 8, seed=5)
+    grad[300:, 3] *= 0.002
+    flat = grad.reshape(-1)  # rows are step-major, experts in order (as write_part writes them)
+    if "grad_norm" in t.column_names:
+        t = t.set_column(t.schema.get_field_index("grad_norm"), "grad_norm", pa.array(flat))
+    else:
+        t = t.append_column("grad_norm", pa.array(flat))
+    pq.write_table(t, f)
+
+    stalled = [a for a in analyze_run(run).alerts if a.kind == "expert_stalled"]
+    assert [a.experts for a in stalled] == [(3,)]
+    data = RunData(run, "r")
+    data.refresh()
+    assert data.has_grads
+    np.testing.assert_allclose(data.grads("gate"), grad, rtol=1e-6)
+    fig, info = figures.heatmap_figure(data, "gate", width_px=800, window=detector_window(data, "gate"))
+    assert len(fig["data"]) == 2 and fig["data"][1]["yaxis"] == "y2" and not info.raw
+    z = np.asarray(fig["data"][1]["z"], dtype=np.float64)  # [experts (in display order), columns]
+    row = fig["data"][1]["y"].index("e3")
+    assert (z[row, -5:] <= -2 + 1e-6).all() and np.nanmax(np.abs(np.delete(z, row, axis=0)[:, -5:])) < 1.5
