@@ -110,6 +110,7 @@ class RunData:
         self._files: list[Path] = []  # ... and the list itself
         self._replaces: dict[str, list[str]] = {}  # compacted part -> the parts it replaces (files are immutable)
         self.has_grads = False  # some expert part records gradient norms (footers of new parts are checked)
+        self._hists: dict[str, tuple[Any, np.ndarray]] = {}  # layer -> (run state, margin histogram per step)
         self._steps = np.zeros(0, np.int64)
         self._counted: dict[str, dict[str, np.ndarray]] = {}  # layer -> cv/max_share/dead of the all-ranks sum
         self._layers: list[Layer] = []
@@ -481,6 +482,31 @@ class RunData:
     def tokens(self, layer: str | int, lo: int = 0, hi: int | None = None) -> np.ndarray:
         with self.lock:
             return self.layer(layer).tokens.a[lo:hi]
+
+    def has_margins(self, layer: str) -> bool:
+        """Whether the layer's router recorded routing margins (schema 2, routers that expose their scores)."""
+        with self.lock:
+            return self._plan is not None and "margin_tokens" in self._plan.stats.get(layer, {})
+
+    def margin_hist(self, layer: str) -> np.ndarray | None:
+        """Tokens per routing-margin bin per step on the step axis ([steps, MARGIN_BINS], all ranks summed; NaN
+        where not recorded), read from the layers table for this layer only (cached until the run changes)."""
+        with self.lock:
+            if not self.has_margins(layer):
+                return None
+            key = (layer, self._key)
+            cached = self._hists.get(layer)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            import moewatch
+            from moewatch.store.reader import hist_matrix
+
+            frame = moewatch.load(self.path).layers_frame(layer, columns=["step", "margin_hist"])
+            hist = hist_matrix(frame["margin_hist"])
+            out = np.full((len(self._steps), hist.shape[1]), np.nan)
+            out[np.searchsorted(self._steps, frame["step"].to_numpy())] = hist
+            self._hists[layer] = (key, out)
+            return out
 
     def grads(self, layer: str | int, lo: int = 0, hi: int | None = None) -> np.ndarray | None:
         """Each expert's gradient norm per step ([steps, experts], NaN where none), or None when not recorded."""

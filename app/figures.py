@@ -454,6 +454,15 @@ def heatmap_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None,
                      shapes=_marker_shapes(marker), annotations=[_note(note, tone)],
                      uirevision=f"heat:{run.run_id}:{lay.name}")
     data = [trace]
+    margins = None
+    if run.has_margins(layer):
+        hist = run.margin_hist(layer)
+        if hist is not None:
+            margins = _nanmean_bins(hist[bins.rows], bins.edges) if window else _nanmean_bins(hist[lo:hi], edges)
+            if not np.isfinite(margins).any():
+                margins = None
+    if margins is not None:
+        data.append(_margin_trace(margins, trace))
     if grads is not None:
         data.append(_grad_trace(grad_cols, trace, order))
         # Two panels on one step axis: load on top, gradient norm below, so a starved expert shows in both.
@@ -467,7 +476,43 @@ def heatmap_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None,
                                       "xref": "paper", "yref": "paper", "x": 0, "y": 0.46, "xanchor": "left",
                                       "yanchor": "bottom", "showarrow": False, "font": {"size": 10, "color": "#555"}})
         raw = False  # live ticks rebuild both panels rather than patching one
+    if margins is not None:
+        _add_panel(layout, "y3", "routing margin (logit units)", 0.30)
+        raw = False
     return {"data": data, "layout": layout}, FigureInfo(raw, len(data), hi, note, "x" in trace)
+
+
+def _add_panel(layout: dict[str, Any], axis: str, title: str, share: float) -> None:
+    """Squeeze the panels above into 1 - share of the height and put a new one (y axis ``axis``) at the bottom."""
+    k = "yaxis" + axis[1:]
+    scale = 1.0 - share
+    for name in [n for n in layout if n.startswith("yaxis")]:
+        lo, hi = layout[name].get("domain", [0.0, 1.0])
+        layout[name]["domain"] = [share + lo * scale, share + hi * scale]
+    for a in layout["annotations"]:
+        if a.get("yref") == "paper" and a.get("y", 1) < 1:
+            a["y"] = share + a["y"] * scale
+    layout[k] = {"domain": [0.0, share - 0.06], "title": {"text": title}, "tickfont": {"size": 9},
+                 "type": "category"}
+    layout["height"] = int(layout["height"] / scale)
+    layout["xaxis"]["anchor"] = axis
+
+
+def _margin_trace(hist_BM: np.ndarray, load_trace: dict[str, Any]) -> dict[str, Any]:
+    """Share of tokens per routing-margin bin per column (the bottom row: near-ties, within ε of flipping)."""
+    from moewatch.metrics import margin_edges
+
+    edges = margin_edges()
+    labels = [f"< {edges[0]:g}"] + [f"{a:.2g}–{b:.2g}" for a, b in zip(edges[:-1], edges[1:], strict=True)] + \
+        [f"≥ {edges[-1]:.2g}"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total_B = np.nansum(hist_BM, axis=1, keepdims=True)
+        share_BM = np.where(total_B > 0, hist_BM / np.where(total_B > 0, total_B, 1.0), np.nan)
+    x_keys = {k: v for k, v in load_trace.items() if k in ("x", "x0", "dx")}
+    return {"type": "heatmap", **x_keys, "y": labels, "z": _f32(share_BM.T, 4), "yaxis": "y3", "zmin": 0,
+            "colorscale": "Viridis", "hoverongaps": False,
+            "colorbar": {"title": {"text": "share of tokens"}, "tickformat": ".0%", "y": 0.12, "len": 0.25},
+            "hovertemplate": "margin %{y}<br>step %{x:.0f}<br>%{z:.1%} of tokens<extra></extra>"}
 
 
 def _nanmean_bins(values: np.ndarray, edges: np.ndarray) -> np.ndarray:

@@ -104,6 +104,9 @@ def test_the_dashboard_charts_the_routing_diagnostics_in_the_detectors_windows(t
                          ("overridden", ovr), ("override_slots", slots)):
         t = t.set_column(t.schema.get_field_index(name), t.schema.field(name), pa.array(values).cast(
             t.schema.field(name).type))
+    hist = rng.integers(0, 60, size=(600, 16))
+    t = t.set_column(t.schema.get_field_index("margin_hist"), t.schema.field("margin_hist"),
+                     pa.array(list(hist), type=pa.list_(pa.int64())))
     pq.write_table(t, f)
 
     data = RunData(run, "r")
@@ -120,6 +123,13 @@ def test_the_dashboard_charts_the_routing_diagnostics_in_the_detectors_windows(t
     np.testing.assert_allclose(s["override_frac"], want_ovr, rtol=1e-12)
     raw = data.series("gate")
     np.testing.assert_allclose(raw["near_tie_frac"], ntf, rtol=1e-12)
+    # The heatmap gets the margin histogram over time: each column's share of tokens per bin, in the same windows.
+    heat, _ = figures.heatmap_figure(data, "gate", width_px=800, window=window)
+    panel = next(tr for tr in heat["data"] if tr.get("yaxis") == "y3")
+    z = np.asarray(panel["z"], dtype=np.float64)  # [bins, windows]
+    want = np.add.reduceat(hist, edges[:-1], axis=0) / np.add.reduceat(hist, edges[:-1], axis=0).sum(1, keepdims=True)
+    np.testing.assert_allclose(z.T, want, atol=1e-4)
+    assert panel["y"][0].startswith("< 0.05")
     # A run without them shows no such rows.
     plain = tmp_path / "p"
     write_manifest(plain, ["gate"], 8)
