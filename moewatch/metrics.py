@@ -18,10 +18,22 @@ Layout of one layer's accumulator (float64, length `state_size(E)`):
     then E          gate_mass  sum of the combine weights of the assignments expert i received
     then ...        routing scalars, see ROUTING_SCALARS
     then MARGIN_BINS margin_hist tokens per routing-margin bin (edges `margin_edges()`)
+    then E          grad_sq    each expert's summed squared gradients at the optimizer steps of the step
+    then 1          grad_steps the optimizer steps those squares span, times the rank's share (see below)
+    then E          param_sq   each expert's squared parameter norm (at a flush step only)
+    then 1          param_share the rank's share (see below) where param_sq was written, else 0
     last E          bias       the router's correction bias, copied once per step
 
 Every entry is a sum except `logit_abs_max` (a running max) and `bias` (a copy), so summing accumulators over
 calls, steps or ranks gives the accumulator of their union (moewatch.capture.reduce relies on this).
+
+Expert learning (`grad_sq` ... `param_share`), written by the Watch at `step()` from moewatch.capture.grads (training
+accumulators only): a rank's *share* is 1 for a layer whose expert parameters every rank holds whole (data
+parallel: the gradients are all-reduced before the optimizer step, so every rank holds the same full squares) and
+1/R for DTensor-sharded ones (FSDP2: each rank holds its shard's squares), R the ranks of the group summing the
+steps (1 without one). The recorded norms are ``sqrt(grad_sq / grad_steps)`` and ``sqrt(param_sq / param_share)``:
+one rank's own values give its norms (R replicas summed give R times both, the same ratio; R shards summed give the
+full squares over one share), so they stay exact through the rank sum and in rank-level rows alike.
 
 Routing margin, in logit units: per token, the selection score of the weakest chosen expert minus that of the strongest
 unchosen one, in the space the router selects in (`Routing.select_TE`), times `MARGIN_SCALE[space]`: 1 for logits
@@ -73,7 +85,7 @@ def margin_edges() -> list[float]:
 
 
 def state_size(num_experts: int) -> int:
-    return 6 * num_experts + 2 + _N_SCALARS + _N_ROUTING + MARGIN_BINS
+    return _offsets(num_experts)["bias"] + num_experts  # the bias is last
 
 
 def _offsets(num_experts: int) -> dict[str, int]:
@@ -82,15 +94,39 @@ def _offsets(num_experts: int) -> dict[str, int]:
     gate = sc + _N_SCALARS
     rs = gate + E
     hist = rs + _N_ROUTING
+    grad = hist + MARGIN_BINS
+    param = grad + E + 1
     return {"tokens": 0, "dropped": E, "sentinel": 2 * E, "ignored": 2 * E + 1, "prob_sum": 2 * E + 2,
             "scalars": sc, "logit_sum": sc + SCALARS.index("logit_sum"),
             "logit_abs_max": sc + SCALARS.index("logit_abs_max"), "gate_mass": gate, "routing": rs,
-            "spill": rs + ROUTING_SCALARS.index("spill"), "margin_hist": hist, "bias": hist + MARGIN_BINS}
+            "spill": rs + ROUTING_SCALARS.index("spill"), "margin_hist": hist, "grad_sq": grad,
+            "grad_steps": grad + E, "param_sq": param, "param_share": param + E, "bias": param + E + 1}
 
 
 def bias_slice(num_experts: int) -> slice:
     start = _offsets(num_experts)["bias"]
     return slice(start, start + num_experts)
+
+
+def grad_slice(num_experts: int) -> slice:
+    """`grad_sq` [E] and `grad_steps` (the last of the E + 1 entries)."""
+    start = _offsets(num_experts)["grad_sq"]
+    return slice(start, start + num_experts + 1)
+
+
+def param_slice(num_experts: int) -> slice:
+    """`param_sq` [E] and `param_share` (the last of the E + 1 entries)."""
+    start = _offsets(num_experts)["param_sq"]
+    return slice(start, start + num_experts + 1)
+
+
+def put_norms(state: torch.Tensor, where: slice, sq_E: torch.Tensor, weight: float) -> None:
+    """Write squares `sq_E` [E] (on any device; float32 is fine) and their weight into `state[where]`
+    (`grad_slice` or `param_slice`), adding to what is there. No host sync when `sq_E` is on the state's device (a
+    different device, rare: experts placed apart from their router, costs a copy)."""
+    part = state[where]
+    part[:-1].add_(sq_E if sq_E.device == state.device else sq_E.to(state.device))  # add_ promotes float32
+    part[-1:].add_(weight)
 
 
 # ---------------------------------------------------------------- hot path (device, no sync)
@@ -336,8 +372,8 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 def finalize_layers(states_SX: torch.Tensor, num_experts: int, top_k: int, has_bias: bool) -> dict[str, torch.Tensor]:
     """Per-step accumulators of one layer -> recorded columns.
 
-    Returns per-expert arrays [S, E] (tokens, dropped, prob_mean, bias, gate_mass) and per-layer arrays [S] (and
-    ``margin_hist`` [S, MARGIN_BINS]); NaN marks what was not recorded.
+    Returns per-expert arrays [S, E] (tokens, dropped, prob_mean, bias, gate_mass, grad_norm, param_norm) and
+    per-layer arrays [S] (and ``margin_hist`` [S, MARGIN_BINS]); NaN marks what was not recorded.
     """
     E = num_experts
     off = _offsets(E)
@@ -384,8 +420,17 @@ def finalize_layers(states_SX: torch.Tensor, num_experts: int, top_k: int, has_b
         prob_mean=prob_mean_SE,
         bias=st[:, bs] if has_bias else torch.full_like(tokens_SE, torch.nan),
         gate_mass=torch.where(routing["weight_slots"].unsqueeze(-1) > 0, st[:, gate : gate + E], torch.nan),
+        grad_norm=_weighted_norm(st[:, grad_slice(E)]),
+        param_norm=_weighted_norm(st[:, param_slice(E)]),
     )
     return {"experts": experts, "layer": layer}
+
+
+def _weighted_norm(block_SX: torch.Tensor) -> torch.Tensor:
+    """sqrt(squares / weight) per step from a `grad_slice`/`param_slice` block [S, E + 1]; NaN where the weight is 0
+    (not recorded). Rounding can leave a tiny negative from float sums of zeros: clamped at 0."""
+    w_S1 = block_SX[:, -1:]
+    return torch.where(w_S1 > 0, (block_SX[:, :-1] / w_S1.where(w_S1 > 0, 1.0)).clamp_min(0).sqrt(), torch.nan)
 
 
 def routing_columns(margin_sum_S: torch.Tensor, margin_tokens_S: torch.Tensor, margin_hist_SH: torch.Tensor,

@@ -177,3 +177,37 @@ def test_minus_inf_marks_a_masked_expert_not_a_bad_logit():
     assert ly["entropy"][0].item() == pytest.approx(ent, rel=1e-6)
     assert ly["logit_abs_max"][0].item() == 2.0
     np.testing.assert_allclose(out["experts"]["prob_mean"][0].numpy(), p.mean(0).numpy(), rtol=1e-6)
+
+
+def test_grad_and_param_norm_slots_stay_exact_through_rank_sums():
+    """grad_norm = sqrt(grad_sq / grad_steps), param_norm = sqrt(param_sq / param_share): one rank's own values,
+    R data-parallel replicas summed (weight 1 each) and R shards summed (weight 1/R each) all give the full norm;
+    no weight (no optimizer step, not a flush step) is null; NaN squares (parameter-free experts) stay null."""
+    E, R = 3, 4
+    rng = np.random.default_rng(0)
+    full = rng.uniform(0.1, 2.0, E)  # the experts' summed squares over 2 optimizer steps
+    parts = rng.dirichlet(np.ones(R), size=E).T * full  # [R, E] the shards' squares
+
+    def state(grad_sq, steps, param_sq=None, share=0.0):
+        s = torch.zeros(metrics.state_size(E), dtype=torch.float64)
+        metrics.put_norms(s, metrics.grad_slice(E), torch.tensor(grad_sq, dtype=torch.float32), steps)
+        if param_sq is not None:
+            metrics.put_norms(s, metrics.param_slice(E), torch.tensor(param_sq, dtype=torch.float32), share)
+        return s
+
+    one = state(full, 2, full * 7, 1.0)
+    replicas = sum(state(full, 2, full * 7, 1.0) for _ in range(R))
+    shards = sum(state(parts[r], 2 / R, parts[r] * 7, 1 / R) for r in range(R))
+    nothing = state(np.zeros(E), 0)
+    free = state(np.array([1.0, np.nan, 4.0]), 1, np.array([1.0, np.nan, 4.0]), 1.0)
+    ex = metrics.finalize_layers(torch.stack([one, replicas, shards, nothing, free]), E, 1, has_bias=False)["experts"]
+    for i in range(3):
+        np.testing.assert_allclose(ex["grad_norm"][i].numpy(), np.sqrt(full / 2), rtol=1e-6)
+        np.testing.assert_allclose(ex["param_norm"][i].numpy(), np.sqrt(full * 7), rtol=1e-6)
+    assert ex["grad_norm"][3].isnan().all() and ex["param_norm"][3].isnan().all()
+    assert ex["grad_norm"][4].tolist()[::2] == [1.0, 2.0] and ex["grad_norm"][4][1].isnan()
+    assert ex["param_norm"][4][1].isnan()
+    # the new slots sit between the margin histogram and the bias, which stays last
+    off = metrics._offsets(E)
+    assert off["grad_sq"] == off["margin_hist"] + metrics.MARGIN_BINS
+    assert metrics.bias_slice(E).stop == metrics.state_size(E) == metrics.param_slice(E).stop + E

@@ -117,6 +117,9 @@ WORKER = textwrap.dedent(
         watch = moewatch.attach(module, run_dir, routers={{name: specs[name]}}, group=dp_groups[stage], **kw)
     gen = torch.Generator().manual_seed(100 + data_rank)
     steps, kill, eval_every = opts["steps"], opts.get("kill"), opts.get("eval_every")
+    if opts.get("grads"):  # data-parallel training: grads averaged over the world before the step, like DDP
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    norms = {{}}  # "grad:"/"param:" + router -> per step, this rank's own float64 norms of each expert
     for step in range(steps * (2 if opts.get("resume") else 1)):
         if step == steps:  # a second session: attach again to the same run directory
             watch.close()
@@ -141,6 +144,19 @@ WORKER = textwrap.dedent(
         if layout == "fsdp":
             opt.step()
             opt.zero_grad()
+        if opts.get("grads"):
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+            for i, b in enumerate(model.blocks):
+                norms.setdefault("grad:blocks.%d.router" % i, []).append(
+                    [sum(float(q.grad.double().square().sum()) for q in e.parameters()) ** 0.5 for e in b.experts])
+            opt.step()
+            opt.zero_grad()
+            for i, b in enumerate(model.blocks):
+                norms.setdefault("param:blocks.%d.router" % i, []).append(
+                    [sum(float(q.detach().double().square().sum()) for q in e.parameters()) ** 0.5
+                     for e in b.experts])
         if opts.get("manual_from") is not None and step >= opts["manual_from"] and watch is not None:
             ids = torch.randint(0, 4, (3 + rank, 2), generator=gen)  # a router recorded by hand, from a later step
             watch.record("manual.gate", indices=ids, num_experts=4)
@@ -158,7 +174,7 @@ WORKER = textwrap.dedent(
         if extra is not None:
             extra.step()
         with open(os.path.join(out, "rank%d.json" % rank), "w") as f:
-            json.dump({{**counts, **{{"signals:" + k: v for k, v in signals.items()}}}}, f)  # before a kill, too
+            json.dump({{**counts, **norms, **{{"signals:" + k: v for k, v in signals.items()}}}}, f)  # before a kill
         if kill and rank == kill["rank"] and step == kill["after"]:
             watch.wait(10)  # this rank's steps so far are summed: the group's writer has them
             os.kill(os.getpid(), getattr(signal, kill["signal"]))
@@ -274,6 +290,25 @@ def assert_matches_per_rank_sum(run_dir: Path, run) -> None:
     np.testing.assert_allclose(ae.prob_mean.to_numpy(float), be.prob_mean.to_numpy(float), rtol=1e-9)
     np.testing.assert_allclose(ae.bias.to_numpy(float), be.bias.to_numpy(float))
     np.testing.assert_allclose(ae.gate_mass.to_numpy(float), be.gate_mass.to_numpy(float), rtol=1e-12)
+    for col in ("grad_norm", "param_norm"):  # the group's exact norms equal the mean of the ranks' own (replicas)
+        np.testing.assert_allclose(ae[col].to_numpy(float), be[col].to_numpy(float), rtol=1e-12, err_msg=col)
+
+
+def assert_norms_are_one_replicas(run, truth: dict[int, dict[str, np.ndarray]], ranks) -> None:
+    """Data parallel: every rank holds the same averaged gradients, so the group's grad_norm (a sum of R ranks'
+    squares over R steps' worth of weight) equals each rank's own float64 norm, never R or sqrt(R) times it; the
+    parameter norms likewise, at the steps where some rank flushed (ranks flush at different steps)."""
+    for layer in LAYERS:
+        for kind in ("grad", "param"):
+            own = [truth[r][f"{kind}:{layer}"] for r in ranks]
+            for other in own[1:]:
+                np.testing.assert_allclose(other, own[0], rtol=1e-6)  # the ranks agree (all-reduced grads)
+            got = run.experts[run.experts.layer == layer].pivot(index="step", columns="expert",
+                                                                values=f"{kind}_norm").sort_index().to_numpy()
+            has = ~np.isnan(got)
+            assert has.all(axis=1).sum() == has.any(axis=1).sum(), "a step has norms for some experts only"
+            assert has.all() if kind == "grad" else has.any()
+            np.testing.assert_allclose(got[has], own[0][has], rtol=1e-5, err_msg=f"{kind}_norm {layer}")
 
 
 @pytest.mark.slow
@@ -281,7 +316,7 @@ def test_dp4_sums_once_even_with_time_based_flushes(tmp_path):
     # flush_seconds is shorter than a step on the slower ranks, so ranks flush at different steps.
     steps = 7
     run_dir, out = launch(tmp_path, layout="dp", steps=steps, capacity=6, flush_steps=3, flush_seconds=0.05,
-                          sleep=0.03, eval_every=3)
+                          sleep=0.03, eval_every=3, grads=True)
     truth = rank_counts(out, range(4))
     run = moewatch.load(run_dir)
     assert_one_row_each(run)
@@ -300,6 +335,7 @@ def test_dp4_sums_once_even_with_time_based_flushes(tmp_path):
     assert run.meta["groups"] == [{"writer": 0, "ranks": [0, 1, 2, 3], "routers": list(LAYERS)}]
     assert run.meta["fallbacks"] == [] and run.meta["status"] == "finished"
     assert_signals_are_rank_sums(run, truth, range(4))
+    assert_norms_are_one_replicas(run, truth, range(4))
     g = run.global_view()
     np.testing.assert_array_equal(experts_grid(g.experts, LAYERS[0]), experts_grid(run.experts, LAYERS[0]))
     # record_eval: the evaluation forwards (every third step) are summed into the eval tables the same way
@@ -335,7 +371,7 @@ def test_resumed_group_run_continues_the_group_numbering(tmp_path):
 @pytest.mark.slow
 def test_dp2_tp2_tp_replicas_are_not_summed(tmp_path):
     steps = 5
-    run_dir, out = launch(tmp_path, layout="tp", steps=steps, per_rank=True)
+    run_dir, out = launch(tmp_path, layout="tp", steps=steps, per_rank=True, grads=True)
     truth = rank_counts(out, range(4))
     for layer in LAYERS:  # mesh (dp, tp): ranks 0,1 are one TP group, 2,3 the other; replicas route alike
         np.testing.assert_array_equal(truth[0][layer], truth[1][layer])

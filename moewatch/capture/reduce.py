@@ -9,7 +9,11 @@ other rank has to take part), and runs a small protocol on it:
   `keepalive` seconds. A round starts with a header (one tiny MAX all-reduce) that tells every rank the fewest
   steps any rank holds (`n`), whether they share one layout, and who is closing. If `n > 0` the first `n` steps of
   every rank are summed (one SUM and one MAX all-reduce over float64: counts and sums add, `logit_abs_max` takes the
-  max, the correction bias is averaged). Ranks need not flush at the same steps (time-based flushes may differ):
+  max, the correction bias is averaged). The experts' gradient and parameter squares add with their weights
+  (moewatch.metrics: a data-parallel replica adds its full squares with weight 1, a DTensor shard its partial ones
+  with weight 1/R), so squares / weight, hence the recorded norm, is exact after the sum with nothing done here:
+  replicas are never counted R times, and a rank that flushed (took parameter norms) at another step than the
+  others still counts right. Ranks need not flush at the same steps (time-based flushes may differ):
   the rounds line the steps up by their order, and the step numbers are checked.
 - **one writer.** The group's first rank writes the sums; the others write nothing. The writer makes a round's
   part files durable before it enters the next header, so a rank that sees the next header complete knows the

@@ -9,6 +9,11 @@ background thread (moewatch.capture.reduce) and the group's first rank writes th
 over each flush. Every rank keeps a rank manifest `ranks/r<rank>.json` (its routers, its group, a fallback if the
 sum failed); rank 0 merges them into run.json.
 
+Expert learning (`attach(..., grads=True)`, the default): a `moewatch.capture.grads.GradTracker` reads each routed
+expert's gradient squares in a global optimizer step pre-hook; `step()` adds what it took into the layer's training
+accumulator (`grad_sq`, `grad_steps`) and, at a step that flushes, the experts' parameter squares (`param_sq`,
+`param_share`); see moewatch.metrics for how those stay exact through the rank sum. All on the device, no host sync.
+
 Never silent: `attach` logs one line saying what it found (`moewatch.capture.summary`) and warns about modules that
 look like MoE blocks but hold no router; during training a router that records nothing in its first
 ``silent_steps`` training steps, a reader that cannot parse an output, and a hook that fails each warn once. Every
@@ -53,6 +58,9 @@ PROBLEM_KINDS = {
     "unreadable_output": "a router's reader could not find the routing in its output",
     "hook_error": "a router's hook raised; recording of that router stopped",
     "replicated_ranks": "ranks of a process group recorded identical routing (tensor-parallel replicas summed)",
+    "expert_params_not_found": "a router's expert parameters were not found (at attach): no grad_norm/param_norm",
+    "expert_grads_stopped": "expert gradient tracking stopped for a router (its grads changed layout) or for all "
+                            "(the optimizer hook failed); training continues",
 }
 
 
@@ -73,6 +81,7 @@ class WatchConfig:
     ep_size: int | None = None  # expert-parallel degree (contiguous placement), recorded in run.json
     expert_placement: Any = None  # device of each expert (a list, or {layer: list}), recorded in run.json
     stop_on: str | None = None  # "critical" or "collapsed": set Watch.should_stop when such a live alert is raised
+    grads: bool = True  # record per-expert gradient norms (an optimizer step pre-hook) and parameter norms
 
     def __post_init__(self) -> None:
         if not isinstance(self.flush_steps, int) or self.flush_steps < 1:
@@ -85,6 +94,8 @@ class WatchConfig:
             raise ValueError(f"reduce_timeout must be > 0, got {self.reduce_timeout!r}")
         if not isinstance(self.per_rank, bool):
             raise TypeError(f"per_rank must be True or False, got {self.per_rank!r}")
+        if not isinstance(self.grads, bool):
+            raise TypeError(f"grads must be True (record expert gradient norms) or False, got {self.grads!r}")
         from moewatch.store.placement import check_placement
 
         ep_size, placement = check_placement(self.ep_size, self.expert_placement)
@@ -184,6 +195,10 @@ class Watch:
         self._train_steps = 0  # steps that had a training forward
         self.should_stop = False  # set by a live alert that config.stop_on names (see _on_live_alert)
         self.stop_alert: Any = None  # the alert that set should_stop
+        self._grads: Any = None  # the GradTracker (None: grads=False, no model, or nothing found)
+        self._grad_share: dict[str, float] = {}  # layer -> this rank's share (moewatch.metrics: 1, or 1/R sharded)
+        self._grad_reported: set[str] = set()  # tracker problems already in run.json
+        self._final = False  # close()'s last step: it flushes, so it gets the parameter norms
 
         self._prepare_dir()
         self._next_step = self._resume_step()
@@ -194,6 +209,8 @@ class Watch:
         for problem in problems or []:
             extra = {k: v for k, v in problem.items() if k not in ("kind", "router", "message")}
             self._problem(problem["kind"], problem.get("router"), problem["message"], warn=False, **extra)
+        if config.grads and model is not None and specs:
+            self._attach_grads(model, specs)
         self._write_rank_manifest()
         self._write_manifest_now()
         self._worker = FlushWorker(
@@ -216,6 +233,86 @@ class Watch:
             self._handles.append(model.register_forward_pre_hook(self._root_pre))
             self._handles.append(model.register_forward_hook(self._root_post, always_call=True))
         _track(self)
+
+    def _attach_grads(self, model: nn.Module, specs: list[RouterSpec]) -> None:
+        """Hook the optimizers for the experts' gradient norms; routers whose experts are not found are problems."""
+        from moewatch.capture.grads import GradTracker
+
+        try:
+            tracker = GradTracker.attach(model, specs)
+        except Exception as e:  # discovery must never stop training: no grad norms, said once
+            self._problem("expert_params_not_found", None, (
+                f"moewatch: could not look for the experts' parameters ({type(e).__name__}: {e}); grad_norm and "
+                f"param_norm are not recorded"))
+            return
+        # Data-parallel replicas each add their (identical) full squares with share 1; DTensor shards add partial
+        # squares with share 1/R, so the group's sum is exact either way (moewatch.metrics).
+        ranks = len(self._members) if self._members is not None else 1
+        self._grad_share = {layer: 1.0 / ranks if ep.sharded else 1.0 for layer, ep in tracker.found.items()}
+        missing = dict(tracker.problems)
+        for layer, reason in missing.items():
+            self._grad_reported.add(layer)
+            self._problem("expert_params_not_found", layer, (
+                f"moewatch: the experts of router {layer!r} were not found: {reason}. Its grad_norm and param_norm "
+                f"are not recorded"), warn=False, write=False)
+        if missing:
+            shown = ", ".join(repr(n) for n in list(missing)[:4]) + (f" and {len(missing) - 4} more"
+                                                                      if len(missing) > 4 else "")
+            warnings.warn(f"moewatch: the expert parameters of {len(missing)} of {len(specs)} router(s) were not "
+                          f"found ({shown}): no gradient norms for them; the reasons are in run.json problems",
+                          RuntimeWarning, stacklevel=4)
+        if tracker.found:
+            self._grads = tracker
+            # debug, not info: attach logs one line (what it found), and a router left out already warned
+            log.debug("moewatch: expert gradient norms for %d of %d routers: %s", len(tracker.found), len(specs),
+                      "; ".join(ep.describe() for ep in tracker.found.values()))
+        else:
+            tracker.remove()
+
+    def _put_grads(self, flushing: bool) -> None:
+        """At step(): the gradient squares the optimizer steps since the last step() saw, and at a flush the
+        parameter squares, into the layers' training accumulators (device ops only)."""
+        tracker = self._grads
+        if tracker is None:
+            return
+        try:
+            took = tracker.take()
+            if took.steps > 0:
+                for layer, sq_E in took.sq_E.items():
+                    acc = self._train_acc(layer)
+                    if acc is not None:
+                        share = self._grad_share.get(layer, 1.0)
+                        metrics.put_norms(acc, metrics.grad_slice(sq_E.shape[0]), sq_E, took.steps * share)
+            if flushing:
+                for layer, sq_E in tracker.param_norms(squared=True).items():
+                    acc = self._train_acc(layer)
+                    if acc is not None:
+                        metrics.put_norms(acc, metrics.param_slice(sq_E.shape[0]), sq_E,
+                                          self._grad_share.get(layer, 1.0))
+        except Exception as e:  # never into training: stop tracking, say so once (the hook's own failure warned)
+            tracker.error = tracker.error or f"{type(e).__name__}: {e}"
+            tracker.remove()
+            warnings.warn(f"moewatch: expert gradient tracking failed and is disabled ({tracker.error}); training "
+                          f"continues without grad_norm", RuntimeWarning, stacklevel=3)
+        if tracker.error is not None or len(tracker.problems) > len(self._grad_reported):
+            self._grad_problems(tracker)
+
+    def _train_acc(self, layer: str) -> torch.Tensor | None:
+        """The layer's training accumulator if this step writes a row for it (it routed in a training forward)."""
+        s = self._layers.get(layer)
+        return s.tensors.get("train") if s is not None and s.calls["train"] else None
+
+    def _grad_problems(self, tracker: Any) -> None:
+        for layer, reason in tracker.problems.items():
+            if layer not in self._grad_reported:  # grads.py already warned
+                self._grad_reported.add(layer)
+                self._problem("expert_grads_stopped", layer, (
+                    f"moewatch: expert gradients of router {layer!r} are no longer tracked: {reason}"), warn=False)
+        if tracker.error is not None:
+            self._grads = None
+            self._problem("expert_grads_stopped", None, (
+                f"moewatch: expert gradient tracking failed and is off ({tracker.error}); training continues "
+                f"without grad_norm and param_norm"), warn=False)
 
     def _on_live_alert(self, alert: Any) -> None:
         """Each new live alert, in the writer thread, before the user's on_alert: the first one whose status
@@ -564,6 +661,9 @@ class Watch:
         now = time.time()
         if self._reducer is not None:
             self._step_log.append((self._seq, number, now, len(self._registry)))
+        flushing = (self._final or self._since_flush + 1 >= self.config.flush_steps
+                    or time.monotonic() - self._last_flush >= self.config.flush_seconds)
+        self._put_grads(flushing)
         for phase in PHASES:
             self._snapshot(phase, number, now)
         if self._trained:
@@ -573,8 +673,7 @@ class Watch:
                 self._check_silent()
         self._seq += 1
         self._since_flush += 1
-        if (self._since_flush >= self.config.flush_steps
-                or time.monotonic() - self._last_flush >= self.config.flush_seconds):
+        if flushing:
             self.flush()
         return number
 
@@ -685,9 +784,12 @@ class Watch:
         if self._closed:
             return
         if any(s.calls[p] for s in self._layers.values() for p in PHASES):
+            self._final = True
             self.step()
         self._closed = True
         self._flush(closing=True)
+        if self._grads is not None:
+            self._grads.remove()
         for h in self._handles:
             h.remove()
         for s in self._layers.values():
@@ -794,6 +896,7 @@ def attach(
     stop_on: str | None = None,
     ep_size: int | None = None,
     expert_placement: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    grads: bool = True,
 ) -> Watch:
     """Find every router in `model` and start recording into `run_dir` (created; resumed if it holds a run).
 
@@ -824,6 +927,12 @@ def attach(
     with neither, expert weights sharded as DTensors over a DeviceMesh dimension named like "ep" (torchtitan) give
     `ep_size`. The detector then judges the busiest device's load (`ep_straggler`) and
     `moewatch.load(run_dir).device_load(layer)` gives the per-device shares.
+
+    Expert learning: `grads=True` (default) hooks every optimizer's step (a global pre-hook, removed by `close()`)
+    and records per step and expert ``grad_norm``, the L2 norm of the expert's gradients as the optimizer saw them
+    (all micro-batches accumulated; null in a step without an optimizer step), and, at each flush, ``param_norm``
+    (moewatch.capture.grads). Call `step()` after `optimizer.step()`; attach after wrapping the model (FSDP2). A
+    router whose experts' parameters are not found warns and is a run.json problem; `grads=False` turns it off.
     """
     from moewatch.capture.discovery import discover
     from moewatch.store.placement import detect_ep_size
@@ -832,7 +941,7 @@ def attach(
         ep_size = detect_ep_size(list(model.parameters()))
     config = WatchConfig(flush_steps=flush_steps, flush_seconds=flush_seconds, record_eval=record_eval,
                          silent_steps=silent_steps, per_rank=per_rank, reduce_timeout=reduce_timeout,
-                         stop_on=stop_on, ep_size=ep_size, expert_placement=expert_placement)
+                         stop_on=stop_on, ep_size=ep_size, expert_placement=expert_placement, grads=grads)
     if group is False:
         group = None
     elif group is None:

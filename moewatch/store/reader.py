@@ -663,7 +663,8 @@ def _sum_ranks(experts: pd.DataFrame, layers: pd.DataFrame, ranks: int) -> tuple
 
 
 def global_frames(experts: pd.DataFrame, layers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Combine ranks: sums for counts, token-weighted means for per-token metrics, pooled moments for logits."""
+    """Combine ranks: sums for counts, token-weighted means for per-token metrics, pooled moments for logits, plain
+    means (over the ranks that recorded one) for the experts' `grad_norm` and `param_norm`."""
     ly = layers.copy()
     w = ly["tokens"].astype("float64")
     n_logit = w * ly["num_experts"]
@@ -704,9 +705,12 @@ def global_frames(experts: pd.DataFrame, layers: pd.DataFrame) -> tuple[pd.DataF
     e["_pw"] = e["prob_mean"].fillna(0) * e["_lt"]
     e["_w"] = e["_lt"].where(e["prob_mean"].notna(), 0)
     gate = {"gate_mass": ("gate_mass", "sum"), "_gm": ("gate_mass", "count")} if "gate_mass" in e.columns else {}
+    # Norms are never summed: data-parallel ranks hold the same gradients and parameters, so each rank's row holds
+    # the same norm and their mean (over the ranks that recorded one) is it. A group's rows are already exact.
+    norms = {c: (c, "mean") for c in NORM_COLUMNS if c in e.columns}
     ge = e.groupby(["step", "layer", "expert"], sort=True).agg(
         tokens=("tokens", "sum"), dropped=("dropped", "sum"), _pw=("_pw", "sum"), _w=("_w", "sum"),
-        bias=("bias", "mean"), **gate).reset_index()
+        bias=("bias", "mean"), **gate, **norms).reset_index()
     ge["prob_mean"] = ge["_pw"] / ge["_w"].where(ge["_w"] > 0)
     if gate:  # a sum over the ranks that recorded it; null where none did
         ge["gate_mass"] = ge["gate_mass"].where(ge["_gm"] > 0)
@@ -737,6 +741,8 @@ def global_frames(experts: pd.DataFrame, layers: pd.DataFrame) -> tuple[pd.DataF
 
 # Count columns of the routing diagnostics, summed over ranks (the fractions are derived from the sums).
 _ROUTING_SUMS = ("margin_tokens", "overridden", "override_slots")
+# Expert-learning norms: averaged over ranks (see global_frames), never summed.
+NORM_COLUMNS = ("grad_norm", "param_norm")
 
 
 def _routing_fractions(out: pd.DataFrame, routing: list[str]) -> None:

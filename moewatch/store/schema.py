@@ -3,8 +3,9 @@
 Documented for users in docs/format.md; change both together and bump SCHEMA_VERSION on any incompatible change.
 
 Version 2 added the routing diagnostics (experts: ``gate_mass``; layers: ``margin_mean``, ``near_tie_frac``,
-``margin_tokens``, ``margin_hist``, ``override_frac``, ``overridden``, ``override_slots``). Readers read version-1
-parts against these schemas, so the columns those parts lack read as null.
+``margin_tokens``, ``margin_hist``, ``override_frac``, ``overridden``, ``override_slots``) and expert learning
+(experts: ``grad_norm``, ``param_norm``). Readers read version-1 parts against these schemas, so the columns those
+parts lack read as null.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ EXPERTS_SCHEMA = pa.schema(
         pa.field("prob_mean", pa.float64()),
         pa.field("bias", pa.float64()),
         pa.field("gate_mass", pa.float64()),
+        pa.field("grad_norm", pa.float64()),  # L2 norm of the expert's gradients at the optimizer step(s)
+        pa.field("param_norm", pa.float64()),  # L2 norm of the expert's parameters, at flush steps
         *_PROVENANCE,
     ]
 )

@@ -89,6 +89,8 @@ def chunk_to_tables(chunk: Chunk, rank: int, session: int) -> tuple[pa.Table, pa
                 "prob_mean": ex["prob_mean"].reshape(-1).numpy(),
                 "bias": ex["bias"].reshape(-1).numpy(),
                 "gate_mass": ex["gate_mass"].reshape(-1).numpy(),
+                "grad_norm": ex["grad_norm"].reshape(-1).numpy(),
+                "param_norm": ex["param_norm"].reshape(-1).numpy(),
                 "seq": np.repeat(seqs[idx], E),
             }
         )
