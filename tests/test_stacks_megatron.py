@@ -177,7 +177,11 @@ def test_megatron_topk_router_on_cpu(tmp_path, monkeypatch, group, te_fallback, 
     if bias:
         rows = run.experts[(run.experts.layer == "routers.0") & (run.experts.step == 0)].sort_values("expert")
         np.testing.assert_allclose(rows.bias.to_numpy(), routers[0].expert_bias.numpy(), rtol=1e-6)
-    assert run.meta["problems"] == []
+    # This harness keeps its experts beside the routers, not in an MoE block with them (Megatron's MoELayer holds
+    # `router` and `experts` together): the one thing capture cannot find is each router's expert weights, and it
+    # says so, once per router.
+    kinds = [p["kind"] for p in run.meta["problems"]]
+    assert kinds == ["expert_params_not_found"] * len(routers), run.meta["problems"]
 
 
 def test_megatron_reader_on_recorded_outputs(group, te_fallback):
