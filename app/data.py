@@ -75,14 +75,15 @@ class Layer:
     bias: Rows | None = None
     dropped: Rows | None = None
     grad: Rows | None = None  # [steps, experts] gradient norms (float32, NaN where none), when the run records them
+    gate: Rows | None = None  # [steps, experts] gate mass (combine weights summed over assignments), when recorded
     sources: set[str] | None = None  # the expert part files the held counts were read from
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in (self.tokens, self.bias, self.dropped, self.grad) if r is not None)
+        return sum(r.nbytes for r in (self.tokens, self.bias, self.dropped, self.grad, self.gate) if r is not None)
 
     def drop_counts(self) -> None:
-        self.tokens = self.bias = self.dropped = self.grad = self.sources = None
+        self.tokens = self.bias = self.dropped = self.grad = self.gate = self.sources = None
 
 
 class RunData:
@@ -110,6 +111,7 @@ class RunData:
         self._files: list[Path] = []  # ... and the list itself
         self._replaces: dict[str, list[str]] = {}  # compacted part -> the parts it replaces (files are immutable)
         self.has_grads = False  # some expert part records gradient norms (footers of new parts are checked)
+        self.has_gate = False  # ... and gate mass
         self._hists: dict[str, tuple[Any, np.ndarray]] = {}  # layer -> (run state, margin histogram per step)
         self._steps = np.zeros(0, np.int64)
         self._counted: dict[str, dict[str, np.ndarray]] = {}  # layer -> cv/max_share/dead of the all-ranks sum
@@ -134,10 +136,11 @@ class RunData:
             if key == self._key:
                 return False
             new_experts, _, _ = self._classify(files[EXPERTS], self._seen)
-            if not self.has_grads:
+            if not (self.has_grads and self.has_gate):
                 from moewatch.store.dense import has_values
 
-                self.has_grads = has_values(new_experts, "grad_norm")
+                self.has_grads = self.has_grads or has_values(new_experts, "grad_norm")
+                self.has_gate = self.has_gate or has_values(new_experts, "gate_mass")
             plan = plan_run(self.path, self._skipped, extra=True, cache=self._plans)
             old_steps, old_plan = self._steps, self._plan
             self._plan, self._key = plan, key
@@ -263,7 +266,7 @@ class RunData:
             if not clean or plan.winners is not None or lay.tokens.a.shape[1] != max(lay.num_experts, 1):
                 self._release(name)
                 continue
-            for rows in (lay.tokens, lay.bias, lay.dropped, lay.grad):
+            for rows in (lay.tokens, lay.bias, lay.dropped, lay.grad, lay.gate):
                 if rows is not None:
                     rows.resize(n) if appended else rows.remap(pos, n)
             lay.sources = names
@@ -337,6 +340,10 @@ class RunData:
             if lay.bias is None:
                 lay.bias = Rows((E,), np.float32, np.nan, n)
             lay.bias.a[rows] = d.bias[:, :E]
+        if getattr(d, "gate_mass", None) is not None:
+            if lay.gate is None:
+                lay.gate = Rows((E,), np.float64, 0.0, n)
+            lay.gate.a[rows] = (lay.gate.a[rows] + d.gate_mass[:, :E]) if add else d.gate_mass[:, :E]
         if getattr(d, "grad_norm", None) is not None:
             if lay.grad is None:
                 lay.grad = Rows((E,), np.float32, np.nan, n)
@@ -507,6 +514,12 @@ class RunData:
             out[np.searchsorted(self._steps, frame["step"].to_numpy())] = hist
             self._hists[layer] = (key, out)
             return out
+
+    def gate_mass(self, layer: str | int, lo: int = 0, hi: int | None = None) -> np.ndarray | None:
+        """Each expert's gate mass per step ([steps, experts]), or None when the router does not record it."""
+        with self.lock:
+            rows = self.layer(layer).gate
+            return None if rows is None else rows.a[lo:hi]
 
     def grads(self, layer: str | int, lo: int = 0, hi: int | None = None) -> np.ndarray | None:
         """Each expert's gradient norm per step ([steps, experts], NaN where none), or None when not recorded."""

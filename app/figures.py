@@ -583,6 +583,13 @@ def shares_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None, 
         total = tokens.sum(axis=1, dtype=np.int64).astype(np.float32)[:, None]
         share = np.full(tokens.shape, np.nan, dtype=np.float32)
         np.divide(tokens, total, out=share, where=total > 0)
+        # Gate mass vs load over the shown range (routers that record combine weights): per expert, its share of
+        # the combine weight next to its share of the assignments.
+        gate = run.gate_mass(layer, lo, hi) if run.has_gate else None
+        if gate is not None:
+            counts = run.tokens(layer, lo, hi).sum(axis=0, dtype=np.float64)
+            mass = gate.sum(axis=0)
+            gate = (counts / max(counts.sum(), 1.0), mass / mass.sum()) if mass.sum() > 0 else None
     E = share.shape[1]
     xs, ys, down = downsample(steps, share, lines_budget(E))
     if not down:
@@ -610,7 +617,24 @@ def shares_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None, 
                                                  "gridcolor": GRID, "rangemode": "tozero"},
                      shapes=shapes, annotations=annotations, showlegend=E <= 16, hovermode="closest",
                      uirevision=f"shares:{run.run_id}:{lay.name}")
-    return {"data": traces, "layout": layout}, FigureInfo(not down and not sort and not window, len(traces), hi, note)
+    raw = not down and not sort and not window
+    if gate is not None:
+        load_E, mass_E = gate
+        layout["xaxis"]["domain"] = [0.0, 0.7]
+        top = float(max(load_E.max(), mass_E.max(), fair)) * 1.1
+        layout["xaxis2"] = {"domain": [0.78, 1.0], "anchor": "y2", "title": {"text": "share of assignments"},
+                            "tickformat": ".0%", "range": [0, top], "gridcolor": GRID}
+        layout["yaxis2"] = {"anchor": "x2", "title": {"text": "share of gate mass"}, "tickformat": ".0%",
+                            "range": [0, top], "gridcolor": GRID}
+        layout["shapes"].append({"type": "line", "xref": "x2", "yref": "y2", "x0": 0, "y0": 0, "x1": top, "y1": top,
+                                 "line": {"color": "#888", "width": 1, "dash": "dot"}})
+        traces.append({"type": "scatter", "mode": "markers", "x": load_E, "y": mass_E, "xaxis": "x2", "yaxis": "y2",
+                       "text": [f"e{e}" for e in range(E)], "name": "gate mass vs load",
+                       "marker": {"size": 7, "color": [expert_colour(e, E) for e in range(E)]},
+                       "hovertemplate": "expert %{text}<br>%{x:.1%} of assignments<br>%{y:.1%} of the gate mass"
+                                        "<extra></extra>", "showlegend": False})
+        raw = False  # the scatter covers the shown range: live ticks rebuild it
+    return {"data": traces, "layout": layout}, FigureInfo(raw, len(traces), hi, note)
 
 
 def detector_thresholds(num_experts: int, top_k: int, windowed: bool, config: Any = None

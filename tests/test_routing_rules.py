@@ -108,6 +108,11 @@ def test_the_dashboard_charts_the_routing_diagnostics_in_the_detectors_windows(t
     t = t.set_column(t.schema.get_field_index("margin_hist"), t.schema.field("margin_hist"),
                      pa.array(list(hist), type=pa.list_(pa.int64())))
     pq.write_table(t, f)
+    ef = run / "experts" / "r0000-s0001-00000000.parquet"
+    et = pq.read_table(ef)
+    gm = rng.uniform(0.0, 1.0, et.num_rows) * et["tokens"].to_numpy()  # combine weights below 1 per assignment
+    et = et.set_column(et.schema.get_field_index("gate_mass"), et.schema.field("gate_mass"), pa.array(gm))
+    pq.write_table(et, ef)
 
     data = RunData(run, "r")
     data.refresh()
@@ -130,6 +135,13 @@ def test_the_dashboard_charts_the_routing_diagnostics_in_the_detectors_windows(t
     want = np.add.reduceat(hist, edges[:-1], axis=0) / np.add.reduceat(hist, edges[:-1], axis=0).sum(1, keepdims=True)
     np.testing.assert_allclose(z.T, want, atol=1e-4)
     assert panel["y"][0].startswith("< 0.05")
+    # Gate mass vs load: each expert's share of the combine weight next to its share of the assignments.
+    shares, _ = figures.shares_figure(data, "gate", window=window)
+    scatter = next(tr for tr in shares["data"] if tr.get("xaxis") == "x2")
+    counts = et["tokens"].to_numpy().reshape(600, 8).sum(0)
+    mass = gm.reshape(600, 8).sum(0)
+    np.testing.assert_allclose(scatter["x"], counts / counts.sum(), rtol=1e-12)
+    np.testing.assert_allclose(scatter["y"], mass / mass.sum(), rtol=1e-12)
     # A run without them shows no such rows.
     plain = tmp_path / "p"
     write_manifest(plain, ["gate"], 8)

@@ -69,8 +69,8 @@ class DetectorConfig:
     # --- routing margin: share of tokens whose chosen set is within epsilon (docs/format.md) of flipping. A balanced
     # router is uncertain by design (0.3-0.6 on the reference model) and a collapsing one grows confident, so only
     # a router that cannot tell its experts apart for most tokens is flagged
-    fragile_warning: float = 0.85
-    fragile_trend_floor: float = 0.65
+    fragile_warning: float = 0.9
+    fragile_trend_floor: float = 0.8
     # --- balancer override: share of assignments a selection-only correction bias changed
     override_warning: float = 0.25
     override_trend_floor: float = 0.05

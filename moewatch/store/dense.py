@@ -62,6 +62,7 @@ class DenseLayer:
     block: int = 1  # > 1: tokens/dropped/bias are exact sums over blocks of this many steps (moewatch.store.rollup)
     head: np.ndarray | None = None  # with blocks: the first steps' counts, per step
     grad_norm: np.ndarray | None = None  # [S, E] per-step gradient norm of each expert (mean over ranks), if recorded
+    gate_mass: np.ndarray | None = None  # [S, E] combine weights each expert's assignments got (summed over ranks)
 
 
 @dataclass
@@ -113,7 +114,8 @@ def iter_dense_layers(run_dir: str | Path, budget_bytes: int = DEFAULT_BUDGET, l
                                  plan.stats[name], b.dropped, b.bias, b.block, b.head)
             return
     files = part_files(run_dir, EXPERTS)
-    width = plan.cell_bytes(bias=any(_has_bias(f) for f in files), means=int(has_values(files, "grad_norm")))
+    width = plan.cell_bytes(bias=any(_has_bias(f) for f in files),
+                            means=int(has_values(files, "grad_norm")) + int(has_values(files, "gate_mass")))
     group: list[str] = []
     size = 0
     for name in names:
@@ -399,6 +401,7 @@ def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[s
     offset = np.concatenate([[0], np.cumsum(len(axis) * width)])
     tokens = np.zeros(int(offset[-1]), dtype)
     dropped: np.ndarray | None = None
+    gate: np.ndarray | None = None
     means: dict[str, list] = {}  # column -> [sum (or the value, one rank), count over ranks or None]
     slot = {n: i for i, n in enumerate(group)}
     contiguous = len(axis) > 0 and int(axis[-1] - axis[0]) + 1 == len(axis)
@@ -432,6 +435,12 @@ def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[s
         # than np.add.at, which a part mixing ranks (not what moewatch writes, but valid) still gets.
         add = _adder(single)
         add(tokens, flat, t["tokens"].to_numpy()[rows].astype(dtype, copy=False))
+        if "gate_mass" in t.column_names:  # additive like the counts, but a float (null: not recorded)
+            gm = t["gate_mass"].to_numpy(zero_copy_only=False)[rows].astype(np.float64, copy=False)
+            fin = np.isfinite(gm)
+            if fin.any():
+                gate = np.zeros(len(tokens)) if gate is None else gate
+                add(gate, flat[fin], gm[fin])
         if "dropped" in t.column_names:
             drop = t["dropped"].to_numpy()[rows]
             if drop.any():
@@ -474,7 +483,7 @@ def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[s
         drop = part(dropped)
         yield DenseLayer(name, plan.num_experts[name], plan.top_k[name], plan.steps[name], part(tokens),
                          plan.stats[name], drop if drop is not None and drop.any() else None, mean.get("bias"),
-                         grad_norm=mean.get("grad_norm"))
+                         grad_norm=mean.get("grad_norm"), gate_mass=part(gate))
 
 
 def _adder(single_rank: bool):
@@ -508,7 +517,7 @@ def _part_batches(files: list[Path], plan: Plan, group: set[str], skipped: list[
             columns = ["step", "layer", "expert", "tokens"]
             if plan.winners is not None:
                 columns += ["rank", "session", "seq"]
-            columns += [c for c in ("dropped", *MEAN_COLUMNS) if _may_hold_values(meta, c)]
+            columns += [c for c in ("dropped", "gate_mass", *MEAN_COLUMNS) if _may_hold_values(meta, c)]
             single = _single_valued(meta, "rank")
             # Row groups a few at a time, up to BATCH_ROWS rows: one read per part in the usual case (a row group
             # per layer is small), while a compacted part of millions of rows never sits decoded whole.
@@ -592,7 +601,7 @@ def _may_hold_values(meta: pq.FileMetaData, column: str) -> bool:
             if st is None or st.null_count != meta.row_group(g).num_rows:
                 return True
             continue
-        if column in MEAN_COLUMNS or st.min != 0 or st.max != 0:
+        if column in MEAN_COLUMNS or column == "gate_mass" or st.min != 0 or st.max != 0:
             return True
     return False
 
