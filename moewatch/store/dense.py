@@ -115,7 +115,7 @@ def iter_dense_layers(run_dir: str | Path, budget_bytes: int = DEFAULT_BUDGET, l
             return
     files = part_files(run_dir, EXPERTS)
     width = plan.cell_bytes(bias=any(_has_bias(f) for f in files),
-                            means=int(has_values(files, "grad_norm")) + int(has_values(files, "gate_mass")))
+                            means=int(has_values(files, "grad_norm")))
     group: list[str] = []
     size = 0
     for name in names:
@@ -385,11 +385,11 @@ def read_layers(run_dir: str | Path, names: list[str], plan: Plan | None = None,
     if not names:
         return []
     files = part_files(run_dir, EXPERTS) if files is None else files
-    return list(_read_group(files, plan, names, skipped, steps))
+    return list(_read_group(files, plan, names, skipped, steps, with_gate=True))
 
 
 def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[str] | None,
-                steps: tuple[int, int] | None = None) -> Iterator[DenseLayer]:
+                steps: tuple[int, int] | None = None, with_gate: bool = False) -> Iterator[DenseLayer]:
     """One pass over the experts parts for ``group``: every layer's counts on the group's shared step axis (the union
     of its layers' steps; usually every layer records every step), in one flat buffer so each part is scattered
     with one vectorized add, whatever the number of layers."""
@@ -406,7 +406,8 @@ def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[s
     slot = {n: i for i, n in enumerate(group)}
     contiguous = len(axis) > 0 and int(axis[-1] - axis[0]) + 1 == len(axis)
     index = {n: i for i, n in enumerate(plan.names)}
-    for t, single in _part_batches(files, plan, set(group), skipped, steps):
+    # Gate mass only where a view asks for it (the dashboard): the detector does not read it.
+    for t, single in _part_batches(files, plan, set(group), skipped, steps, with_gate):
         names, codes = _dictionary(t["layer"])
         lut = np.array([slot.get(n, -1) for n in names], np.int64)
         local = lut[codes]
@@ -505,7 +506,7 @@ def _in_range(step: np.ndarray, expert: np.ndarray, axis: np.ndarray, width: np.
 
 
 def _part_batches(files: list[Path], plan: Plan, group: set[str], skipped: list[str] | None,
-                  steps: tuple[int, int] | None = None) -> Iterator[tuple[pa.Table, bool]]:
+                  steps: tuple[int, int] | None = None, gate: bool = False) -> Iterator[tuple[pa.Table, bool]]:
     """The experts rows a pass needs, a row group at a time (so a part of 15 M rows never sits decoded whole), with
     whether each part holds one rank's rows. Only the columns needed are read (drops and bias only where a part has
     any; provenance only when some recordings are dropped), and row groups whose statistics show they hold only
@@ -517,7 +518,8 @@ def _part_batches(files: list[Path], plan: Plan, group: set[str], skipped: list[
             columns = ["step", "layer", "expert", "tokens"]
             if plan.winners is not None:
                 columns += ["rank", "session", "seq"]
-            columns += [c for c in ("dropped", "gate_mass", *MEAN_COLUMNS) if _may_hold_values(meta, c)]
+            wanted = ("dropped", "gate_mass", *MEAN_COLUMNS) if gate else ("dropped", *MEAN_COLUMNS)
+            columns += [c for c in wanted if _may_hold_values(meta, c)]
             single = _single_valued(meta, "rank")
             # Row groups a few at a time, up to BATCH_ROWS rows: one read per part in the usual case (a row group
             # per layer is small), while a compacted part of millions of rows never sits decoded whole.
