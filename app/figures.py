@@ -472,14 +472,25 @@ def heatmap_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None,
                             "title": {"text": "expert: gradient norm ÷ layer median"}}
         layout["xaxis"]["anchor"] = "y2"
         layout["annotations"].append({"text": "each expert's gradient norm ÷ the layer's median expert's (log "
-                                      "colour): an expert that stopped learning is dark here before its load is",
+                                      "colour): an expert that stopped learning is blue here, as in the load above",
                                       "xref": "paper", "yref": "paper", "x": 0, "y": 0.46, "xanchor": "left",
                                       "yanchor": "bottom", "showarrow": False, "font": {"size": 10, "color": "#555"}})
         raw = False  # live ticks rebuild both panels rather than patching one
     if margins is not None:
         _add_panel(layout, "y3", "routing margin (logit units)", 0.30)
         raw = False
+    if len(data) > 1:
+        _fit_colorbars(data, layout)
     return {"data": data, "layout": layout}, FigureInfo(raw, len(data), hi, note, "x" in trace)
+
+
+def _fit_colorbars(data: list[dict[str, Any]], layout: dict[str, Any]) -> None:
+    """Each panel's colour bar beside its own panel, not stacked over the others'."""
+    for tr in data:
+        axis = "yaxis" + tr.get("yaxis", "y")[1:]
+        lo, hi = layout.get(axis, {}).get("domain", [0.0, 1.0])
+        tr.setdefault("colorbar", {}).update({"y": (lo + hi) / 2, "len": max(hi - lo, 0.1), "yanchor": "middle",
+                                              "thickness": 14})
 
 
 def _add_panel(layout: dict[str, Any], axis: str, title: str, share: float) -> None:
@@ -511,7 +522,7 @@ def _margin_trace(hist_BM: np.ndarray, load_trace: dict[str, Any]) -> dict[str, 
     x_keys = {k: v for k, v in load_trace.items() if k in ("x", "x0", "dx")}
     return {"type": "heatmap", **x_keys, "y": labels, "z": _f32(share_BM.T, 4), "yaxis": "y3", "zmin": 0,
             "colorscale": "Viridis", "hoverongaps": False,
-            "colorbar": {"title": {"text": "share of tokens"}, "tickformat": ".0%", "y": 0.12, "len": 0.25},
+            "colorbar": {"title": {"text": "share of tokens"}, "tickformat": ".0%"},
             "hovertemplate": "margin %{y}<br>step %{x:.0f}<br>%{z:.1%} of tokens<extra></extra>"}
 
 
@@ -534,7 +545,7 @@ def _grad_trace(grad_BE: np.ndarray, load_trace: dict[str, Any], order: np.ndarr
             "customdata": _f32(ratio_BE[:, order].T, 3), "yaxis": "y2", "zmin": -2, "zmax": 2,
             "colorscale": "RdBu", "hoverongaps": False,
             "colorbar": {"title": {"text": "grad ÷ median"}, "tickvals": [-2, -1, 0, 1, 2],
-                         "ticktext": ["1/100", "1/10", "1", "10", "100"], "y": 0.22, "len": 0.45},
+                         "ticktext": ["1/100", "1/10", "1", "10", "100"]},
             "hovertemplate": "expert %{y}<br>step %{x:.0f}<br>gradient %{customdata:.3g}× the median expert's"
                              "<extra></extra>"}
 
