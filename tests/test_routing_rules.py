@@ -150,3 +150,35 @@ def test_the_dashboard_charts_the_routing_diagnostics_in_the_detectors_windows(t
     other.refresh()
     fig, _ = figures.metrics_figure(other, "gate", window=detector_window(other, "gate"))
     assert "fragile routing" not in " ".join(str(a.get("text", "")) for a in fig["layout"]["annotations"])
+
+
+def test_watch_record_takes_the_routing_diagnostics_for_fused_kernels(tmp_path):
+    """A fused kernel recorded by hand gets gate mass, margin and override like a hooked router (float64 check)."""
+    import torch
+
+    import moewatch
+
+    torch.manual_seed(0)
+    T, E, K = 64, 8, 2
+    logits = torch.randn(T, E)
+    bias = torch.zeros(E)
+    bias[5] = 1.5  # a selection-only bias that pulls expert 5 into many choices
+    biased = logits + bias
+    idx = biased.topk(K, dim=-1).indices
+    weights = torch.softmax(logits, -1).gather(1, idx)
+    with moewatch.attach(None, tmp_path / "run", routers={}) as watch:
+        watch.record("fused", logits=logits, indices=idx, weights=weights, select_scores=biased,
+                     unbiased_scores=logits)
+        watch.step()
+    run = moewatch.load(tmp_path / "run")
+    ly, ex = run.layers.iloc[0], run.experts.sort_values("expert")
+    b = biased.double()
+    top = b.topk(K + 1, dim=-1).values
+    margin = (top[:, K - 1] - top[:, K]).numpy()
+    assert ly.margin_tokens == T and ly.margin_mean == pytest.approx(margin.mean(), rel=1e-6)
+    assert ly.near_tie_frac == pytest.approx((margin < 0.05).mean())
+    kth = logits.double().topk(K, dim=-1).values[:, -1:]
+    overridden = (logits.double().gather(1, idx) < kth).sum().item()
+    assert (ly.overridden, ly.override_slots) == (overridden, T * K) and overridden > 0
+    gate = torch.zeros(E, dtype=torch.float64).index_add_(0, idx.reshape(-1), weights.double().reshape(-1))
+    np.testing.assert_allclose(ex.gate_mass.to_numpy(), gate.numpy(), rtol=1e-6)

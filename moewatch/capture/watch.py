@@ -629,8 +629,15 @@ class Watch:
         num_experts: int | None = None,
         top_k: int | None = None,
         phase: str = "train",
+        weights: torch.Tensor | None = None,
+        select_scores: torch.Tensor | None = None,
+        select_space: str = "logits",
+        unbiased_scores: torch.Tensor | None = None,
     ) -> None:
-        """Record one router call by hand (fused kernels that hide the router). Same meaning as `Routing`'s fields.
+        """Record one router call by hand (fused kernels that hide the router). Same meaning as `Routing`'s fields;
+        the routing diagnostics (docs/format.md) need `indices` and: `weights` (the chosen slots' combine weights)
+        for gate mass, `select_scores` (what the router ranks, in `select_space` "logits" or "sigmoid") for the
+        routing margin, and `unbiased_scores` (the same without a selection-only correction bias) for the override.
 
         An unknown `layer` is registered on first use; its expert count comes from `num_experts` or the last dim of
         `logits`/`probs`, its top-k from `top_k` or the last dim of `indices`.
@@ -650,7 +657,9 @@ class Watch:
             return
         with torch.no_grad():
             self._observe(state, phase, Routing(logits_TE=logits, probs_TE=probs, indices_TK=indices,
-                                                dropped_TK=dropped, scoring=scoring, token_mask_T=token_mask))
+                                                dropped_TK=dropped, scoring=scoring, token_mask_T=token_mask,
+                                                weights_TK=weights, select_TE=select_scores,
+                                                select_space=select_space, unbiased_TE=unbiased_scores))
 
     def step(self, step: int | None = None) -> int:
         """End one training step; everything routed since the previous call belongs to it. Returns its number."""
