@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from moewatch.store.compact import live_parts
@@ -168,7 +169,26 @@ _PAIRS = {EXPERTS: LAYERS, LAYERS: LAYERS, EVAL_EXPERTS: EVAL_LAYERS, EVAL_LAYER
 _KEYS = ["step", "layer", "rank", "session", "seq"]  # what de-duplication and the fallback rule read
 _PROVENANCE = ("session", "seq")  # a sum over ranks has no single value for these: not in the global columns
 # Filtered reads decode the layer column as a dictionary: comparing 2 M names as strings is what makes them slow.
+_LOCAL = pafs.LocalFileSystem()
 _DICT_FORMAT = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns={"layer"}))
+
+
+def _pruned_groups(meta: pq.FileMetaData, names: list[str] | None, lo: int | None, hi: int | None) -> list[int]:
+    """Row groups of a part that may hold rows of ``names`` (None: any layer) within steps [lo, hi]."""
+    from moewatch.store.dense import column_stats, one_value
+
+    layer_stats = column_stats(meta, "layer") or [None] * meta.num_row_groups
+    step_stats = column_stats(meta, "step") or [None] * meta.num_row_groups
+    wanted = None if names is None else set(names)
+    out = []
+    for g in range(meta.num_row_groups):
+        ls, ss = layer_stats[g], step_stats[g]
+        if wanted is not None and one_value(ls) and ls.min not in wanted:
+            continue
+        if ss is not None and ss.has_min_max and ((lo is not None and ss.max < lo) or (hi is not None and ss.min > hi)):
+            continue
+        out.append(g)
+    return out
 
 
 def _dict_schema(table: str) -> pa.Schema:
@@ -479,7 +499,7 @@ class Run:
                      (pc.field("step") <= hi if hi is not None else None)):
             if term is not None:
                 expr = term if expr is None else expr & term
-        pieces = self._parts(table, columns, expr=expr, keep_dictionary=True)
+        pieces = self._parts(table, columns, expr=expr, keep_dictionary=True, prune=(names, lo, hi))
         cols = columns or SCHEMAS[table].names
         t = (pa.concat_tables(pieces) if pieces
              else pa.schema([SCHEMAS[table].field(c) for c in cols]).empty_table())
@@ -512,14 +532,23 @@ class Run:
         self.skipped.append(str(f))
 
     def _parts(self, table: str, columns: list[str] | None, files: list[Path] | None = None,
-               expr: pc.Expression | None = None, keep_dictionary: bool = False) -> list[pa.Table]:
+               expr: pc.Expression | None = None, keep_dictionary: bool = False,
+               prune: tuple[list[str] | None, int | None, int | None] | None = None) -> list[pa.Table]:
         """Every readable part of ``table`` (or of ``files``): ``columns`` (None: all, in schema order), the rows
         ``expr`` keeps. A filter decodes the layer column as a dictionary (then cast back to strings, for the few
-        rows kept, unless ``keep_dictionary``)."""
+        rows kept, unless ``keep_dictionary``). ``prune`` = (layers, first step, last step) of the filter: row
+        groups whose statistics show none of those layers or steps are not decoded (an experts part keeps a row
+        group per layer, so one layer of a long run reads a small fraction of it)."""
         out = []
         for f in part_files(self.path, table) if files is None else files:
             try:
-                if expr is None and not keep_dictionary:
+                if prune is not None and expr is not None:
+                    groups = _pruned_groups(pq.read_metadata(f), *prune)
+                    if not groups:
+                        continue
+                    t = _DICT_FORMAT.make_fragment(str(f), filesystem=_LOCAL, row_groups=groups).to_table(
+                        schema=_dict_schema(table), columns=columns, filter=expr)
+                elif expr is None and not keep_dictionary:
                     t = pq.read_table(f, columns=columns, schema=SCHEMAS[table])
                 else:
                     t = ds.dataset(f, schema=_dict_schema(table), format=_DICT_FORMAT).to_table(
