@@ -32,7 +32,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from moewatch.store.schema import EXPERTS, EXPERTS_SCHEMA, LAYERS, LAYERS_SCHEMA, MANIFEST, SCHEMA_VERSION
+from moewatch.store.schema import (
+    EXPERTS,
+    EXPERTS_SCHEMA,
+    LAYERS,
+    LAYERS_SCHEMA,
+    MANIFEST,
+    SCHEMA_VERSION,
+    conform,
+)
 from moewatch.store.writer import part_bytes
 
 WIDTH_PX = 1150  # plot width in a 1400 px browser window (what the page asks for)
@@ -58,13 +66,6 @@ def write_part(run: Path, table: str, t: pa.Table, n: int) -> None:
     folder = run / table
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"r0000-s0001-{n:08d}.parquet").write_bytes(part_bytes(t))  # the writer's layout: a row group per layer
-
-
-def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """The table in the schema's columns and types; a column the synthetic run has no value for is null."""
-    cols = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-            for f in schema]
-    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def chunk_tables(rng, lo: int, hi: int, total: int, layers: int, E: int, k: int, tokens: int, seq0: int

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from dashboard import conform  # noqa: E402
 
 import moewatch
 from moewatch.store.manifest import new_manifest, write_manifest
-from moewatch.store.schema import EXPERTS, LAYERS, SCHEMAS
+from moewatch.store.schema import EXPERTS, LAYERS, SCHEMAS, conform
 from moewatch.store.writer import PartWriter
 
 

@@ -27,7 +27,7 @@ from moewatch.app.windows import binned_load, detector_window, plan, window_boun
 import moewatch
 from moewatch.capture.watch import Watch, WatchConfig
 from moewatch.detect import DetectorConfig
-from moewatch.store.schema import EXPERTS_SCHEMA, LAYERS_SCHEMA, MANIFEST, SCHEMA_VERSION
+from moewatch.store.schema import EXPERTS_SCHEMA, LAYERS_SCHEMA, MANIFEST, SCHEMA_VERSION, conform
 from tests.toy import ToyMoE, toy_specs
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_runs"
@@ -44,12 +44,6 @@ def write_manifest(run: Path, layers: list[str], E: int, k: int = 2, status: str
     (run / MANIFEST).write_text(json.dumps(manifest))
 
 
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """`table` in the schema's columns and types; columns it lacks (schema 2's routing diagnostics) are null."""
-    return pa.table({f.name: table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-                     for f in schema}).cast(schema)
-
-
 def write_part(run: Path, counts: dict[str, np.ndarray], steps: np.ndarray, *, rank: int = 0, session: int = 1,
                n: int = 0, k: int = 2, bias: float | None = None, seed: int = 0) -> None:
     """One flush: experts + layers parts for `steps` ([S]) with per-layer counts ``[S, E]``, schema-conforming."""
@@ -62,14 +56,14 @@ def write_part(run: Path, counts: dict[str, np.ndarray], steps: np.ndarray, *, r
         mean = c.mean(axis=1)
         f = c / np.maximum(tot, 1)[:, None]
         ent = rng.uniform(0.5, 0.9, S) * np.log(E)
-        ex.append(_conform(pa.table({
+        ex.append(conform(pa.table({
             "step": np.repeat(steps, E).astype(np.int64), "layer": [layer] * (S * E),
             "expert": np.tile(np.arange(E, dtype=np.int32), S), "tokens": c.reshape(-1).astype(np.int64),
             "dropped": np.zeros(S * E, np.int64), "prob_mean": f.reshape(-1),
             "bias": np.full(S * E, np.nan if bias is None else bias),
             "rank": np.full(S * E, rank, np.int32), "session": np.full(S * E, session, np.int32),
             "seq": np.repeat(steps, E).astype(np.int64)}), EXPERTS_SCHEMA))
-        ly.append(_conform(pa.table({
+        ly.append(conform(pa.table({
             "step": steps.astype(np.int64), "layer": [layer] * S, "tokens": tokens.astype(np.int64),
             "top_k": np.full(S, k, np.int32), "num_experts": np.full(S, E, np.int32), "entropy": ent,
             "entropy_norm": ent / np.log(E), "cv": c.std(axis=1) / np.where(mean > 0, mean, 1),

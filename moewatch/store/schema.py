@@ -79,3 +79,11 @@ LAYERS_SCHEMA = pa.schema(
 )
 
 SCHEMAS = {EXPERTS: EXPERTS_SCHEMA, LAYERS: LAYERS_SCHEMA, EVAL_EXPERTS: EXPERTS_SCHEMA, EVAL_LAYERS: LAYERS_SCHEMA}
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` in ``schema``'s column order and types; a column it lacks (one a newer format added, such as
+    schema 2's routing diagnostics) is null. For writers of synthetic or hand-built parts."""
+    cols = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
