@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ import pyarrow.parquet as pq
 from moewatch.store.compact import COMPACTED, replaced_by
 from moewatch.store.dense import Plan, PlanCache, plan_run, read_layers
 from moewatch.store.manifest import read_manifest, run_state
-from moewatch.store.reader import fallback_rules, part_files, read_rank_manifests
+from moewatch.store.reader import fallback_rules, part_files, read_rank_manifests, warn_skipped
 from moewatch.store.schema import EXPERTS, LAYERS
 
 from .arrays import Rows, count_metrics
@@ -211,11 +210,7 @@ class RunData:
         return low
 
     def _skip(self, f: Path, error: Exception) -> None:
-        if str(f) in self._skipped:
-            return
-        warnings.warn(f"moewatch: skipped corrupt part file {f} ({type(error).__name__}: {error})", RuntimeWarning,
-                      stacklevel=4)
-        self._skipped.append(str(f))
+        warn_skipped(f, error, self._skipped, stacklevel=4)
 
     def _rebuild(self, plan: Plan) -> None:
         """The layers (manifest order, then the table's) and the step axis of a new plan."""

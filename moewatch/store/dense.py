@@ -11,7 +11,6 @@ not the tens of GB its long table takes in pandas. The result equals ``moewatch.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from moewatch.store.reader import (
     read_rank_manifests,
     repeated,
     superseded_rows,
+    warn_skipped,
 )
 from moewatch.store.schema import EXPERTS, LAYERS, SCHEMAS
 
@@ -246,10 +246,7 @@ def _read_columns(files: list[Path], columns: list[str], skipped: list[str] | No
         try:
             t = pq.read_table(f, schema=schema, columns=columns)
         except (OSError, pa.ArrowException, ValueError) as e:
-            warnings.warn(f"moewatch: skipped corrupt part file {f} ({type(e).__name__}: {e})", RuntimeWarning,
-                          stacklevel=3)
-            if skipped is not None:
-                skipped.append(str(f))
+            warn_skipped(f, e, skipped, stacklevel=3)
             continue
         m = t.num_rows
         if at + m > n:  # the file changed size under us (cannot happen to an immutable part): grow
@@ -535,11 +532,7 @@ def _part_batches(files: list[Path], plan: Plan, group: set[str], skipped: list[
             if batch:
                 yield pf.read_row_groups(batch, columns=columns), single
         except (OSError, pa.ArrowException, ValueError, KeyError) as e:
-            if skipped is None or str(f) not in skipped:  # warned once per file, not once per pass
-                warnings.warn(f"moewatch: skipped corrupt part file {f} ({type(e).__name__}: {e})",
-                              RuntimeWarning, stacklevel=3)
-                if skipped is not None:
-                    skipped.append(str(f))
+            warn_skipped(f, e, skipped, stacklevel=3)  # once per file, not once per pass
 
 
 def column_stats(meta: pq.FileMetaData, column: str) -> list | None:

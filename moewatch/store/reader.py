@@ -47,29 +47,31 @@ def part_files(run_dir: Path, table: str) -> list[Path]:
     return live_parts(Path(run_dir) / table)
 
 
+def warn_skipped(f: Path, error: Exception, skipped: list[str] | None, stacklevel: int = 2) -> None:
+    """The one warning for a part file that cannot be read: given once per ``skipped`` list, which then names the
+    file (every time without a list). Every reader skips such a part and goes on."""
+    if skipped is not None and str(f) in skipped:
+        return
+    warnings.warn(f"moewatch: skipped corrupt part file {f} ({type(error).__name__}: {error})", RuntimeWarning,
+                  stacklevel=stacklevel + 1)
+    if skipped is not None:
+        skipped.append(str(f))
+
+
 def read_parts(files: list[Path], table: str, skipped: list[str] | None = None,
-               columns: list[str] | None = None, layer_dictionary: bool = False) -> pa.Table:
+               columns: list[str] | None = None) -> pa.Table:
     """Concatenate part files into one table (only ``columns`` when given); a part that cannot be read is skipped
-    with a warning. ``layer_dictionary``: the layer column dictionary-encoded, one dictionary for the whole table
-    (a few names repeated millions of times: far less memory and faster grouping than strings)."""
-    schema = SCHEMAS[table]
-    if layer_dictionary:
-        schema = schema.set(schema.get_field_index("layer"),
-                            pa.field("layer", pa.dictionary(pa.int32(), pa.string()), nullable=False))
+    with a warning."""
     tables = []
     for f in files:
         try:
-            tables.append(pq.read_table(f, schema=schema, columns=columns))
+            tables.append(pq.read_table(f, schema=SCHEMAS[table], columns=columns))
         except (OSError, pa.ArrowException, ValueError) as e:
-            msg = f"moewatch: skipped corrupt part file {f} ({type(e).__name__}: {e})"
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            if skipped is not None:
-                skipped.append(str(f))
+            warn_skipped(f, e, skipped)
     if not tables:
-        empty = schema.empty_table()
+        empty = SCHEMAS[table].empty_table()
         return empty.select(columns) if columns is not None else empty
-    out = pa.concat_tables(tables)
-    return out.unify_dictionaries() if layer_dictionary else out
+    return pa.concat_tables(tables)
 
 
 def read_rank_manifests(run_dir: Path) -> dict[int, dict[str, Any]]:
@@ -525,11 +527,7 @@ class Run:
     # --- reading parts -----------------------------------------------------------------------------------------
     def _skip(self, f: Path, e: Exception) -> None:
         """Warn about a corrupt part once per run, and name it in ``skipped``."""
-        if str(f) in self.skipped:
-            return
-        warnings.warn(f"moewatch: skipped corrupt part file {f} ({type(e).__name__}: {e})", RuntimeWarning,
-                      stacklevel=5)
-        self.skipped.append(str(f))
+        warn_skipped(f, e, self.skipped, stacklevel=5)
 
     def _parts(self, table: str, columns: list[str] | None, files: list[Path] | None = None,
                expr: pc.Expression | None = None, keep_dictionary: bool = False,
