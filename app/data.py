@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moewatch.store.compact import COMPACTED, replaced_by
-from moewatch.store.dense import Plan, PlanCache, plan_run, read_layers
+from moewatch.store.dense import Plan, PlanCache, column_stats, may_hold_values, plan_run, read_layers
 from moewatch.store.manifest import read_manifest, run_state
 from moewatch.store.reader import fallback_rules, part_files, read_rank_manifests, warn_skipped
 from moewatch.store.schema import EXPERTS, LAYERS
@@ -109,6 +109,7 @@ class RunData:
         self._seen: set[str] = set()  # expert parts listed at the last refresh
         self._files: list[Path] = []  # ... and the list itself
         self._replaces: dict[str, list[str]] = {}  # compacted part -> the parts it replaces (files are immutable)
+        self._footers: dict[str, pq.FileMetaData] = {}  # expert part -> its footer, read once
         self.has_grads = False  # some expert part records gradient norms (footers of new parts are checked)
         self.has_gate = False  # ... and gate mass
         self._hists: dict[str, tuple[Any, np.ndarray]] = {}  # layer -> (run state, margin histogram per step)
@@ -135,11 +136,12 @@ class RunData:
             if key == self._key:
                 return False
             new_experts, _, _ = self._classify(files[EXPERTS], self._seen)
-            if not (self.has_grads and self.has_gate):
-                from moewatch.store.dense import has_values
-
-                self.has_grads = self.has_grads or has_values(new_experts, "grad_norm")
-                self.has_gate = self.has_gate or has_values(new_experts, "gate_mass")
+            self._footers = {f.name: self._footers[f.name] for f in files[EXPERTS] if f.name in self._footers}
+            for f in new_experts:
+                meta = self._footer(f)
+                if meta is not None:
+                    self.has_grads = self.has_grads or may_hold_values(meta, "grad_norm")
+                    self.has_gate = self.has_gate or may_hold_values(meta, "gate_mass")
             plan = plan_run(self.path, self._skipped, extra=True, cache=self._plans)
             old_steps, old_plan = self._steps, self._plan
             self._plan, self._key = plan, key
@@ -193,21 +195,25 @@ class RunData:
         clean = clean and not (sources - known - covered)
         return new, known | {f.name for f in new}, clean
 
-    def _lowest_step(self, files: list[Path]) -> int | None:
-        """The smallest step in the new expert parts (from their statistics; an unreadable part is skipped)."""
-        low = None
-        for f in files:
+    def _footer(self, f: Path) -> pq.FileMetaData | None:
+        """A part's Parquet footer, read once (parts are immutable); None for an unreadable part (warned once)."""
+        if f.name not in self._footers:
             try:
-                meta = pq.read_metadata(f)
-                j = meta.schema.to_arrow_schema().get_field_index("step")
-                for g in range(meta.num_row_groups):
-                    st = meta.row_group(g).column(j).statistics
-                    v = int(st.min) if st is not None and st.has_min_max else None
-                    if v is not None:
-                        low = v if low is None else min(low, v)
+                self._footers[f.name] = pq.read_metadata(f)
             except (OSError, pa.ArrowException, ValueError) as e:
                 self._skip(f, e)
-        return low
+                return None
+        return self._footers[f.name]
+
+    def _lowest_step(self, files: list[Path]) -> int | None:
+        """The smallest step in the new expert parts (from their statistics; an unreadable part is skipped)."""
+        lows = []
+        for f in files:
+            meta = self._footer(f)
+            for st in (column_stats(meta, "step") or []) if meta is not None else []:
+                if st is not None and st.has_min_max:
+                    lows.append(int(st.min))
+        return min(lows, default=None)
 
     def _skip(self, f: Path, error: Exception) -> None:
         warn_skipped(f, error, self._skipped, stacklevel=4)

@@ -516,7 +516,7 @@ def _part_batches(files: list[Path], plan: Plan, group: set[str], skipped: list[
             if plan.winners is not None:
                 columns += ["rank", "session", "seq"]
             wanted = ("dropped", "gate_mass", *MEAN_COLUMNS) if gate else ("dropped", *MEAN_COLUMNS)
-            columns += [c for c in wanted if _may_hold_values(meta, c)]
+            columns += [c for c in wanted if may_hold_values(meta, c)]
             single = _single_valued(meta, "rank")
             # Row groups a few at a time, up to BATCH_ROWS rows: one read per part in the usual case (a row group
             # per layer is small), while a compacted part of millions of rows never sits decoded whole.
@@ -572,7 +572,7 @@ def has_values(files: list[Path], column: str) -> bool:
     """Whether some part's statistics show values in ``column`` (a gradient norm, say; cheap: footers only)."""
     for f in files:
         try:
-            if _may_hold_values(pq.read_metadata(f), column):
+            if may_hold_values(pq.read_metadata(f), column):
                 return True
         except (OSError, pa.ArrowException, ValueError):
             continue
@@ -581,12 +581,12 @@ def has_values(files: list[Path], column: str) -> bool:
 
 def _has_bias(f: Path) -> bool:
     try:
-        return _may_hold_values(pq.read_metadata(f), "bias")
+        return may_hold_values(pq.read_metadata(f), "bias")
     except (OSError, pa.ArrowException, ValueError):
         return False
 
 
-def _may_hold_values(meta: pq.FileMetaData, column: str) -> bool:
+def may_hold_values(meta: pq.FileMetaData, column: str) -> bool:
     """False when the row-group statistics show the column is all null (bias) or all zero (dropped)."""
     stats = column_stats(meta, column)
     if stats is None:
