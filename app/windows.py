@@ -155,7 +155,7 @@ def window_series(run: RunData, layer: str, bins: Bins) -> dict[str, Any]:
     entropy_norm, drop_rate, z_loss, logit_abs_max), aux_loss (token-weighted), bias at the bin's last step."""
     from moewatch.detect.config import LayerThresholds
     from moewatch.detect.rules import window_metrics
-    from moewatch.detect.windows import Windows
+    from moewatch.detect.windows import ROUTING_STATS, Windows, routing_windows
 
     starts, ends = bins.edges[:-1], bins.edges[1:] - 1
     with run.lock:
@@ -165,12 +165,10 @@ def window_series(run: RunData, layer: str, bins: Bins) -> dict[str, Any]:
         col = run.layer_column
         sums = {name: np.add.reduceat(col(layer, name, bins.rows), starts, dtype=np.float64)
                 for name in ("tokens", "dropped", "ent_w", "z_w", "aux_w", "nonfinite")}
-        routing = {}  # the routing diagnostics' counts: NaN-free sums, and whether a bin recorded any
-        for name in ("margin_tokens", "near_ties", "margin_sum", "overridden", "override_slots"):
-            v = col(layer, name, bins.rows)
-            ok = np.isfinite(v)
-            routing[name] = np.where(np.add.reduceat(ok, starts) > 0,
-                                     np.add.reduceat(np.where(ok, v, 0.0), starts, dtype=np.float64), np.nan)
+        # The routing diagnostics per bin, from their per-step counts, as the detector's windows compute them.
+        routing = routing_windows({name: col(layer, name, bins.rows) for name in ROUTING_STATS}, starts,
+                                  int(bins.edges[-1]))
+        placement = run.placement(layer)
         logit = np.fmax.reduceat(col(layer, "logit_abs_max", bins.rows).astype(np.float64), starts)
         steps = run.steps[bins.rows]
         first, last = steps[starts].copy(), steps[ends].copy()
@@ -185,22 +183,16 @@ def window_series(run: RunData, layer: str, bins: Bins) -> dict[str, Any]:
         per_tok = np.where(tok > 0, 1.0 / np.where(tok > 0, tok, 1.0), np.nan)
     win = Windows(first=first, last=last, load=load, tokens=tok, dropped=sums["dropped"],
                   entropy_norm=sums["ent_w"] * per_tok / math.log(max(E, 2)), z_loss=sums["z_w"] * per_tok,
-                  logit_abs_max=logit, nonfinite=sums["nonfinite"], bias=None)
+                  logit_abs_max=logit, nonfinite=sums["nonfinite"], bias=None, extra=routing, placement=placement)
     config = config_of(run)
     m = window_metrics(win, E, k, LayerThresholds.resolve(config, E, k), config)
     return {"first": first, "last": last, "cv": m["cv"], "max_share": m["max_share"],
             "dead": m["dead"].sum(axis=1).astype(np.float64), "entropy_norm": m["entropy_norm"],
             "drop_rate": m["drop_rate"], "z_loss": m["z_loss"], "logit_abs_max": m["logit_abs_max"],
             "aux_loss": sums["aux_w"] * per_tok, "tokens": tok, "bias": bias,
-            "device_ratio": device_ratio(run, layer, load),
-            "near_tie_frac": _ratio(routing["near_ties"], routing["margin_tokens"]),
-            "margin_mean": _ratio(routing["margin_sum"], routing["margin_tokens"]),
-            "override_frac": _ratio(routing["overridden"], routing["override_slots"])}
-
-
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+            "device_ratio": m["device_ratio"] if m["busiest_experts"] is not None else None,
+            "near_tie_frac": m["near_tie_frac"], "margin_mean": m["margin_mean"],
+            "override_frac": m["override_frac"]}
 
 
 def device_ratio(run: RunData, layer: str, load: np.ndarray) -> np.ndarray | None:

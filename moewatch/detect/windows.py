@@ -183,13 +183,13 @@ def make_windows(data: LayerData, size: int, include_tail: bool) -> tuple[Window
             bias=None if data.bias is None else data.bias[ends // b],
             placement=data.placement,
             grad_norm=None if data.grad_norm is None or b != 1 else _window_nanmean(data.grad_norm, idx, used),
-            extra=_routing_windows(data.stats, idx, used),
+            extra=routing_windows(data.stats, idx, used),
         ),
         used,
     )
 
 
-def _routing_windows(stats: dict[str, np.ndarray], idx: np.ndarray, used: int) -> dict[str, np.ndarray]:
+def routing_windows(stats: dict[str, np.ndarray], idx: np.ndarray, used: int) -> dict[str, np.ndarray]:
     """Per window: near_tie_frac, margin_mean and override_frac from the summed counts (exact over steps and
     ranks), NaN where the router recorded none."""
     def total(name: str) -> tuple[np.ndarray, np.ndarray]:
