@@ -432,10 +432,14 @@ def heatmap_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None,
             centres = _centres(steps, edges)
         E = binned.shape[1]
         order = expert_order(binned, sort)
+        if run.has_grads or run.has_margins(layer):
+            # The detector's averaging, so the panels match it (imported only here: other charts need no detector).
+            from moewatch.detect.windows import nanmean_bins
+
         grads = run.grads(layer) if run.has_grads else None  # (a run without them: no per-step read for this)
         if grads is not None:  # the same columns as the load: windows (or pixel bins) of per-step norms
-            grad_cols = _nanmean_bins(grads[bins.rows], bins.edges) if window else \
-                _nanmean_bins(grads[lo:hi], edges)
+            grad_cols = nanmean_bins(grads[bins.rows], bins.edges[:-1]) if window else \
+                nanmean_bins(grads[lo:hi], edges[:-1])
             if not np.isfinite(grad_cols).any():
                 grads = None
     trace, n_cols = _load_trace(binned, centres, E, order, cap, explicit_x=explicit_x)
@@ -458,7 +462,8 @@ def heatmap_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None,
     if run.has_margins(layer):
         hist = run.margin_hist(layer)
         if hist is not None:
-            margins = _nanmean_bins(hist[bins.rows], bins.edges) if window else _nanmean_bins(hist[lo:hi], edges)
+            margins = nanmean_bins(hist[bins.rows], bins.edges[:-1]) if window else \
+                nanmean_bins(hist[lo:hi], edges[:-1])
             if not np.isfinite(margins).any():
                 margins = None
     if margins is not None:
@@ -524,14 +529,6 @@ def _margin_trace(hist_BM: np.ndarray, load_trace: dict[str, Any]) -> dict[str, 
             "colorscale": "Viridis", "hoverongaps": False,
             "colorbar": {"title": {"text": "share of tokens"}, "tickformat": ".0%"},
             "hovertemplate": "margin %{y}<br>step %{x:.0f}<br>%{z:.1%} of tokens<extra></extra>"}
-
-
-def _nanmean_bins(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """[rows, E] -> [bins, E] means over each bin's rows, ignoring NaN (steps without a recorded norm)."""
-    x = values.astype(np.float64)
-    ok = np.isfinite(x)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.add.reduceat(np.where(ok, x, 0.0), edges[:-1], axis=0) / np.add.reduceat(ok, edges[:-1], axis=0)
 
 
 def _grad_trace(grad_BE: np.ndarray, load_trace: dict[str, Any], order: np.ndarray) -> dict[str, Any]:

@@ -182,7 +182,7 @@ def make_windows(data: LayerData, size: int, include_tail: bool) -> tuple[Window
                 _window_sum(data.dropped, size, full, used) if b == 1 else _block_sum(data.dropped, idx // b, cut)),
             bias=None if data.bias is None else data.bias[ends // b],
             placement=data.placement,
-            grad_norm=None if data.grad_norm is None or b != 1 else _window_nanmean(data.grad_norm, idx, used),
+            grad_norm=None if data.grad_norm is None or b != 1 else nanmean_bins(data.grad_norm[:used], idx),
             extra=routing_windows(data.stats, idx, used),
         ),
         used,
@@ -209,12 +209,14 @@ def routing_windows(stats: dict[str, np.ndarray], idx: np.ndarray, used: int) ->
     return out
 
 
-def _window_nanmean(arr: np.ndarray, idx: np.ndarray, used: int) -> np.ndarray:
-    """[S, E] -> [W, E] means over each window's steps, ignoring NaN (steps without a recorded gradient)."""
-    x = arr[:used].astype(np.float64)
+def nanmean_bins(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """``[rows, ...]`` -> ``[bins, ...]`` means over consecutive bins of rows starting at ``starts`` (the last bin
+    runs to the end), ignoring NaN (steps without a recorded value). The detector's windows of gradient norms and
+    the dashboard's columns of them and of margin histograms use this one."""
+    x = values.astype(np.float64)
     ok = np.isfinite(x)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.add.reduceat(np.where(ok, x, 0.0), idx, axis=0) / np.add.reduceat(ok, idx, axis=0)
+        return np.add.reduceat(np.where(ok, x, 0.0), starts, axis=0) / np.add.reduceat(ok, starts, axis=0)
 
 
 def _window_sum(arr: np.ndarray, size: int, full: int, used: int) -> np.ndarray:
