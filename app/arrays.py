@@ -1,4 +1,4 @@
-"""Array plumbing of the dashboard cache: growable numpy arrays and the columns of one Parquet part file.
+"""Array plumbing of the dashboard's run view: growable numpy arrays, and count metrics of summed counts.
 
 Kept apart from moewatch.app.data so the cache's logic (what a row means) reads without the mechanics (how rows
 are stored and decoded).
@@ -45,16 +45,6 @@ class Rows:
         buf = filled((max(n, 16), *self._buf.shape[1:]), self.fill, self._buf.dtype)
         buf[positions] = self._buf[: self.n]
         self._buf, self.n = buf, n
-
-    def widen(self, axis: int, size: int) -> None:
-        """Grow a trailing axis (a new layer, or an expert id past the announced count)."""
-        if self._buf.shape[axis] >= size:
-            return
-        shape = list(self._buf.shape)
-        shape[axis] = size
-        buf = filled(tuple(shape), self.fill, self._buf.dtype)
-        buf[tuple(slice(0, s) for s in self._buf.shape)] = self._buf
-        self._buf = buf
 
 
 def filled(shape: tuple[int, ...], fill: Any, dtype: Any) -> np.ndarray:

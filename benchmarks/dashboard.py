@@ -40,8 +40,8 @@ from moewatch.store.schema import (
     MANIFEST,
     SCHEMA_VERSION,
     conform,
+    part_bytes,
 )
-from moewatch.store.writer import part_bytes
 
 WIDTH_PX = 1150  # plot width in a 1400 px browser window (what the page asks for)
 

@@ -265,3 +265,16 @@ def test_the_documented_query_recipes_agree_with_the_filtered_read(ranked_run, t
     # the recipe without de-duplication would count the resumed steps twice: the check above has teeth
     raw = pq.read_table(path / "experts").to_pandas()
     assert raw["tokens"].sum() > run.experts_frame()["tokens"].sum()
+
+
+def test_reading_a_run_does_not_import_torch():
+    """The loader, the dense reader, the detector and the report never need torch: a notebook or a CI job that
+    only reads runs does not pay its import (about 1 s and 200 MB)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, moewatch, moewatch.store.reader, moewatch.store.dense, moewatch.store.compact, "
+            "moewatch.detect, moewatch.report; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"

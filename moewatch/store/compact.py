@@ -25,8 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moewatch.store.manifest import atomic_write_bytes
-from moewatch.store.schema import RANKS_DIR, SCHEMAS, TABLES
-from moewatch.store.writer import part_bytes
+from moewatch.store.schema import RANKS_DIR, SCHEMAS, TABLES, part_bytes
 
 REPLACES = b"moewatch.replaces"
 _PLAIN = re.compile(r"^r(\d+)-s(\d+)-(\d+)\.parquet$")

@@ -1,4 +1,6 @@
-"""The run-directory format: table schemas, folder and file names, and the schema version.
+"""The run-directory format: table schemas, folder and file names, the schema version, and how a part file is laid
+out (`part_bytes`: a row group per layer in experts parts; `conform`: a table in a schema's columns). Torch-free:
+every reader imports it.
 
 Documented for users in docs/format.md; change both together and bump SCHEMA_VERSION on any incompatible change.
 
@@ -10,7 +12,11 @@ parts lack read as null.
 
 from __future__ import annotations
 
+import io
+
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 2
 
@@ -87,3 +93,19 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     cols = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
             for f in schema]
     return pa.Table.from_arrays(cols, schema=schema)
+
+
+def part_bytes(table: pa.Table) -> bytes:
+    """A part file's bytes (zstd), as the writer and compaction write it (docs/format.md). An experts table gets one row group per run of rows of one layer (the writer
+    and compaction group rows by layer), so each row group's statistics name its layer."""
+    buf = io.BytesIO()
+    if "expert" not in table.column_names or table.num_rows == 0:
+        pq.write_table(table, buf, compression="zstd")
+        return buf.getvalue()
+    layer = table["layer"].combine_chunks()
+    cuts = pc.indices_nonzero(pc.not_equal(layer[1:], layer[:-1])).to_numpy() + 1
+    bounds = [0, *cuts.tolist(), table.num_rows]
+    with pq.ParquetWriter(buf, table.schema, compression="zstd") as out:
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            out.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
+    return buf.getvalue()

@@ -7,7 +7,6 @@ keeps the tables for the next try (bounded), so a full disk warns instead of cra
 
 from __future__ import annotations
 
-import io
 import logging
 import queue
 import threading
@@ -20,13 +19,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from moewatch import metrics
 from moewatch.store.manifest import atomic_write_bytes
-from moewatch.store.schema import EVAL_EXPERTS, EVAL_LAYERS, EXPERTS, LAYERS, RANKS_DIR, SCHEMAS
+from moewatch.store.schema import EVAL_EXPERTS, EVAL_LAYERS, EXPERTS, LAYERS, RANKS_DIR, SCHEMAS, part_bytes
 
 log = logging.getLogger("moewatch")
 
@@ -168,22 +165,6 @@ class PartWriter:
         atomic_write_bytes(path, part_bytes(table))
         self.count += 1
         return path
-
-
-def part_bytes(table: pa.Table) -> bytes:
-    """A part file's bytes (zstd). An experts table gets one row group per run of rows of one layer (the writer
-    and compaction group rows by layer), so each row group's statistics name its layer."""
-    buf = io.BytesIO()
-    if "expert" not in table.column_names or table.num_rows == 0:
-        pq.write_table(table, buf, compression="zstd")
-        return buf.getvalue()
-    layer = table["layer"].combine_chunks()
-    cuts = pc.indices_nonzero(pc.not_equal(layer[1:], layer[:-1])).to_numpy() + 1
-    bounds = [0, *cuts.tolist(), table.num_rows]
-    with pq.ParquetWriter(buf, table.schema, compression="zstd") as out:
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-            out.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
-    return buf.getvalue()
 
 
 class FlushWorker(threading.Thread):
