@@ -21,9 +21,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from moewatch.capture.watch import Watch
 from moewatch.integrations import require
-from moewatch.integrations.session import CallbackConfig, WatchSession, jsonable
+from moewatch.integrations.session import CallbackConfig, SessionCallback, WatchSession, jsonable
 
 log = logging.getLogger("moewatch")
 
@@ -38,7 +37,7 @@ ARGS_IN_META = (
 )
 
 
-class MoEWatchCallback(TrainerCallback):
+class MoEWatchCallback(SessionCallback, TrainerCallback):
     """Record router health during `Trainer.train()` into `<output_dir>/moewatch` (or `run_dir`).
 
     Arguments are those of `moewatch.attach` plus `tensorboard_dir` (a directory for the TensorBoard bridge, or
@@ -73,21 +72,6 @@ class MoEWatchCallback(TrainerCallback):
                                      group=group, per_rank=per_rank, reduce_timeout=reduce_timeout, wandb=wandb,
                                      mlflow=mlflow, stop_on=stop_on)
         self._session = WatchSession(self.config)
-
-    @property
-    def watch(self) -> Watch | None:
-        """The Watch of the training run in progress (None outside `train()`)."""
-        return self._session.watch
-
-    @property
-    def stopped_at(self) -> int | None:
-        """The step at which `stop_on` stopped the last train() (None: it did not)."""
-        return self._session.stop_step
-
-    @property
-    def stop_alert(self) -> Any:
-        """The alert that stopped it (None when it did not, or on a rank that followed another rank's alert)."""
-        return self._session.stop_alert
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:

@@ -24,15 +24,14 @@ from typing import Any
 
 from torch import nn
 
-from moewatch.capture.watch import Watch
 from moewatch.integrations import require
-from moewatch.integrations.session import CallbackConfig, WatchSession, jsonable
+from moewatch.integrations.session import CallbackConfig, SessionCallback, WatchSession, jsonable
 
 pl = require("lightning.pytorch", "lightning", "moewatch.integrations.lightning")
 log = logging.getLogger("moewatch")
 
 
-class MoEWatchCallback(pl.Callback):
+class MoEWatchCallback(SessionCallback, pl.Callback):
     """Record router health during `Trainer.fit()` into `<default_root_dir>/moewatch` (or `run_dir`).
 
     Arguments are those of `moewatch.attach` plus `module` (the dotted name of the submodule to attach to, e.g.
@@ -75,21 +74,6 @@ class MoEWatchCallback(pl.Callback):
                                      mlflow=mlflow, stop_on=stop_on)
         self._session = WatchSession(self.config)
         self._last_global_step = 0
-
-    @property
-    def watch(self) -> Watch | None:
-        """The Watch of the fit in progress (None outside `fit()`)."""
-        return self._session.watch
-
-    @property
-    def stopped_at(self) -> int | None:
-        """The step at which `stop_on` stopped the last fit() (None: it did not)."""
-        return self._session.stop_step
-
-    @property
-    def stop_alert(self) -> Any:
-        """The alert that stopped it (None when it did not, or on a rank that followed another rank's alert)."""
-        return self._session.stop_alert
 
     def _target(self, pl_module: nn.Module) -> nn.Module:
         if self.module is None:

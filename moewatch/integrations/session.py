@@ -99,6 +99,27 @@ class CallbackConfig:
         return [kind for kind in TRACKERS if getattr(self, kind) is not None]
 
 
+class SessionCallback:
+    """What the framework callbacks expose of their `WatchSession` (kept in ``self._session``)."""
+
+    _session: WatchSession
+
+    @property
+    def watch(self) -> Watch | None:
+        """The Watch of the training run in progress (None outside it)."""
+        return self._session.watch
+
+    @property
+    def stopped_at(self) -> int | None:
+        """The step at which `stop_on` stopped the last training run (None: it did not)."""
+        return self._session.stop_step
+
+    @property
+    def stop_alert(self) -> Any:
+        """The alert that stopped it (None when it did not, or on a rank that followed another rank's alert)."""
+        return self._session.stop_alert
+
+
 class WatchSession:
     """One Watch at a time, attached by `start` and closed by `close`; a leftover from a failed run is closed first."""
 
