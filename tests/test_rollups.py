@@ -95,6 +95,77 @@ def test_stale_or_unaligned_rollups_fall_back_to_the_steps(tmp_path):
     assert open_rollups(path) is None and key(build_report(path, DetectorConfig())) == key(per_step)
 
 
+def test_gradient_norms_roll_up_and_expert_stalled_is_judged_from_the_blocks(tmp_path, monkeypatch):
+    """A run recording per-expert gradient norms keeps the rollup speed-up: blocks carry the sum of the recorded norms
+    and their count, so each window's mean norm (and the expert_stalled alert) is what the per-step rows give."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import moewatch.store.dense as dense
+    from moewatch.detect import analyze_run
+    from moewatch.detect.windows import layer_data_from_dense, make_windows, window_size
+    from tests.test_app_data import random_counts, write_manifest, write_part
+    from tests.test_expert_learning import healthy_grads
+
+    rng = np.random.default_rng(11)
+    run = tmp_path / "r"
+    write_manifest(run, ["gate"], 8)
+    write_part(run, {"gate": random_counts(rng, 800, 8)}, np.arange(800))
+    f = next((run / "experts").glob("*.parquet"))
+    t = pq.read_table(f)
+    grad = healthy_grads(800, 8, seed=11)
+    grad[400:, 6] *= 0.003  # expert 6 stops learning at step 400
+    grad[rng.random(800) < 0.1] = np.nan  # steps the optimizer skipped (AMP overflow): no norm recorded
+    column = pa.array(grad.reshape(-1), from_pandas=True)  # rows are step-major, as write_part writes them
+    t = t.drop_columns(["grad_norm"]) if "grad_norm" in t.column_names else t
+    pq.write_table(t.append_column("grad_norm", column), f)
+
+    per_step = analyze_run(run)
+    write_rollups(run)
+    ((step_layer,), (rolled,)) = list(iter_dense_layers(run)), list(iter_dense_layers(run, rollups=True))
+    assert rolled.block == BLOCK and rolled.grad_norm is not None
+    config = DetectorConfig()
+    size = window_size(rolled.head, config)
+    assert size % BLOCK == 0
+    a, _ = make_windows(layer_data_from_dense(step_layer), size, True)
+    b, _ = make_windows(layer_data_from_dense(rolled), size, True)
+    np.testing.assert_allclose(b.grad_norm, a.grad_norm, rtol=1e-12)
+
+    reads: list = []
+    real = dense.iter_dense_layers
+
+    def counted(*args, **kwargs):
+        for d in real(*args, **kwargs):
+            reads.append(d.block)
+            yield d
+
+    monkeypatch.setattr(dense, "iter_dense_layers", counted)
+    from_blocks = analyze_run(run)
+    assert reads == [BLOCK]  # judged from the rollup, no per-step read
+    stalled = [(x.kind, x.experts, x.first_step, x.severity) for x in from_blocks.alerts if x.kind == "expert_stalled"]
+    assert stalled and stalled[0][1] == (6,)
+    assert stalled == [(x.kind, x.experts, x.first_step, x.severity) for x in per_step.alerts
+                       if x.kind == "expert_stalled"]
+
+
+def test_a_rollup_of_an_older_format_is_stale(tmp_path):
+    sc = syn.Scenario("c", "sudden", "collapse", onset=400, ramp=80, steps=300, layers=1, num_experts=8)
+    path = syn.simulate(sc).write(tmp_path / "run")
+    write_rollups(path)
+    import json
+
+    import pyarrow.parquet as pq
+
+    from moewatch.store.rollup import KEY
+
+    t = pq.read_table(path_for(path))
+    info = json.loads(t.schema.metadata[KEY])
+    info.pop("version")  # what a version-1 writer wrote: no grad columns, no version
+    pq.write_table(t.drop_columns(["grad_sum", "grad_steps"]).replace_schema_metadata({KEY: json.dumps(info)}),
+                   path_for(path))
+    assert open_rollups(path) is None
+
+
 def _without_rollups(path: Path, tmp_path: Path) -> Path:
     copy = shutil.copytree(path, tmp_path / "plain")
     shutil.rmtree(copy / "rollups")

@@ -351,11 +351,9 @@ def analyze_run(path, config: DetectorConfig | None = None,
     memory holds one group of layers' counts at a time (at most ``budget_bytes``; default
     ``moewatch.store.dense.DEFAULT_BUDGET``), never the run's long table. A layer is read from the run's rollups
     (exact block sums, when up to date) where its windows are whole blocks, else from its per-step rows."""
-    from moewatch.store.dense import DEFAULT_BUDGET, has_values, iter_dense_layers
+    from moewatch.store.dense import DEFAULT_BUDGET, iter_dense_layers
     from moewatch.store.manifest import read_manifest
     from moewatch.store.placement import placement_for
-    from moewatch.store.reader import part_files
-    from moewatch.store.schema import EXPERTS
 
     config = config or DetectorConfig()
     budget = DEFAULT_BUDGET if budget_bytes is None else budget_bytes
@@ -364,11 +362,8 @@ def analyze_run(path, config: DetectorConfig | None = None,
     except (OSError, ValueError):
         manifest = None  # no placement known: the other rules still run
 
-    # Rollups keep counts only: a run with per-expert gradient norms is read per step, so expert_stalled sees them.
-    rollups = not has_values(part_files(path, EXPERTS), "grad_norm")
-
     def stream():
-        for dense in iter_dense_layers(path, budget, skipped=[], rollups=rollups):
+        for dense in iter_dense_layers(path, budget, skipped=[], rollups=True):
             if dense.block != 1 and not _blocks_fit(dense, config):
                 (dense,) = iter_dense_layers(path, layers=[dense.layer], skipped=[])
             data = layer_data_from_dense(dense)

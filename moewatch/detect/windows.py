@@ -47,6 +47,7 @@ class LayerData:
     head: np.ndarray | None = None  # with blocks: the first steps' counts, per step (for the window size)
     placement: np.ndarray | None = None  # [E] expert-parallel device of each expert (moewatch.store.placement)
     grad_norm: np.ndarray | None = None  # [S, E] each expert's gradient norm per step (NaN: not recorded)
+    grad_steps: np.ndarray | None = None  # with blocks: grad_norm is [blocks, E] sums of norms over this many steps
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -182,7 +183,7 @@ def make_windows(data: LayerData, size: int, include_tail: bool) -> tuple[Window
                 _window_sum(data.dropped, size, full, used) if b == 1 else _block_sum(data.dropped, idx // b, cut)),
             bias=None if data.bias is None else data.bias[ends // b],
             placement=data.placement,
-            grad_norm=None if data.grad_norm is None or b != 1 else nanmean_bins(data.grad_norm[:used], idx),
+            grad_norm=_grad_windows(data, idx, used, cut),
             extra=routing_windows(data.stats, idx, used),
         ),
         used,
@@ -217,6 +218,20 @@ def nanmean_bins(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     ok = np.isfinite(x)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.add.reduceat(np.where(ok, x, 0.0), starts, axis=0) / np.add.reduceat(ok, starts, axis=0)
+
+
+def _grad_windows(data: LayerData, idx: np.ndarray, used: int, cut: int) -> np.ndarray | None:
+    """[W, E] each expert's mean gradient norm over the window's recorded steps: from the per-step norms, or from a
+    rollup's block sums and step counts (the same mean: windows are whole blocks)."""
+    if data.grad_norm is None:
+        return None
+    if data.block == 1:
+        return nanmean_bins(data.grad_norm[:used], idx)
+    if data.grad_steps is None:
+        return None
+    starts = idx // data.block
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _block_sum(data.grad_norm, starts, cut) / _block_sum(data.grad_steps, starts, cut)
 
 
 def _window_sum(arr: np.ndarray, size: int, full: int, used: int) -> np.ndarray:
@@ -275,7 +290,8 @@ def layer_data_from_dense(dense) -> LayerData:
     dropped = dense.dropped if dense.dropped is not None and dense.dropped.any() else None
     bias = dense.bias if bias_moves(dense.bias) else None
     return LayerData(dense.layer, dense.num_experts, dense.top_k, dense.steps, dense.tokens, stats, dropped, bias,
-                     dense.block, dense.head, grad_norm=getattr(dense, "grad_norm", None))
+                     dense.block, dense.head, grad_norm=getattr(dense, "grad_norm", None),
+                     grad_steps=getattr(dense, "grad_steps", None))
 
 
 def layer_data_from_frames(layers: pd.DataFrame, experts: pd.DataFrame) -> list[LayerData]:

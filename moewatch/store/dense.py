@@ -61,7 +61,9 @@ class DenseLayer:
     bias: np.ndarray | None = None
     block: int = 1  # > 1: tokens/dropped/bias are exact sums over blocks of this many steps (moewatch.store.rollup)
     head: np.ndarray | None = None  # with blocks: the first steps' counts, per step
-    grad_norm: np.ndarray | None = None  # [S, E] per-step gradient norm of each expert (mean over ranks), if recorded
+    grad_norm: np.ndarray | None = None  # [S, E] per-step gradient norm of each expert (mean over ranks), if recorded;
+    # with blocks: [blocks, E] the sum of the block's recorded norms, and grad_steps how many steps recorded one
+    grad_steps: np.ndarray | None = None
     gate_mass: np.ndarray | None = None  # [S, E] combine weights each expert's assignments got (summed over ranks)
 
 
@@ -111,7 +113,8 @@ def iter_dense_layers(run_dir: str | Path, budget_bytes: int = DEFAULT_BUDGET, l
                     yield from iter_dense_layers(run_dir, budget_bytes, [name], skipped)  # not rolled up
                     continue
                 yield DenseLayer(name, plan.num_experts[name], plan.top_k[name], plan.steps[name], b.tokens,
-                                 plan.stats[name], b.dropped, b.bias, b.block, b.head)
+                                 plan.stats[name], b.dropped, b.bias, b.block, b.head, grad_norm=b.grad_sum,
+                                 grad_steps=b.grad_steps)
             return
     files = part_files(run_dir, EXPERTS)
     width = plan.cell_bytes(bias=any(_has_bias(f) for f in files),

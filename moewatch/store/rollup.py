@@ -5,7 +5,9 @@ coarser than a step (the detector's windows) reads ten times fewer rows.
 ``moewatch.store.dense``) over blocks of ``BLOCK`` consecutive recorded steps of each layer, counted from the
 layer's first recorded step, and keeps the layer's first ``HEAD`` steps per step (the detector sizes its windows
 from them). Counts are additive, so a block is the exact sum of its steps; the bias is the value at the block's last
-step. One file, ``rollups/experts-b<BLOCK>.parquet``, written atomically; its metadata names the part files it was
+step. Per-expert gradient norms (schema 2) roll up as a sum over the block's recorded steps and their number, so a
+window's mean norm (the detector's ``expert_stalled``) is exact too; gate mass is not rolled up (only the dashboard's
+per-layer view reads it, per step). One file, ``rollups/experts-b<BLOCK>.parquet``, written atomically; its metadata names the part files it was
 computed from (``moewatch.rollup``), and a reader uses it only while those are still exactly the run's live parts:
 any new flush, resumed session or compaction makes it stale, and readers then fall back to the per-step rows until
 the next ``moewatch compact`` (which writes rollups) brings it up to date.
@@ -37,18 +39,24 @@ _SCHEMA = pa.schema([
     pa.field("tokens", pa.int64()),
     pa.field("dropped", pa.int64()),
     pa.field("bias", pa.float64()),
+    pa.field("grad_sum", pa.float64()),  # sum of the block's recorded gradient norms (null: none recorded)
+    pa.field("grad_steps", pa.int32()),  # how many of the block's steps recorded one
 ])
+VERSION = 2  # 1: counts, drops and bias only (read as stale: the next compact rewrites it)
 
 
 @dataclass
 class Blocks:
-    """One layer's rollup: ``tokens``/``dropped``/``bias`` are ``[blocks, E]``, ``head`` ``[min(S, HEAD), E]``."""
+    """One layer's rollup: ``tokens``/``dropped``/``bias`` are ``[blocks, E]``, ``head`` ``[min(S, HEAD), E]``;
+    ``grad_sum``/``grad_steps`` ``[blocks, E]`` when the run records gradient norms."""
 
     block: int
     tokens: np.ndarray
     dropped: np.ndarray | None
     bias: np.ndarray | None
     head: np.ndarray
+    grad_sum: np.ndarray | None = None
+    grad_steps: np.ndarray | None = None
 
 
 def path_for(run_dir: Path, block: int = BLOCK) -> Path:
@@ -85,10 +93,15 @@ def write_rollups(run_dir: str | Path, block: int = BLOCK) -> Path | None:
         dropped = None if d.dropped is None else np.add.reduceat(d.dropped, starts, axis=0, dtype=np.int64)
         bias = None if d.bias is None else d.bias[ends]
         head = d.tokens[:HEAD].astype(np.int64)
-        parts = [_rows(d.layer, False, tokens, dropped, bias), _rows(d.layer, True, head, None, None)]
+        grad = None
+        if d.grad_norm is not None and S:
+            ok = np.isfinite(d.grad_norm)
+            grad = (np.add.reduceat(np.where(ok, d.grad_norm, 0.0), starts, axis=0),
+                    np.add.reduceat(ok, starts, axis=0, dtype=np.int32))
+        parts = [_rows(d.layer, False, tokens, dropped, bias, grad), _rows(d.layer, True, head, None, None)]
         table = pa.concat_tables(parts)
         if writer is None:
-            meta = {KEY: json.dumps({"block": block, "head": HEAD, "parts": stamp}).encode()}
+            meta = {KEY: json.dumps({"version": VERSION, "block": block, "head": HEAD, "parts": stamp}).encode()}
             writer = pq.ParquetWriter(buf, _SCHEMA.with_metadata(meta), compression="zstd")
         writer.write_table(table)
     if writer is None:
@@ -100,9 +113,10 @@ def write_rollups(run_dir: str | Path, block: int = BLOCK) -> Path | None:
     return out
 
 
-def _rows(layer: str, head: bool, tokens: np.ndarray, dropped: np.ndarray | None, bias: np.ndarray | None
-          ) -> pa.Table:
+def _rows(layer: str, head: bool, tokens: np.ndarray, dropped: np.ndarray | None, bias: np.ndarray | None,
+          grad: tuple[np.ndarray, np.ndarray] | None = None) -> pa.Table:
     n, E = tokens.shape
+    nulls = np.ones(n * E, bool)
     return pa.table({
         "layer": pa.array([layer] * (n * E), pa.string()),
         "head": np.full(n * E, head),
@@ -112,6 +126,8 @@ def _rows(layer: str, head: bool, tokens: np.ndarray, dropped: np.ndarray | None
         "dropped": np.zeros(n * E, np.int64) if dropped is None else dropped.reshape(-1),
         "bias": pa.array(np.full(n * E, np.nan) if bias is None else bias.reshape(-1), pa.float64(),
                          from_pandas=True),
+        "grad_sum": pa.array(np.zeros(n * E), mask=nulls) if grad is None else grad[0].reshape(-1),
+        "grad_steps": pa.array(np.zeros(n * E, np.int32), mask=nulls) if grad is None else grad[1].reshape(-1),
     }, schema=_SCHEMA)
 
 
@@ -134,20 +150,24 @@ class RollupReader:
         if not groups:
             return None
         t = self._pf.read_row_groups(groups)
-        col = {c: t[c].to_numpy(zero_copy_only=False) for c in ("head", "index", "expert", "tokens", "dropped", "bias")}
+        names = ("tokens", "dropped", "bias", "grad_sum", "grad_steps")
+        col = {c: t[c].to_numpy(zero_copy_only=False) for c in ("head", "index", "expert", *names)}
+        floats = {"bias": np.float64, "grad_sum": np.float64}
         grids = {}
         for is_head in (False, True):
             rows = np.flatnonzero(col["head"] == is_head)
             n = int(col["index"][rows].max()) + 1 if len(rows) else 0
-            grid = {c: np.zeros((n, num_experts), np.float64 if c == "bias" else np.int64)
-                    for c in ("tokens", "dropped", "bias")}
+            grid = {c: np.zeros((n, num_experts), floats.get(c, np.int64)) for c in names}
             for c, arr in grid.items():
-                arr[col["index"][rows], col["expert"][rows]] = col[c][rows]
+                arr[col["index"][rows], col["expert"][rows]] = np.nan_to_num(col[c][rows]) if c[:4] == "grad" \
+                    else col[c][rows]
             grids[is_head] = grid
         blocks = grids[False]
         bias = blocks["bias"] if np.isfinite(blocks["bias"]).any() else None
         dropped = blocks["dropped"] if blocks["dropped"].any() else None
-        return Blocks(self.block, blocks["tokens"], dropped, bias, grids[True]["tokens"])
+        grad = blocks["grad_steps"].any()
+        return Blocks(self.block, blocks["tokens"], dropped, bias, grids[True]["tokens"],
+                      blocks["grad_sum"] if grad else None, blocks["grad_steps"] if grad else None)
 
 
 def open_rollups(run_dir: str | Path, block: int = BLOCK) -> RollupReader | None:
@@ -157,7 +177,8 @@ def open_rollups(run_dir: str | Path, block: int = BLOCK) -> RollupReader | None
         return None
     try:
         info = json.loads((pq.read_schema(path).metadata or {}).get(KEY, b"{}"))
-        if info.get("block") != block or info.get("parts") != fingerprint(Path(run_dir)):
+        stale = info.get("version") != VERSION or info.get("block") != block
+        if stale or info.get("parts") != fingerprint(Path(run_dir)):
             return None
         return RollupReader(path, block)
     except (OSError, pa.ArrowException, ValueError):
