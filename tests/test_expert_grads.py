@@ -407,6 +407,45 @@ def test_experts_as_modules_idle_expert_has_no_grad_and_reads_zero():
         tracker.remove()
 
 
+class NumberedExperts(nn.Module):
+    """Per-expert tensors named by index in one module (Transformer Engine's GroupedLinear ``weight{i}``): ``up{e}``
+    is ``[E, D]``, so its dim 0 equals E and the fused rule would split it; ``w1`` is no expert's (no 0)."""
+
+    def __init__(self, E: int = 4, D: int = 8):
+        super().__init__()
+        self.E, self.num_experts_per_tok = E, 2
+        self.gate = nn.Linear(D, E)
+        self.experts = nn.Module()
+        for e in range(E):
+            self.experts.register_parameter(f"up{e}", nn.Parameter(torch.randn(E, D) * 0.3))
+            self.experts.register_parameter(f"down{e}", nn.Parameter(torch.randn(D, E) * 0.3))
+        self.experts.w1 = nn.Parameter(torch.ones(D))
+
+    def forward(self, x):
+        probs = self.gate(x).softmax(-1)
+        out = sum(probs[:, e:e + 1] * (F.silu(x @ getattr(self.experts, f"up{e}").t())
+                                       @ getattr(self.experts, f"down{e}").t()) for e in range(self.E))
+        return out * self.experts.w1
+
+
+def test_indexed_parameters_are_one_expert_each_before_the_fused_rule():
+    model = Wrap(NumberedExperts()).train()
+    tracker = GradTracker.attach(model, {"block.gate": 4})
+    try:
+        ep = tracker.found["block.gate"]
+        assert ep.layout == "indexed" and ep.unattributed == ("block.experts.w1",)
+        assert {(t.name, t.expert) for t in ep.tensors} == {(f"block.experts.{s}{e}", e) for s in ("up", "down")
+                                                           for e in range(4)}
+        F.mse_loss(model.block(torch.randn(6, 8)), torch.zeros(6, 8)).backward()
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        experts = model.block.experts
+        close(tracker.take().sq_E["block.gate"], torch.stack([sq(getattr(experts, f"up{e}").grad,
+                                                                  getattr(experts, f"down{e}").grad)
+                                                               for e in range(4)]))
+    finally:
+        tracker.remove()
+
+
 # ---------------------------------------------------------------------------------------------- not found
 
 

@@ -8,13 +8,24 @@ This module owns two things, both standalone (the Watch wires them in):
    router). Layouts, each read by a rule, never guessed:
 
    - **experts as modules**: an `nn.ModuleList`/`Sequential` of E experts (LitGPT, DeepSpeed, transformers 4.x,
-     research code), or children named ``expert_0 .. expert_{E-1}`` (Switch-Transformers, NLLB-MoE); the index is
-     the list position or the name's number, never the order of attributes;
+     research code, Megatron-Core's ``SequentialMLP.local_experts``), or children named ``expert_0 .. expert_{E-1}``
+     (Switch-Transformers, NLLB-MoE); the index is the list position or the name's number, never the order of
+     attributes;
+   - **indexed tensors**: parameters of one module named ``<stem>0 .. <stem>{E-1}`` (one stem covering exactly
+     0..E-1; Transformer Engine's ``GroupedLinear`` ``weight{i}``/``bias{i}``, one per local expert, as Megatron-Core's
+     ``TEGroupedMLP.linear_fc1``/``linear_fc2`` hold them): expert i is the tensor with number i; read before the
+     fused rule, so that a ``weight{i}`` whose dim 0 happens to equal E is never split;
    - **fused** ``[E, ...]`` tensors with ndim >= 2 (transformers 5.x ``gate_up_proj``/``down_proj`` incl. GPT-OSS'
      2-D biases, torchtitan's ``w1/w2/w3``, NeMo's grouped experts, JetMoE's parallel experts, grouped-GEMM kernels,
      moewatch's reference model ``w_in_EDH``/``w_out_EHD`` held by the block itself): dim 0 indexes the expert;
    - **flat** ``[E*H, D]`` tensors of classes known to lay experts out as E contiguous blocks of dim 0
-     (transformers' DBRX ``DbrxExpertGLU``, OLMo-core's ``MoEMLP``/``DroplessMoEMLP``);
+     (transformers' DBRX ``DbrxExpertGLU``, OLMo-core's ``MoEMLP``/``DroplessMoEMLP``), and tensors of classes known
+     to view their elements, in row-major order, as E contiguous blocks (`ExpertTensor.chunks`): Megatron-Core's
+     legacy grouped-GEMM ``GroupedMLP``, whose forward (and checkpoint) reads ``weight1`` ``[H, E*F]`` (``F`` = the
+     expert FFN width, doubled when gated) as ``weight1.view(E, H, F)`` and ``weight2`` ``[E*F, H]`` as
+     ``view(E, F, H)``: expert e owns elements ``[e*H*F, (e+1)*H*F)`` of ``weight1``, which are *not* columns
+     ``e*F .. (e+1)*F`` and not, unless E divides H, whole rows; read before the fused rule (``weight1``'s dim 0 is
+     H, which may equal E);
    - **product keys** (Doge): expert e is row e of ``down_embed`` and ``up_embed``.
 
    The experts' module is a child named ``experts`` or ``*experts`` (``routed_experts``), or a child whose class
@@ -25,9 +36,14 @@ This module owns two things, both standalone (the Watch wires them in):
    counted. A router with more classes than the experts' module declares (ZAYA's skip class, LongCat's
    zero-compute experts: the module's ``num_experts``/``num_routed_experts`` is smaller than E) has parameter-free
    experts at the tail indices; their norms are NaN, not 0, so that they never read as "stopped learning". A module
-   declaring ``num_local_experts`` below the global count is expert-parallel: which global experts it holds is not
-   known from the module, so it is not found (None, with the reason). None always comes with a reason string for
-   run.json's problems ("expert params not found").
+   declaring ``num_local_experts`` below the global count is expert-parallel and is not found (None, with the
+   reason): which global experts it holds is usually not known from the module, and where it is (Megatron-Core's
+   ``MoELayer.local_expert_indices``) the per-rank squares still do not combine by the rules below (a rank holding
+   some experts is neither a replica of the other ranks nor a shard of one tensor, and a sum over all ranks counts
+   each expert once per expert-data-parallel replica). Megatron-Core experts split by expert tensor parallelism
+   (their ``tp_group``, the expert-TP group, larger than 1) hold a slice of every expert on each rank, with
+   replicas beside them: not found either. None always comes with a reason string for run.json's problems
+   ("expert params not found").
 
 2. **`GradTracker`**: a global optimizer step pre-hook (`torch.optim.optimizer.register_optimizer_step_pre_hook`,
    fired by every optimizer right before its update) that adds each expert's sum of squared gradients into a
@@ -101,6 +117,11 @@ DECLARED_ATTRS = ("num_routed_experts", "n_routed_experts", "num_experts", "moe_
 LOCAL_ATTRS = ("num_local_experts",)
 # Classes known to keep experts as E contiguous blocks of dim 0 of a flat [E*H, ...] tensor: (package, class).
 FLAT_CLASSES = (("transformers", "DbrxExpertGLU"), ("olmo_core", "MoEMLPBase"))
+# Classes known to view each weight's elements, in row-major order, as E contiguous blocks: (package, class).
+# Megatron-Core's legacy GroupedMLP: weight1 [H, E*F] is `weight1.view(E, H, F)` in its forward and checkpoint.
+CHUNK_CLASSES = (("megatron.core", "GroupedMLP"),)
+# Megatron-Core modules: their experts' `tp_group` is the expert tensor-parallel group.
+MEGATRON_CLASSES = (("megatron.core", "MegatronModule"),)
 CLIMB = 3  # ancestors looked at above the router (parent first)
 _INDEXED = re.compile(r"(\d+)$")  # "3", "expert_3": the expert's index
 
@@ -112,14 +133,17 @@ _INDEXED = re.compile(r"(\d+)$")  # "3", "expert_3": the expert's index
 class ExpertTensor:
     """One parameter tensor holding expert weights.
 
-    ``expert`` set: the whole tensor is that expert's (experts as modules). ``expert`` None: dim 0 splits into
-    ``groups`` equal contiguous blocks and block g belongs to expert g (fused ``[E, ...]``: ``groups`` = dim 0;
-    flat ``[E*H, D]``: ``groups`` = E); blocks past the experts with parameters are ignored (LongCat's unused rows).
+    ``expert`` set: the whole tensor is that expert's (experts as modules, indexed tensors). ``expert`` None: dim 0
+    splits into ``groups`` equal contiguous blocks and block g belongs to expert g (fused ``[E, ...]``: ``groups`` =
+    dim 0; flat ``[E*H, D]``: ``groups`` = E); blocks past the experts with parameters are ignored (LongCat's unused
+    rows). ``chunks``: the tensor's elements in row-major order, not its dim 0, split into the ``groups`` blocks
+    (Megatron's ``GroupedMLP.weight1`` ``[H, E*F]``, viewed as ``[E, H, F]``); read as ``reshape(groups, -1)``.
     """
 
     name: str  # qualified parameter name in the model
     expert: int | None = None
     groups: int = 1
+    chunks: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,7 +153,7 @@ class ExpertParams:
     layer: str  # the router's qualified name (the run's `layer`)
     block: str  # qualified name of the module the experts were found in
     num_experts: int  # E, the router's
-    layout: str  # "modules", "fused", "flat", "product_key" or a "+"-joined mix
+    layout: str  # "modules", "indexed", "fused", "flat", "product_key" or a "+"-joined mix
     tensors: tuple[ExpertTensor, ...]
     param_free: tuple[int, ...] = ()  # experts without parameters (skip / zero-compute classes): NaN norms
     unattributed: tuple[str, ...] = ()  # parameters in the experts' module that belong to no single expert
@@ -210,11 +234,18 @@ class _Scan:
 
     def module(self, module: nn.Module, prefix: str) -> None:
         flat = _is_class(module, FLAT_CLASSES)
-        for name, p in module.named_parameters(recurse=False):
-            if id(p) in self.skip:
-                continue
+        chunked = _is_class(module, CHUNK_CLASSES)
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in self.skip]
+        numbered = self._numbered(own)
+        for name, p in own:
             full = _join(prefix, name)
-            if p.dim() >= 2 and p.shape[0] in (self.E, self.n):
+            if name in numbered:
+                self.tensors.append(ExpertTensor(full, numbered[name]))
+                self.layouts.add("indexed")
+            elif chunked and p.dim() >= 2 and p.numel() % self.n == 0:
+                self.tensors.append(ExpertTensor(full, None, self.n, chunks=True))
+                self.layouts.add("flat")
+            elif p.dim() >= 2 and p.shape[0] in (self.E, self.n):
                 self.tensors.append(ExpertTensor(full, None, int(p.shape[0])))
                 self.layouts.add("fused")
             elif flat and p.dim() >= 1 and p.shape[0] % self.n == 0 and p.shape[0] > self.n:
@@ -235,6 +266,20 @@ class _Scan:
             if id(child) not in taken and _has_params(child):
                 self.module(child, _join(prefix, name))
 
+    def _numbered(self, params: list[tuple[str, nn.Parameter]]) -> dict[str, int]:
+        """The module's own parameters that are the n experts' by name: per stem (``weight``, ``bias``), names
+        ``<stem>0 .. <stem>{n-1}`` covering exactly 0..n-1 (Transformer Engine's GroupedLinear); name -> expert."""
+        stems: dict[str, dict[int, str]] = {}
+        for name, _ in params:
+            m = _INDEXED.search(name)
+            if m is not None and (m.group(1) == "0" or not m.group(1).startswith("0")):
+                stems.setdefault(name[:m.start()], {})[int(m.group(1))] = name
+        out: dict[str, int] = {}
+        for by_index in stems.values():
+            if self.n >= 2 and set(by_index) == set(range(self.n)):
+                out.update({name: e for e, name in by_index.items()})
+        return out
+
     def _indexed(self, module: nn.Module, children: list[tuple[str, nn.Module]]) -> dict[int, tuple] | None:
         """The children that are the n experts by index: a list's positions, or names ending in the expert's number
         with one common prefix (``expert_0``, ``expert_1``, ...), covering exactly 0..n-1."""
@@ -254,18 +299,49 @@ class _Scan:
 
 
 def _counts(holders: list[nn.Module], block: nn.Module, num_experts: int) -> tuple[int, str]:
-    """(experts with parameters, reason if expert-parallel) from what the experts' modules declare about themselves."""
+    """(experts with parameters, reason if not readable: expert parallel, expert tensor parallel) from what the
+    experts' modules declare about themselves."""
     for m in (*holders, block):
         local = _int_attr(m, LOCAL_ATTRS)
         total = _int_attr(m, DECLARED_ATTRS) or num_experts
         if local is not None and local < total:
-            return 0, (f"{type(m).__name__} holds {local} local experts of {total} (expert parallel): which global "
-                       f"experts are local is not known from the module")
+            which = _local_indices(block, local)
+            if which is None:
+                return 0, (f"{type(m).__name__} holds {local} local experts of {total} (expert parallel): which "
+                           f"global experts are local is not known from the module")
+            return 0, (f"{type(m).__name__} holds {local} local experts of {total} (expert parallel; global experts "
+                       f"{which[0]}..{which[-1]} by local_expert_indices): the ranks' squares do not combine into "
+                       f"per-expert norms, as each expert's gradients live on its expert-parallel rank only, "
+                       f"replicated over the expert-data-parallel group")
+    for m in holders:
+        tp = _group_size(getattr(m, "tp_group", None)) if _is_class(m, MEGATRON_CLASSES) else 1
+        if tp > 1:
+            return 0, (f"{type(m).__name__} is split by expert tensor parallelism ({tp} ranks in its tp_group): each "
+                       f"rank holds a slice of every expert's weights, so one rank's squares are partial and the "
+                       f"ranks' squares do not combine as replicas")
     for m in holders:
         declared = _int_attr(m, DECLARED_ATTRS)
         if declared is not None and declared < num_experts:
             return declared, ""
     return num_experts, ""
+
+
+def _local_indices(block: nn.Module, local: int) -> list[int] | None:
+    """Megatron's ``local_expert_indices``: the global experts this rank holds, if the block says so exactly."""
+    which = getattr(block, "local_expert_indices", None)
+    if isinstance(which, (list, tuple)) and len(which) == local and all(isinstance(i, int) for i in which):
+        return list(which)
+    return None
+
+
+def _group_size(group: Any) -> int:
+    """A process group's size (a local query, no communication); 1 when there is none or it cannot say."""
+    size = getattr(group, "size", None)
+    try:
+        n = size() if callable(size) else 1
+    except Exception:  # a group this process is not part of, a destroyed one
+        return 1
+    return n if isinstance(n, int) and n > 0 else 1
 
 
 def _from_block(model: nn.Module, block_name: str, block: nn.Module, router: nn.Module, layer: str,
@@ -361,7 +437,7 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 class _Local:
     """How a (possibly DTensor) tensor's local piece maps onto its global rows."""
 
-    rows: int  # local rows of dim 0 (1 for a 0-d tensor)
+    rows: int  # local rows read: of dim 0 (1 for a 0-d tensor), or one per expert (`ExpertTensor.chunks`)
     offset: int  # global index of the first local row
     scale: float  # 1 / replicas: summing the squares of all ranks gives the full squares
     placements: tuple | None  # DTensor placements planned for, None for a plain tensor
@@ -517,9 +593,13 @@ class GradTracker:
             for t in ep.tensors:
                 p = model.get_parameter(t.name)
                 local = _local_plan(p)
-                if isinstance(local, str):
-                    self._drop(layer, f"parameter {t.name}: {local}")
+                if isinstance(local, str) or (t.chunks and local.placements is not None):
+                    why = local if isinstance(local, str) else ("its experts are blocks of its elements in row-major "
+                                                                "order, which a sharded (DTensor) piece does not show")
+                    self._drop(layer, f"parameter {t.name}: {why}")
                     break
+                if t.chunks:  # one row per expert: `reshape(groups, -1)` is the module's own `view(E, ...)`
+                    local = _Local(t.groups, 0, local.scale, None, local.shape)
                 self._home.setdefault(layer, p.device)
                 dev = self._devices.setdefault(p.device, _Device(p.device))
                 item = _Item(p, layer, local)
@@ -528,7 +608,7 @@ class GradTracker:
                     mod_slots.setdefault(p.device, []).append((base + t.expert, local.scale))
                     continue
                 dev.fused.append(item)
-                per_group = max(int(p.shape[0]) // t.groups, 1) if p.dim() else 1
+                per_group = 1 if t.chunks or not p.dim() else max(int(p.shape[0]) // t.groups, 1)  # rows per expert
                 for r in range(local.offset, local.offset + local.rows):
                     g = r // per_group
                     # Rows past the experts with parameters (LongCat's zero experts) belong to no expert.
