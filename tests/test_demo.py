@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,7 +52,8 @@ def small(name: str) -> Scenario:
 
 
 def test_default_scenarios_differ_only_in_balancing() -> None:
-    assert list(SCENARIOS) == ["collapse", "aux-loss", "z-loss+aux", "aux-free-bias", "aux-annealed", "capacity-1.0"]
+    assert list(SCENARIOS) == ["collapse", "aux-loss", "z-loss+aux", "aux-free-bias", "aux-annealed", "aux-free-lost",
+                               "capacity-1.0"]
     balancing = {
         "aux_loss_coef",
         "z_loss_coef",
@@ -77,6 +79,25 @@ def test_default_scenarios_differ_only_in_balancing() -> None:
     annealed = SCENARIOS["aux-annealed"]
     assert annealed.config == SCENARIOS["aux-loss"].config and annealed.aux_decay is not None
     assert [s.aux_decay for s in SCENARIOS.values()].count(None) == len(SCENARIOS) - 1
+    lost = SCENARIOS["aux-free-lost"]
+    assert lost.config == SCENARIOS["aux-free-bias"].config and lost.bias_stop == 0.5
+    assert [s.bias_stop for s in SCENARIOS.values()].count(None) == len(SCENARIOS) - 1
+
+
+def test_bias_stop_freezes_the_bias_where_it_stands(corpus, tmp_path) -> None:
+    """From bias_stop on, the aux-free bias is not updated: the recorded bias is constant after it and moving before."""
+    scenario = dataclasses.replace(small("aux-free-lost"), warmup_steps=0)
+    train_scenario(scenario, steps=20, device="cpu", seed=0, run_dir=tmp_path / "r", corpus=corpus, progress=False)
+    run = moewatch.load(tmp_path / "r")
+    bias = run.experts.pivot_table(index="step", columns=["layer", "expert"], values="bias").to_numpy()
+    # bias recorded at step s is the one used in step s's forward: updates after steps 0..9 show in steps 1..10
+    assert np.abs(np.diff(bias[:11], axis=0)).max() > 0
+    np.testing.assert_array_equal(bias[11:], np.broadcast_to(bias[10], bias[11:].shape))
+    assert run.meta["meta"]["bias_stop"] == 0.5
+    with pytest.raises(ValueError, match="bias_stop"):
+        Scenario("x", "x", SMALL, bias_stop=0.5)  # no bias to stop
+    with pytest.raises(ValueError, match="bias_stop"):
+        dataclasses.replace(scenario, bias_stop=1.0)
 
 
 def starved_at_end(run_dir, steps: int = 20) -> int:

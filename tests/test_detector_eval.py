@@ -92,6 +92,30 @@ def test_labeled_sample_runs_in_the_repo():
     if not root.is_dir():
         pytest.skip("sample_runs/ is not in this checkout")
     check_demo(Scores(tuple(labeled_runs(root))))
+    check_lost_balancer(root / "aux-free-lost", "the recorded sample run", strict=True)
+
+
+def check_lost_balancer(path: Path, where: str, strict: bool = False) -> None:
+    """The aux-free run whose bias stops at half-time: the override share (the bias overriding most of the router's
+    choices) warns on every layer while the bias still holds the load, no critical alert comes before the bias
+    stops, and the collapse it was holding back is critical once it has. ``strict`` (the recorded sample run, exact):
+    balancer_override is the only warning before the stop."""
+    from moewatch.detect import analyze_run, status_of
+    from moewatch.reference.demo import DEFAULT_STEPS, SCENARIOS
+
+    run = moewatch.load(path)
+    stop = SCENARIOS["aux-free-lost"].collapse_after(DEFAULT_STEPS)
+    alerts = analyze_run(path).alerts
+    shown = f"{where}: {[(a.kind, a.severity, a.layer, a.first_step, a.detected_step) for a in alerts]}"
+    override = {a.layer for a in alerts if a.kind == "balancer_override" and a.first_step < stop
+                and a.detected_step < stop}
+    assert override == set(run.layers["layer"].unique()), shown
+    assert not [a for a in alerts if a.severity == CRITICAL and a.first_step < stop], shown
+    assert [a for a in alerts if a.severity == CRITICAL and a.ongoing], shown
+    assert status_of(alerts) == "collapsed", shown
+    if strict:
+        early = {a.kind for a in alerts if a.severity in (WARNING, CRITICAL) and a.first_step < stop}
+        assert early == {"balancer_override"}, shown
 
 
 # The reference model's trajectory is not bit-reproducible across CPU models: the kernels' rounding differs (AVX2 and
@@ -143,7 +167,7 @@ def check_retrained_demo(root: Path, all_scenario_seeds: tuple[int, ...], anneal
     scores = Scores(tuple(labeled_runs(root)))
     report = scores.table()
     others = [c for c in scores.cases if c.label != "collapse"]
-    expected = sorted(s.label for s in labelled if s is not annealed) * len(all_scenario_seeds)
+    expected = sorted(s.label for s in labelled if s.label != "collapse") * len(all_scenario_seeds)
     assert sorted(c.label for c in others) == sorted(expected), report
     assert scores.false_alarms == [], report
     assert all(c.onset_found for c in scores.cases if c.label == "collapse_at_start"), report
@@ -165,7 +189,9 @@ def check_retrained_demo(root: Path, all_scenario_seeds: tuple[int, ...], anneal
             collapsed.append(seed)
             assert min(a.detected_step for a in flagged) <= step + 2 * window, (step, where)
     assert collapsed, f"no annealed run's recorded counts show its collapse completing\n{report}"
-    assert [c.label for c in scores.cases].count("collapse") == len(collapsed), report
+    assert [c.label for c in scores.cases if annealed.name in c.name].count("collapse") == len(collapsed), report
+    for seed in all_scenario_seeds:
+        check_lost_balancer(root / f"seed{seed}" / "aux-free-lost", f"seed {seed}")
 
 
 def _frames(counts_SE: np.ndarray, top_k: int = 1, layer: str = "l0", steps: np.ndarray | None = None):

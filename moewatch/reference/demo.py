@@ -62,6 +62,9 @@ class Scenario:
     # (start, end) as fractions of the run's steps: the aux-loss coefficient holds at config.aux_loss_coef until
     # start, falls linearly to zero at end and stays there: balancing annealed away (or lost on a resume) mid-run.
     aux_decay: tuple[float, float] | None = None
+    # A fraction of the run's steps from which the aux-free bias is no longer updated (frozen where it stands), as
+    # when a resume or a refactor loses the balancer's update hook: what the bias was holding back is let go.
+    bias_stop: float | None = None
     # What the detector should say about this run (its evaluation reads it from run.json meta): "healthy" (no
     # warning or critical), "degraded" (warnings are fair, a critical is not), "collapse" (flag it before the
     # collapse, which the recorded counts date after the balancing is annealed away), "collapse_at_start" (collapses
@@ -88,11 +91,18 @@ class Scenario:
                 )
             if self.config.aux_loss_coef <= 0:
                 raise ValueError("Scenario.aux_decay needs a config with aux_loss_coef > 0 to decay from")
+        if self.bias_stop is not None:
+            if not 0.0 <= self.bias_stop < 1.0:
+                raise ValueError(f"Scenario.bias_stop must be a fraction of the run in [0, 1), got {self.bias_stop!r}")
+            if self.config.bias_update_rate <= 0:
+                raise ValueError("Scenario.bias_stop needs a config with bias_update_rate > 0 to stop")
         if self.label not in (None, *LABELS):
             raise ValueError(f"Scenario.label must be None or one of {', '.join(LABELS)}, got {self.label!r}")
 
     def collapse_after(self, steps: int) -> int:
         """The step from which a collapse counts as this scenario's: where its balancing starts to go."""
+        if self.bias_stop is not None:
+            return int(self.bias_stop * steps)
         return int(self.aux_decay[0] * steps) if self.aux_decay is not None else 0
 
     def aux_coef_at(self, step: int, steps: int) -> float:
@@ -129,6 +139,16 @@ def default_scenarios(base: MoEConfig = BASE_CONFIG) -> dict[str, Scenario]:
             "load-balancing loss (coef 0.1) annealed to zero from 25% to 50% of the run: a slow collapse",
             r(base, aux_loss_coef=0.1),
             aux_decay=(0.25, 0.5),
+            label="collapse",
+        ),
+        Scenario(
+            "aux-free-lost",
+            "aux-free balancing (0.1 per step, 100 warm-up steps) whose bias stops updating at 50% of the run, as when "
+            "a resume loses the balancer's update hook: the collapse the bias was holding back",
+            r(base, bias_update_rate=0.1),
+            warmup_steps=100,
+            bias_stop=0.5,
+            # the override share (60-90% of choices) warns from the start; the counts look fine until the bias stops
             label="collapse",
         ),
         Scenario(
@@ -252,6 +272,7 @@ def _train(
                 "warmup_steps": scenario.warmup_steps,
             },
             **({"aux_decay": list(scenario.aux_decay)} if scenario.aux_decay else {}),
+            **({"bias_stop": scenario.bias_stop} if scenario.bias_stop is not None else {}),
             "batch_size": scenario.batch_size,
             "steps": steps,
             "seed": seed,
@@ -289,7 +310,8 @@ def _train(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), scenario.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            model.update_router_biases()
+            if scenario.bias_stop is None or step < scenario.bias_stop * steps:
+                model.update_router_biases()
             if watch is not None:
                 watch.step()
             bar.update(1)
