@@ -108,6 +108,40 @@ def assert_run_matches(run, truth: StackTruth, *, logits: bool = True, distribut
                 assert math.isnan(lrow.z_loss) and math.isnan(lrow.logit_std) and math.isnan(lrow.logit_abs_max)
 
 
+# Where each measure `moewatch.inspect` lists shows in a recorded run: (table, columns), non-null where recorded.
+MEASURE_COLUMNS = {
+    "distribution": ("layers", ("entropy",)),
+    "logits": ("layers", ("z_loss", "logit_std")),
+    "gate_mass": ("experts", ("gate_mass",)),
+    "margin": ("layers", ("margin_mean", "near_tie_frac")),
+    "override": ("layers", ("override_frac",)),
+    "grad_norm": ("experts", ("grad_norm",)),
+}
+
+
+def recorded_measures(run, layer: str) -> set[str]:
+    """The measures of `MEASURE_COLUMNS` whose columns hold a value for `layer` in `run` (all of them, or none:
+    a measure whose columns disagree fails)."""
+    out = set()
+    for measure, (table, columns) in MEASURE_COLUMNS.items():
+        frame = getattr(run, table)
+        rows = frame[frame.layer == layer]
+        assert len(rows), f"{layer} recorded no {table} row"
+        seen = {c: bool(rows[c].notna().any()) for c in columns}
+        assert len(set(seen.values())) == 1, f"{layer}: the columns of {measure} disagree: {seen}"
+        if all(seen.values()):
+            out.add(measure)
+    return out
+
+
+def assert_measures_recorded(infos, run) -> None:
+    """Every router's `inspect` measures are true of the recorded run: each measure of `MEASURE_COLUMNS` is listed
+    iff its columns hold values (grad_norm needs an optimizer step per watch step)."""
+    for info in infos:
+        listed = {m for m in info.measures if m in MEASURE_COLUMNS}
+        assert listed == recorded_measures(run, str(info)), f"{info}: listed {info.measures}"
+
+
 def assert_bias_matches(run, biases: dict[tuple[int, str], torch.Tensor]) -> None:
     """The recorded bias column equals the stack's own bias buffer at each (step, layer) in ``biases``."""
     for (step, layer), bias in biases.items():

@@ -15,7 +15,7 @@ from torch import nn
 
 import moewatch
 from tests.stack_import import import_stack
-from tests.stack_truth import StackTruth, assert_run_matches, bincount
+from tests.stack_truth import StackTruth, assert_measures_recorded, assert_run_matches, bincount
 
 import_stack("deepspeed.moe.layer", "DeepSpeed")
 
@@ -95,6 +95,7 @@ def test_deepspeed_moe_exact_counts_drops_and_distribution(tmp_path, captured_lo
     run = moewatch.load(tmp_path)
     assert_run_matches(run, truth, logits=not jitter, distribution=not jitter,
                        tokens_per_step={s: 24 for s in range(STEPS)})
+    assert_measures_recorded(info, run)
     assert run.layers.dropped.sum() > 0, "the test should make DeepSpeed drop tokens"
     assert run.meta["problems"] == []
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import moewatch
 from tests.stack_import import import_stack
-from tests.stack_truth import StackTruth, assert_run_matches
+from tests.stack_truth import StackTruth, assert_measures_recorded, assert_run_matches
 
 import_stack("litgpt.model", "LitGPT")
 
@@ -79,6 +79,7 @@ def test_litgpt_moe_exact_counts_and_distribution(tmp_path, grouped):
             watch.step()
     run = moewatch.load(tmp_path)
     assert_run_matches(run, truth, tokens_per_step={s: 24 for s in range(STEPS)})
+    assert_measures_recorded(info, run)
     if grouped:
         for name, block in blocks.items():
             rows = run.experts[(run.experts.layer == f"{name}.gate") & (run.experts.step == STEPS - 1)]

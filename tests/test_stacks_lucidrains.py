@@ -17,7 +17,7 @@ from torch import nn
 
 import moewatch
 from tests.stack_import import import_stack
-from tests.stack_truth import StackTruth, assert_run_matches
+from tests.stack_truth import StackTruth, assert_measures_recorded, assert_run_matches
 
 import_stack("st_moe_pytorch", "st-moe-pytorch")
 import_stack("mixture_of_experts", "mixture-of-experts")
@@ -113,6 +113,7 @@ def test_st_moe_top_n_gating(tmp_path, noise):
 
     run = train(model, tmp_path, truth, noise_gates=noise)
     assert_run_matches(run, truth)
+    assert_measures_recorded(info, run)
     if not noise:
         assert run.layers.dropped.sum() > 0, "the test should make st-moe drop first-choice tokens"
     assert run.meta["problems"] == []
@@ -146,6 +147,7 @@ def test_mixture_of_experts_top2_gating(tmp_path, policy):
 
     run = train(model, tmp_path, truth)
     assert_run_matches(run, truth)
+    assert_measures_recorded(info, run)
     assert run.layers.dropped.sum() > 0
     if policy == "all":  # every token routes to two experts: tokens = slots / 2 = SEQ * batch
         assert (run.layers.tokens == 2 * SEQ).all()

@@ -21,7 +21,7 @@ from torch import nn
 
 import moewatch
 from tests.stack_import import import_stack
-from tests.stack_truth import StackTruth, assert_run_matches, bincount
+from tests.stack_truth import StackTruth, assert_measures_recorded, assert_run_matches, bincount
 
 import_stack("megatron.core.transformer.moe.router", "Megatron-Core")
 
@@ -172,6 +172,8 @@ def test_megatron_topk_router_on_cpu(tmp_path, monkeypatch, group, te_fallback, 
 
     run = run_and_check(model, routers, tmp_path, truth, padding=padding)
     assert_run_matches(run, truth, tokens_per_step={s: 2 * SEQ - (3 if padding else 0) for s in range(STEPS)})
+    assert_measures_recorded(info, run)
+    assert all(i.no_grad_norm.startswith("the experts were not found") for i in info)  # said before training too
     if capacity is not None:
         assert run.layers.dropped.sum() > 0, "the test should make Megatron drop tokens"
     if bias:

@@ -15,7 +15,13 @@ from torch import nn
 
 import moewatch
 from tests.stack_import import import_stack
-from tests.stack_truth import StackTruth, assert_bias_matches, assert_run_matches, bincount
+from tests.stack_truth import (
+    StackTruth,
+    assert_bias_matches,
+    assert_measures_recorded,
+    assert_run_matches,
+    bincount,
+)
 
 import_stack("nemo_automodel.components.moe.layers", "NeMo Automodel")
 
@@ -105,6 +111,7 @@ def test_nemo_automodel_moe_exact_counts_and_distribution(tmp_path, monkeypatch,
     run = moewatch.load(tmp_path)
     assert_run_matches(run, truth, tokens_per_step={s: 21 for s in range(STEPS)})
     assert_bias_matches(run, biases)
+    assert_measures_recorded(info, run)
     if biases:
         assert run.experts.bias.abs().max() > 0
     assert run.meta["problems"] == []

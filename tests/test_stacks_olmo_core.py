@@ -16,7 +16,13 @@ from torch import nn
 import moewatch
 from tests import olmo_cpu_ops
 from tests.stack_import import import_stack
-from tests.stack_truth import StackTruth, assert_bias_matches, assert_run_matches, bincount
+from tests.stack_truth import (
+    StackTruth,
+    assert_bias_matches,
+    assert_measures_recorded,
+    assert_run_matches,
+    bincount,
+)
 
 import_stack("olmo_core.nn.moe", "OLMo-core")
 
@@ -119,4 +125,5 @@ def test_olmo_core_moe_exact_counts_drops_and_distribution(tmp_path, monkeypatch
     assert_bias_matches(run, biases)
     if biases:
         assert run.experts.bias.abs().max() > 0
+    assert_measures_recorded(info, run)
     assert run.meta["problems"] == []

@@ -15,7 +15,13 @@ from torch import nn
 
 import moewatch
 from tests.stack_import import import_stack
-from tests.stack_truth import StackTruth, assert_bias_matches, assert_run_matches, bincount
+from tests.stack_truth import (
+    StackTruth,
+    assert_bias_matches,
+    assert_measures_recorded,
+    assert_run_matches,
+    bincount,
+)
 
 import_stack("torchtitan.models.common.moe", "torchtitan")
 
@@ -82,7 +88,10 @@ def test_torchtitan_moe_exact_counts_and_router_distribution(tmp_path, score_fun
     info = moewatch.inspect(model)
     assert [str(i) for i in info] == ["layers.0.router", "layers.1.router"] and not info.unrouted
     assert all(i.kind == "torchtitan" and (i.num_experts, i.top_k) == (E, K) for i in info)
-    assert info[0].measures == ("counts", "distribution", "logits", "bias")
+    # softmax with an expert bias: its ranking is not its logits' (no margin); sigmoid ranks scores + bias in 2 of 4
+    # groups of 2 experts: 4 choosable > K
+    assert info[0].measures == ("counts", "distribution", "logits", "bias", "gate_mass",
+                                *(("margin",) if score_func == "sigmoid" else ()), "override", "grad_norm")
 
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     biases = {}
@@ -105,4 +114,5 @@ def test_torchtitan_moe_exact_counts_and_router_distribution(tmp_path, score_fun
     run = moewatch.load(tmp_path)
     assert_run_matches(run, truth, tokens_per_step={s: 24 for s in range(STEPS)})
     assert_bias_matches(run, biases)
+    assert_measures_recorded(info, run)
     assert run.meta["problems"] == []

@@ -29,7 +29,6 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any, Protocol, runtime_checkable
@@ -44,8 +43,9 @@ from moewatch.capture.readers import (
     IndicesInputReader,
     ProductKeyReader,
     RouterReader,
+    protocol_type,
 )
-from moewatch.capture.types import Probe, RouterSpec
+from moewatch.capture.types import Probe, RouterSpec, ordered, probe_signals
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +153,7 @@ def _capacity(module: nn.Module) -> tuple[int | None, float | None]:
 def _kind(module: nn.Module) -> str:
     if type(module).__module__.startswith("transformers."):
         return "transformers"
-    try:
-        ret = typing.get_type_hints(type(module).forward).get("return")
-    except Exception:  # unresolvable annotations: not worth failing discovery over a label
-        ret = None
-    fields = set(getattr(ret, "_fields", ())) | set(getattr(ret, "__annotations__", {}))
-    return "moewatch" if {"logits", "indices"} <= fields else "router"
+    return "moewatch" if protocol_type(type(module)) is not None else "router"
 
 
 # ---------------------------------------------------------------------------------------------- spec builders
@@ -215,15 +210,17 @@ def router_spec(
     classes = getattr(module, "num_router_classes", None)
     if isinstance(classes, int) and classes == num_experts and _int_attr(module, ("num_experts",)) == classes - 1:
         null_expert = classes - 1  # ZAYA: its skip class is masked to expert 0 with weight 0 before the experts
-    kind = kind or _kind(module)
+    own_kind = _kind(module)
+    kind = kind or own_kind
     recipe = hf.selection_recipe(type(module))
     # A transformers router's [.., K] float output is what its block hands the experts as combine weights.
+    weights = (own_kind == "transformers" or recipe is not None) and hf.returns_weights(type(module))
+    protocol = protocol_type(type(module))
     reader = RouterReader(num_experts, top_k, scoring=scoring, score_fn=score_fn, logits_index=logits_index,
                           names=hf.return_names(type(module)), guess_choice=not watch_experts,
                           null_expert=null_expert, padding_arg=_arg_position(module, "padding_mask"),
-                          weights=kind == "transformers" or recipe is not None,
-                          selection=SELECTIONS[recipe] if recipe is not None else None,
-                          protocol_methods=_kind(module) == "moewatch")
+                          weights=weights, selection=SELECTIONS[recipe] if recipe is not None else None,
+                          protocol_methods=protocol is not None, protocol=protocol)
     probes = [Probe(module, reader)]
     if watch_experts:
         assert experts is not None
@@ -231,12 +228,13 @@ def router_spec(
     capacity, factor = _capacity(module)
     bias = find_bias(module, parent, num_experts)
     # Only a router returning bare logits with no experts probe has its choice recomputed (top-k of the logits).
-    guessed = not watch_experts and hf.returns_single(type(module)) is True and kind != "moewatch"
+    guessed = not watch_experts and hf.returns_single(type(module)) is True and protocol is None
     counts = "counts_topk" if guessed else "counts"
     drops = ("drops",) if capacity is not None or factor is not None else ()
     return RouterSpec(name=name, num_experts=num_experts, top_k=top_k, probes=probes, capacity=capacity,
                       capacity_factor=factor, bias=bias, kind=kind,
-                      measures=(counts, *drops, "distribution", "logits") + (("bias",) if bias is not None else ()))
+                      measures=ordered((counts, *drops, "distribution", "logits", *probe_signals(probes))
+                                       + (("bias",) if bias is not None else ())))
 
 
 def _product_key_spec(name: str, block: nn.Module) -> RouterSpec | None:

@@ -114,6 +114,15 @@ def returns_single(cls: type) -> bool | None:
     return None if names is None else len(names) == 1
 
 
+def returns_weights(cls: type) -> bool:
+    """Whether ``cls.forward`` returns the transformers router contract ``(router_logits, weights, indices, ...)``: a
+    tuple of three or more values whose first is named as logits or probabilities. Its ``[.., K]`` weights are what
+    the MoE block hands its experts (gate mass); Switch, NLLB (dispatch masks first), Llama-4 (dense scores), JetMoE
+    (a sorted dispatch) and DBRX (bare logits) return other layouts."""
+    names = return_names(cls)
+    return names is not None and len(names) >= 3 and any(w in (names[0] or "") for w in ("logit", "prob"))
+
+
 _SCORING_ATTRS = ("scoring_func", "score_fn", "expert_selection_fn", "scoring_function", "score_func", "scoring")
 
 

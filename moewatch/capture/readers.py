@@ -22,14 +22,19 @@ The routing diagnostics (`Routing.weights_TK`, ``select_TE``, ``unbiased_TE``) a
 the combine weights from a transformers router's ``[.., K]`` weights output (what its MoE block hands the experts),
 the selection scores from a router whose ``forward`` is one of the recipes `moewatch.capture.hf.selection_recipe`
 knows (`logit_selection`, `deepseek_v3_selection`), and from the moewatch router protocol's optional fields.
+`RouterReader.signals(module)` declares which of them a router gets, from those same flags (`moewatch.inspect`
+lists them in ``measures``).
 
 Shape legend: T tokens (leading dims flattened), E experts, K experts chosen per token.
 """
 
 from __future__ import annotations
 
+import itertools
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -162,12 +167,15 @@ class RouterReader:
             experts (ZAYA): slots with zero weight are recorded as this expert id.
         padding_arg: position of a ``padding_mask`` argument in the router's forward (NLLB-MoE), if it takes one:
             padded tokens are then masked out (the router zeroes their dispatch, which would otherwise read as drops).
-        weights: read the ``[.., K]`` float output beside the indices as the combine weights (transformers routers,
-            whose MoE blocks hand exactly that tensor to the experts).
-        selection: ``selection(module, logits_TE) -> (select_TE, space, unbiased_TE or None)``: the scores the
-            router ranked, rebuilt from its logits by its own recipe (`logit_selection`, `deepseek_v3_selection`).
+        weights: read the ``[.., K]`` float output beside the indices as the combine weights (transformers routers
+            returning ``(router_logits, weights, indices)``, whose MoE blocks hand exactly that tensor to the experts).
+        selection: the router's selection recipe (`SELECTIONS`): the scores it ranked, rebuilt from its logits.
         protocol_methods: call the router's ``combine_weights(output)`` and ``selection_scores(output)`` (a router
             whose ``forward`` is annotated to return the moewatch router protocol, like the reference model's).
+        protocol: the router's annotated output type (the moewatch router protocol), for `signals`.
+
+    `signals(module)` says which routing diagnostics it records: ``gate_mass`` with ``weights``, what the
+    ``selection`` recipe gives, and for a protocol router what a dry `_read_protocol` of a stand-in output fills.
     """
 
     def __init__(
@@ -183,8 +191,9 @@ class RouterReader:
         null_expert: int | None = None,
         padding_arg: int | None = None,
         weights: bool = False,
-        selection: Selection | None = None,
+        selection: SelectionRecipe | None = None,
         protocol_methods: bool = False,
+        protocol: type | None = None,
     ):
         self.num_experts = num_experts
         self.top_k = top_k
@@ -198,6 +207,7 @@ class RouterReader:
         self.weights = weights
         self.selection = selection
         self.protocol_methods = protocol_methods
+        self.protocol = protocol
         # Whether the last output showed the choice; an ExpertsInputReader reads it only when this is False.
         self.has_choice: bool | None = None
 
@@ -236,7 +246,7 @@ class RouterReader:
             if self.weights and p.weights is not None and items[p.weights].numel() == ids_TK.numel():
                 r.weights_TK = _flat(items[p.weights], K)
             if self.selection is not None and logits_TE is not None:
-                r.select_TE, r.select_space, r.unbiased_TE = self.selection(module, logits_TE)
+                r.select_TE, r.select_space, r.unbiased_TE = self.selection.scores(module, logits_TE)
         elif logits_TE is not None and p.mask is not None:
             dense_TE = _flat(items[p.dense], E) if p.dense is not None else None
             r.indices_TK, r.dropped_TK = dispatch_choice(_flat(items[p.mask], E), logits_TE, K, dense_TE)
@@ -248,7 +258,38 @@ class RouterReader:
             r.indices_TK = topk_choice(logits_TE, K)
         return r
 
-    def _read_protocol(self, module: nn.Module, out: Any) -> Routing:
+    def signals(self, module: nn.Module) -> tuple[str, ...]:
+        """The routing diagnostics this reader records for `module` in a training forward (see `types.SIGNALS`)."""
+        if self.protocol is not None:
+            return self._protocol_signals(module)
+        out = ("gate_mass",) if self.weights else ()
+        if self.selection is not None:
+            out += self.selection.signals(module, self.num_experts, self.top_k)
+        return out
+
+    def _protocol_signals(self, module: nn.Module) -> tuple[str, ...]:
+        """A protocol router's diagnostics, by the code that records them: `_read_protocol` on a stand-in output
+        (one token, zero logits, experts 0..K-1 kept), with the router in training mode for the call (its
+        ``selection_scores`` may give nothing while training, as the reference model's does under ``noisy_topk``).
+        A router whose methods fail on the stand-in is taken at its word: what its output type and methods offer."""
+        fields = _fields(self.protocol)
+        try:
+            with torch.no_grad():
+                r = self._read_protocol(module, _stand_in(self.protocol, fields, module, self.num_experts,
+                                                          self.top_k), training=True)
+        except Exception:
+            methods = self.protocol_methods
+            offers = {"weights": "weights" in fields or (methods and hasattr(module, "combine_weights")),
+                      "select": "select" in fields or (methods and hasattr(module, "selection_scores")),
+                      "unbiased": "unbiased" in fields or (methods and hasattr(module, "selection_scores"))}
+        else:
+            offers = {"weights": r.weights_TK is not None, "select": r.select_TE is not None,
+                      "unbiased": r.unbiased_TE is not None}
+        return tuple(signal for signal, key in (("gate_mass", "weights"), ("margin", "select"),
+                                                ("override", "unbiased"))
+                     if offers[key] and (signal != "margin" or self.num_experts > self.top_k))
+
+    def _read_protocol(self, module: nn.Module, out: Any, training: bool | None = None) -> Routing:
         E, K = self.num_experts, self.top_k
         logits = getattr(out, "logits", None)
         probs = getattr(out, "probs", None)
@@ -264,18 +305,64 @@ class RouterReader:
         )
         weights = getattr(out, "weights", None)
         if not isinstance(weights, torch.Tensor) and self.protocol_methods and hasattr(module, "combine_weights"):
-            weights = module.combine_weights(out)
+            weights = _in_mode(module, training, module.combine_weights, out)
         if isinstance(weights, torch.Tensor):
             r.weights_TK = _flat(weights, K)
         select, space, unbiased = getattr(out, "select", None), getattr(out, "select_space", None), getattr(
             out, "unbiased", None)
         if not isinstance(select, torch.Tensor) and self.protocol_methods and hasattr(module, "selection_scores"):
-            select, space, unbiased = module.selection_scores(out) or (None, None, None)
+            select, space, unbiased = _in_mode(module, training, module.selection_scores, out) or (None, None, None)
         if isinstance(select, torch.Tensor) and space in MARGIN_SCALE:
             r.select_TE, r.select_space = _flat(select, E), space
         if isinstance(unbiased, torch.Tensor):
             r.unbiased_TE = _flat(unbiased, E)
         return r
+
+
+def protocol_type(cls: type) -> type | None:
+    """The moewatch router protocol type `cls.forward` is annotated to return (fields ``logits`` and ``indices``)."""
+    try:
+        ret = typing.get_type_hints(cls.forward).get("return")
+    except Exception:  # unresolvable annotations: not a protocol router we can describe
+        return None
+    return ret if isinstance(ret, type) and {"logits", "indices"} <= _fields(ret) else None
+
+
+def _fields(ret: type | None) -> set[str]:
+    return set(getattr(ret, "_fields", ())) | set(getattr(ret, "__annotations__", {}))
+
+
+def _in_mode(module: nn.Module, training: bool | None, fn: Callable[[Any], Any], out: Any) -> Any:
+    """``fn(out)`` with `module.training` set to `training` for the call (None: as it is)."""
+    if training is None or module.training == training:
+        return fn(out)
+    was = module.training
+    module.training = training
+    try:
+        return fn(out)
+    finally:
+        module.training = was
+
+
+def _stand_in(ret: type, fields: set[str], module: nn.Module, num_experts: int, top_k: int) -> Any:
+    """One token's protocol output of type `ret` on `module`'s device: zero logits and scores, uniform
+    probabilities, experts 0..K-1 chosen and kept with equal weights. The optional fields the type has are filled
+    (a router whose output type carries ``weights``, ``select`` or ``unbiased`` hands them over); unknown ones None."""
+    ref = next(itertools.chain(module.parameters(), module.buffers()), None)
+    device = ref.device if ref is not None else None
+    E, K = num_experts, top_k
+    known = {
+        "logits": torch.zeros(1, E, device=device), "probs": torch.full((1, E), 1.0 / E, device=device),
+        "indices": torch.arange(K, device=device).unsqueeze(0),
+        "dropped": torch.zeros(1, K, dtype=torch.bool, device=device),
+        "weights": torch.full((1, K), 1.0 / K, device=device), "select": torch.zeros(1, E, device=device),
+        "select_space": "logits", "unbiased": torch.zeros(1, E, device=device), "scoring": "softmax",
+    }
+    values = {f: known.get(f) for f in fields}
+    try:
+        return ret(**values)
+    except Exception:  # a type that cannot be built from keywords: the readers only read attributes
+        return SimpleNamespace(**values)
 
 
 # ---------------------------------------------------------------------------------------------- selection recipes
@@ -313,7 +400,37 @@ def deepseek_v3_selection(module: nn.Module, logits_TE: torch.Tensor) -> tuple[t
     return select_TE, "sigmoid", group_limited(scores_TE, G, k)
 
 
-SELECTIONS: dict[str, Selection] = {"logits": logit_selection, "deepseek_v3": deepseek_v3_selection}
+def _all_experts(module: nn.Module, num_experts: int) -> int:
+    return num_experts
+
+
+def _allowed_groups(module: nn.Module, num_experts: int) -> int:
+    """Experts a token of a group-limited router can choose among: those of its ``topk_group`` groups."""
+    return num_experts * int(module.topk_group) // int(module.num_group)
+
+
+@dataclass(frozen=True)
+class SelectionRecipe:
+    """A selection rule moewatch rebuilds from a router's logits, and what that gives.
+
+    ``scores(module, logits_TE)`` -> ``(select_TE, space, unbiased_TE or None)`` (`Selection`); ``biased``: it gives
+    the unbiased scores too (the override); ``choosable(module, E)``: how many experts a token can choose among (a
+    margin needs an unchosen one that could have been chosen, so none is recorded when that is K)."""
+
+    scores: Selection
+    biased: bool
+    choosable: Callable[[nn.Module, int], int] = _all_experts
+
+    def signals(self, module: nn.Module, num_experts: int, top_k: int) -> tuple[str, ...]:
+        """The diagnostics this recipe records for `module` (``margin``, ``override``)."""
+        margin = ("margin",) if self.choosable(module, num_experts) > top_k else ()
+        return margin + (("override",) if self.biased else ())
+
+
+SELECTIONS: dict[str, SelectionRecipe] = {
+    "logits": SelectionRecipe(logit_selection, biased=False),
+    "deepseek_v3": SelectionRecipe(deepseek_v3_selection, biased=True, choosable=_allowed_groups),
+}
 
 
 def _non_padding(args: tuple, kwargs: dict, position: int, T: int) -> torch.Tensor | None:

@@ -18,7 +18,9 @@ over or its own ops rebuild them exactly: the combine weights torchtitan, OLMo-c
 router and Megatron return; the selection scores of torchtitan, OLMo-core (dropless) and LitGPT from the scores or
 logits they return or re-run, with the correction bias and group limits applied by the same ops. DeepSpeed, the
 lucidrains gates, NeMo's and Megatron's selection, OLMo-core's capacity MoE and LitGPT's plain gate's weights (scaled
-by its block) are left null.
+by its block) are left null. Each reader's ``signals(module)`` declares which of them it records, from the same
+conditions (`moewatch.capture.types.SIGNALS`); the conditions that also decide its logit columns (input noise) are
+methods the spec builders in `moewatch.capture.stacks` call too.
 
 Everything here runs in forward hooks: no host sync (no ``.item()``, ``.tolist()``, ``.cpu()``, boolean indexing,
 ``nonzero`` or ``unique``); shapes come from tensor metadata and Python attributes only. Stack imports happen inside
@@ -105,10 +107,35 @@ class LogitsStash:
 class TorchtitanRouterReader:
     """torchtitan ``TokenChoiceTopKRouter``: ``router(x, expert_bias) -> (top_scores [.., K], ids [.., K],
     scores [.., E])``. ``scores`` are post-activation (softmax or sigmoid): the router's distribution. Raw logits come
-    from its ``gate`` Linear (stashed by a `LogitsStash` probe)."""
+    from its ``gate`` Linear (stashed by a `LogitsStash` probe; ``gate``: that probe exists). ``biased``: the MoE
+    block passes an ``expert_bias_E`` (for `signals`; each call reads the bias it was given)."""
 
-    def __init__(self, num_experts: int, top_k: int, scoring: str, stash: LogitsStash):
+    def __init__(self, num_experts: int, top_k: int, scoring: str, stash: LogitsStash, *, gate: bool = True,
+                 biased: bool = False):
         self.num_experts, self.top_k, self.scoring, self.stash = num_experts, top_k, scoring, stash
+        self.gate, self.biased = gate, biased
+
+    @staticmethod
+    def _groups(module: nn.Module) -> tuple[int, int] | None:
+        G, k = getattr(module, "num_expert_groups", None), getattr(module, "num_limited_groups", None)
+        return (int(G), int(k)) if G is not None and k is not None else None
+
+    def _plan(self, module: nn.Module, biased: bool, logits: bool) -> tuple[bool, bool]:
+        """(select scores, unbiased scores) rebuilt for a call with(out) a bias and gate logits: sigmoid routers rank
+        scores (+ bias) in their node-limited groups; a softmax router's ranking is its logits' only without a bias
+        or groups. Round-robin routing (``_debug_force_load_balance``) chooses by no score."""
+        if getattr(module, "_debug_force_load_balance", False):
+            return False, False
+        select = self.scoring == "sigmoid" or (not biased and getattr(module, "num_expert_groups", None) is None
+                                               and logits)
+        return select, biased
+
+    def signals(self, module: nn.Module) -> tuple[str, ...]:
+        select, unbiased = self._plan(module, self.biased, self.gate)
+        groups = self._groups(module)
+        choosable = self.num_experts * groups[1] // groups[0] if groups is not None else self.num_experts
+        return ("gate_mass",) + (("margin",) if select and choosable > self.top_k else ()) + (
+            ("override",) if unbiased else ())
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Routing:
         E, K = self.num_experts, self.top_k
@@ -120,20 +147,19 @@ class TorchtitanRouterReader:
         scores_TE = scores.reshape(-1, E)
         r = Routing(logits_TE=self.stash.take(scores_TE.shape[0], E), probs_TE=scores_TE,
                     indices_TK=ids.reshape(-1, K), scoring=self.scoring, weights_TK=top.reshape(-1, K))
-        if getattr(module, "_debug_force_load_balance", False):
-            return r  # round-robin routing: not chosen by score, so no margin and no override
         bias = _arg(args, kwargs, 1, "expert_bias_E")
         bias = bias if isinstance(bias, torch.Tensor) else None
-        G, k = getattr(module, "num_expert_groups", None), getattr(module, "num_limited_groups", None)
+        select, unbiased = self._plan(module, bias is not None, r.logits_TE is not None)
+        groups = self._groups(module)
 
         def limit(x_TE: torch.Tensor) -> torch.Tensor:  # node-limited routing, by the router's rule
-            return group_limited(x_TE, int(G), int(k)) if G is not None and k is not None else x_TE
+            return group_limited(x_TE, *groups) if groups is not None else x_TE
 
-        if bias is not None:
+        if unbiased:
             r.unbiased_TE = limit(scores_TE)
-        if self.scoring == "sigmoid":
+        if select and self.scoring == "sigmoid":
             r.select_TE, r.select_space = limit(scores_TE if bias is None else scores_TE + bias), "sigmoid"
-        elif bias is None and G is None and r.logits_TE is not None:
+        elif select:
             r.select_TE = r.logits_TE  # top-k of a softmax is top-k of its logits; the gap is a log-probability ratio
         return r
 
@@ -155,6 +181,15 @@ class DeepSpeedGateReader:
     def __init__(self, num_experts: int, top_k: int):
         self.num_experts, self.top_k = num_experts, top_k
 
+    @staticmethod
+    def noisy(module: nn.Module, training: bool = True) -> bool:
+        """Whether the gate noises its input in a forward (``noisy_gate_policy="Jitter"`` while training): then no
+        logits and no distribution are recorded."""
+        return getattr(module, "noisy_gate_policy", None) == "Jitter" and training
+
+    def signals(self, module: nn.Module) -> tuple[str, ...]:
+        return ()  # its combine weights are per capacity slot and its selection may be noisy: none recorded
+
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Routing]:
         E, K = self.num_experts, self.top_k
         x = _arg(args, kwargs, 0, "input")
@@ -173,8 +208,7 @@ class DeepSpeedGateReader:
         if not (isinstance(exp_counts_E, torch.Tensor) and exp_counts_E.numel() == E):
             raise UnreadableOutput(f"expected exp_counts of {E} experts last, got {_describe(output)}")
         out = [count_slots(exp_counts_E, kept_E, S * K)]
-        jitter = getattr(module, "noisy_gate_policy", None) == "Jitter" and module.training
-        if not jitter:
+        if not self.noisy(module, module.training):
             logits_SE = F.linear(x.float(), module.wg.weight.float())
             used = _arg(args, kwargs, 1, "used_token")
             mask_S = used.reshape(-1) != 0 if isinstance(used, torch.Tensor) and used.numel() == S else None
@@ -194,6 +228,29 @@ class OlmoRouterReader:
     def __init__(self, num_experts: int, top_k: int, scoring: str, count_choice: bool):
         self.num_experts, self.top_k, self.scoring, self.count_choice = num_experts, top_k, scoring, count_choice
 
+    @staticmethod
+    def noisy(module: nn.Module, training: bool = True) -> bool:
+        """Whether the router noises its input in a forward (``jitter_eps`` while training): then its logits cannot
+        be re-run, and neither the logit and distribution columns nor the margin and override are recorded."""
+        return getattr(module, "jitter_eps", None) is not None and training
+
+    @staticmethod
+    def _plan(module: nn.Module, scoring: str) -> tuple[bool, bool]:
+        """(select scores, unbiased scores) that `_selection` rebuilds: a sigmoid router's scores (+ its
+        ``score_bias`` when ``bias_gamma`` is set), a softmax router's logits when it has no bias; the unbiased
+        scores with a bias. Random or uniform expert assignment chooses by no score."""
+        if getattr(module, "random_expert_assignment", False) or getattr(module, "uniform_expert_assignment", False):
+            return False, False
+        biased = getattr(module, "bias_gamma", None) is not None and getattr(module, "score_bias", None) is not None
+        return scoring == "sigmoid" or not biased, biased
+
+    def signals(self, module: nn.Module) -> tuple[str, ...]:
+        if not self.count_choice:  # a capacity MoE: which slot was dropped is not known
+            return ()
+        select, unbiased = (False, False) if self.noisy(module) else self._plan(module, self.scoring)
+        return ("gate_mass",) + (("margin",) if select and self.num_experts > self.top_k else ()) + (
+            ("override",) if unbiased else ())
+
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Routing:
         E, K = self.num_experts, self.top_k
         if not (isinstance(output, tuple) and len(output) >= 2 and isinstance(output[1], torch.Tensor)
@@ -205,8 +262,7 @@ class OlmoRouterReader:
             if isinstance(output[0], torch.Tensor) and output[0].shape == output[1].shape:
                 r.weights_TK = output[0].reshape(-1, K)
         x = _arg(args, kwargs, 0, "x")
-        noisy = getattr(module, "jitter_eps", None) is not None and module.training
-        if isinstance(x, torch.Tensor) and not noisy:
+        if isinstance(x, torch.Tensor) and not self.noisy(module, module.training):
             r.logits_TE = module.get_expert_logits(x).float().reshape(-1, E)
             if self.count_choice:
                 self._selection(module, r, r.logits_TE)
@@ -214,19 +270,19 @@ class OlmoRouterReader:
 
     def _selection(self, module: nn.Module, r: Routing, logits_TE: torch.Tensor) -> None:
         """The scores `MoERouter.get_top_k` ranks, rebuilt with the router's ops (a sigmoid router adds 1e-7, a
-        ``bias_gamma`` router its ``score_bias``). Random or uniform expert assignment chooses by no score."""
-        if getattr(module, "random_expert_assignment", False) or getattr(module, "uniform_expert_assignment", False):
-            return
-        bias = getattr(module, "score_bias", None) if getattr(module, "bias_gamma", None) is not None else None
+        ``bias_gamma`` router its ``score_bias``), as `_plan` says."""
+        select, unbiased = self._plan(module, self.scoring)
+        bias = module.score_bias if unbiased else None
         if self.scoring == "sigmoid":
             scores_TE = F.sigmoid(logits_TE) + 1e-7
-            r.select_TE = scores_TE if bias is None else scores_TE + bias.unsqueeze(0)
-            r.select_space = "sigmoid"
+            if select:
+                r.select_TE = scores_TE if bias is None else scores_TE + bias.unsqueeze(0)
+                r.select_space = "sigmoid"
         else:
             scores_TE = logits_TE.softmax(dim=-1)
-            if bias is None:
+            if select:
                 r.select_TE = logits_TE
-        if bias is not None:
+        if unbiased:
             r.unbiased_TE = scores_TE
 
 
@@ -238,6 +294,9 @@ class OlmoCapacityReader:
 
     def __init__(self, num_experts: int, top_k: int):
         self.num_experts, self.top_k = num_experts, top_k
+
+    def signals(self, module: nn.Module) -> tuple[str, ...]:
+        return ()
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Routing:
         E, K = self.num_experts, self.top_k
@@ -275,6 +334,9 @@ class NemoGateReader:
     def __init__(self, num_experts: int, top_k: int, score_func: str):
         self.num_experts, self.top_k, self.score_func = num_experts, top_k, score_func
 
+    def signals(self, module: nn.Module) -> tuple[str, ...]:
+        return ("gate_mass",)  # its returned weights; its selection (bias, groups, replay) is not rebuilt
+
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Routing:
         E, K = self.num_experts, self.top_k
         x = _arg(args, kwargs, 0, "x")
@@ -304,6 +366,10 @@ class LitGPTGateReader:
     def __init__(self, num_experts: int, top_k: int):
         self.num_experts, self.top_k = num_experts, top_k
 
+    def signals(self, module: nn.Module) -> tuple[str, ...]:
+        # its logits are what it ranks; its weights are rescaled by the block after this output (not recorded)
+        return ("margin",) if self.num_experts > self.top_k else ()
+
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Routing:
         if not (isinstance(output, torch.Tensor) and output.shape[-1] == self.num_experts):
             raise UnreadableOutput(f"expected logits [.., {self.num_experts}], got {_describe(output)}")
@@ -318,6 +384,10 @@ class LitGPTGroupedReader:
 
     def __init__(self, num_experts: int, top_k: int):
         self.num_experts, self.top_k = num_experts, top_k
+
+    def signals(self, module: nn.Module) -> tuple[str, ...]:
+        # experts outside the chosen groups rank at 0.0, a finite competitor: a margin whenever E > K
+        return ("gate_mass",) + (("margin",) if self.num_experts > self.top_k else ()) + ("override",)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Routing:
         E, K = self.num_experts, self.top_k
@@ -363,6 +433,9 @@ class STMoEGatingReader:
     def __init__(self, num_experts: int, top_k: int, stash: LogitsStash):
         self.num_experts, self.top_k, self.stash = num_experts, top_k, stash
 
+    def signals(self, module: nn.Module) -> tuple[str, ...]:
+        return ()  # dispatch tensors only: the further experts are routed at random
+
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Routing]:
         E = self.num_experts
         if not (isinstance(output, tuple) and len(output) == 4 and isinstance(output[0], torch.Tensor)
@@ -391,6 +464,9 @@ class Top2GatingReader:
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
+
+    def signals(self, module: nn.Module) -> tuple[str, ...]:
+        return ()  # dispatch tensors only
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> list[Routing]:
         E = self.num_experts
@@ -455,6 +531,26 @@ class MegatronRouterReader:
     def __init__(self, num_experts: int, top_k: int, scoring: str):
         self.num_experts, self.top_k, self.scoring = num_experts, top_k, scoring
 
+    @staticmethod
+    def noisy(module: nn.Module, training: bool = True) -> bool:
+        """Whether a forward randomizes the routing input (``moe_input_jitter_eps`` while training, or forced load
+        balancing): then its logits are not re-run, and no logit or distribution column is recorded."""
+        cfg = module.config
+        return (getattr(cfg, "moe_input_jitter_eps", None) is not None and training) or bool(
+            getattr(cfg, "moe_router_force_load_balancing", False))
+
+    @staticmethod
+    def _recomputes_pre_drop(module: nn.Module) -> bool:
+        """Whether the pre-drop choice of a capacity router is rebuilt from the logits (not for Sinkhorn routing
+        or router replay)."""
+        return getattr(module, "routing_type", "") != "sinkhorn" and getattr(module, "router_replay", None) is None
+
+    def signals(self, module: nn.Module) -> tuple[str, ...]:
+        # the combine weights are read where the choice is: routing_map, or a capacity router's rebuilt pre-drop one
+        capacity = getattr(module.config, "moe_expert_capacity_factor", None) is not None
+        known = not capacity or (not self.noisy(module) and self._recomputes_pre_drop(module))
+        return ("gate_mass",) if known else ()
+
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Routing | list[Routing]:
         E, K = self.num_experts, self.top_k
         if not (isinstance(output, tuple) and len(output) == 2 and output[1].shape[-1] == E
@@ -463,10 +559,8 @@ class MegatronRouterReader:
         map_TE = output[1].reshape(-1, E)
         cfg = module.config
         x = _arg(args, kwargs, 0, "input")
-        random_input = (getattr(cfg, "moe_input_jitter_eps", None) is not None and module.training) or getattr(
-            cfg, "moe_router_force_load_balancing", False)
         logits_TE = None
-        if isinstance(x, torch.Tensor) and not random_input:
+        if isinstance(x, torch.Tensor) and not self.noisy(module, module.training):
             raw = megatron_logits(module, x)
             logits_TE = raw.reshape(-1, E) if raw is not None else None
         pad = _arg(args, kwargs, 1, "padding_mask")
@@ -485,8 +579,7 @@ class MegatronRouterReader:
         return [r, kept_cells(map_TE if real_T is None else map_TE & real_T.unsqueeze(-1))]
 
     def _pre_drop(self, module: nn.Module, logits_TE: torch.Tensor | None) -> torch.Tensor | None:
-        if logits_TE is None or getattr(module, "routing_type", "") == "sinkhorn" or getattr(
-                module, "router_replay", None) is not None:
+        if logits_TE is None or not self._recomputes_pre_drop(module):
             return None
         from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
 

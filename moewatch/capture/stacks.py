@@ -4,7 +4,9 @@ lucidrains' st-moe-pytorch / mixture-of-experts and Megatron-Core, and build the
 Each stack is matched by the class (anywhere in the module's MRO) and the Python package it comes from, never by
 importing the stack. A match names the router (the module computing the logits: the run's ``layer``), the MoE block
 around it (its subtree is then closed to the generic strategies, so expert modules never show up as phantom
-routers), the probes reading it (`moewatch.capture.stack_readers`), what they can measure, and its bias.
+routers), the probes reading it (`moewatch.capture.stack_readers`), what they can measure, and its bias. What they
+measure is asked of the readers where the readers decide it: the routing diagnostics from their ``signals(module)``
+(`types.probe_signals`), the logit and distribution columns from the same input-noise checks the readers run.
 
 `stack_spec(name, module, parent, tree)` is used both by discovery and for modules registered by hand with
 ``attach(model, run_dir, routers={name: module})``.
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from moewatch.capture import stack_readers as sr
-from moewatch.capture.types import Probe, RouterSpec
+from moewatch.capture.types import Probe, RouterSpec, ordered, probe_signals
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,9 @@ def _block_of(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def _measures(*base: str, bias: object = None) -> tuple[str, ...]:
-    return (*base, "bias") if bias is not None else tuple(base)
+def _measures(*base: str, probes: list[Probe], bias: object = None) -> tuple[str, ...]:
+    """`base` plus the routing diagnostics the probes' readers declare, plus ``bias`` when the router has one."""
+    return ordered((*base, *probe_signals(probes)) + (("bias",) if bias is not None else ()))
 
 
 # ---------------------------------------------------------------------------------------------- one builder per stack
@@ -69,11 +72,13 @@ def _torchtitan(name: str, m: nn.Module, parent: nn.Module | None) -> StackMatch
     gate = getattr(m, "gate", None)
     scoring = "sigmoid" if m.score_func == "sigmoid" else "softmax"
     stash = sr.LogitsStash()
-    probes = ([Probe(gate, stash)] if isinstance(gate, nn.Module) else []) + [
-        Probe(m, sr.TorchtitanRouterReader(E, K, scoring, stash))]
+    has_gate = isinstance(gate, nn.Module)
     bias = _tensor_getter(parent, "expert_bias_E", E) if parent is not None else None
+    probes = ([Probe(gate, stash)] if has_gate else []) + [
+        Probe(m, sr.TorchtitanRouterReader(E, K, scoring, stash, gate=has_gate, biased=bias is not None))]
     return StackMatch(RouterSpec(name=name, num_experts=E, top_k=K, probes=probes, bias=bias, kind="torchtitan",
-                                 measures=_measures("counts", "distribution", "logits", bias=bias),
+                                 measures=_measures("counts", "distribution", *(("logits",) if has_gate else ()),
+                                                    probes=probes, bias=bias),
                                  note="distribution from the router's own scores; logits from its gate Linear"),
                       _block_of(name))
 
@@ -82,13 +87,15 @@ def _deepspeed(name: str, m: nn.Module, parent: nn.Module | None) -> StackMatch 
     if not _is(m, "deepspeed", "TopKGate"):
         return None
     E, K = int(m.wg.out_features), int(m.k)
-    jitter = getattr(m, "noisy_gate_policy", None) == "Jitter"
+    reader = sr.DeepSpeedGateReader(E, K)
+    jitter = reader.noisy(m)
     factor = getattr(m, "capacity_factor", None)
-    measures = ("counts", "drops") if jitter else ("counts", "drops", "distribution", "logits")
+    probes = [Probe(m, reader)]
+    measures = _measures("counts", "drops", *(() if jitter else ("distribution", "logits")), probes=probes)
     note = ("per-expert drops from exp_counts (pre-capacity) minus kept routes"
             + ("; Jitter noise: no logits while training" if jitter else ""))
     block = _block_of(name)
-    return StackMatch(RouterSpec(name=name, num_experts=E, top_k=K, probes=[Probe(m, sr.DeepSpeedGateReader(E, K))],
+    return StackMatch(RouterSpec(name=name, num_experts=E, top_k=K, probes=probes,
                                  capacity_factor=float(factor) if isinstance(factor, (int, float)) else None,
                                  kind="deepspeed", measures=measures, note=note),
                       _block_of(block) if block.endswith("deepspeed_moe") else block)
@@ -102,14 +109,15 @@ def _olmo_core(name: str, m: nn.Module, parent: nn.Module | None) -> StackMatch 
     scoring = "sigmoid" if gating.endswith("sigmoid") else "softmax"
     experts = getattr(parent, "experts", None) if parent is not None else None
     capacity = experts is not None and callable(getattr(experts, "expert_capacity", None))
-    probes = [Probe(m, sr.OlmoRouterReader(E, K, scoring, count_choice=not capacity))]
+    reader = sr.OlmoRouterReader(E, K, scoring, count_choice=not capacity)
+    probes = [Probe(m, reader)]
     if capacity:
         assert experts is not None
         probes.append(Probe(experts, sr.OlmoCapacityReader(E, K)))
     bias = _tensor_getter(m, "score_bias", E)
-    jitter = getattr(m, "jitter_eps", None) is not None
+    jitter = reader.noisy(m)
     base = ("counts", "drops") if capacity else ("counts",)
-    measures = _measures(*base, *(() if jitter else ("distribution", "logits")), bias=bias)
+    measures = _measures(*base, *(() if jitter else ("distribution", "logits")), probes=probes, bias=bias)
     factor = getattr(experts, "capacity_factor", None)
     return StackMatch(RouterSpec(name=name, num_experts=E, top_k=K, probes=probes, bias=bias, kind="olmo_core",
                                  capacity_factor=float(factor) if isinstance(factor, (int, float)) else None,
@@ -126,9 +134,9 @@ def _nemo(name: str, m: nn.Module, parent: nn.Module | None) -> StackMatch | Non
     E, K = int(m.n_experts), int(m.topk)
     score_func = str(m.score_func)
     bias = _tensor_getter(m, "e_score_correction_bias", E)
-    return StackMatch(RouterSpec(name=name, num_experts=E, top_k=K, probes=[Probe(m, sr.NemoGateReader(E, K, score_func))],
-                                 bias=bias, kind="nemo_automodel",
-                                 measures=_measures("counts", "distribution", "logits", bias=bias),
+    probes = [Probe(m, sr.NemoGateReader(E, K, score_func))]
+    return StackMatch(RouterSpec(name=name, num_experts=E, top_k=K, probes=probes, bias=bias, kind="nemo_automodel",
+                                 measures=_measures("counts", "distribution", "logits", probes=probes, bias=bias),
                                  note=f"score_func={score_func}; logits: the gate's projection re-run on its input"),
                       _block_of(name))
 
@@ -137,16 +145,17 @@ def _litgpt(name: str, m: nn.Module, parent: nn.Module | None) -> StackMatch | N
     if _is(m, "litgpt", "GroupedTopkRouter"):
         E, K = int(m.config.n_expert), int(m.config.n_expert_per_token)
         bias = _tensor_getter(m, "e_score_correction_bias", E)
-        return StackMatch(RouterSpec(name=name, num_experts=E, top_k=K, probes=[Probe(m, sr.LitGPTGroupedReader(E, K))],
-                                     bias=bias, kind="litgpt",
-                                     measures=_measures("counts", "distribution", "logits", bias=bias),
+        probes = [Probe(m, sr.LitGPTGroupedReader(E, K))]
+        return StackMatch(RouterSpec(name=name, num_experts=E, top_k=K, probes=probes, bias=bias, kind="litgpt",
+                                     measures=_measures("counts", "distribution", "logits", probes=probes, bias=bias),
                                      note="grouped top-k (sigmoid); logits re-run on the router's input"),
                           _block_of(name))
     if (isinstance(m, nn.Linear) and parent is not None and getattr(parent, "gate", None) is m
             and _is(parent, "litgpt", "LLaMAMoE")):
         E, K = int(m.out_features), int(parent.config.n_expert_per_token)
-        return StackMatch(RouterSpec(name=name, num_experts=E, top_k=K, probes=[Probe(m, sr.LitGPTGateReader(E, K))],
-                                     kind="litgpt", measures=("counts", "distribution", "logits"),
+        probes = [Probe(m, sr.LitGPTGateReader(E, K))]
+        return StackMatch(RouterSpec(name=name, num_experts=E, top_k=K, probes=probes, kind="litgpt",
+                                     measures=_measures("counts", "distribution", "logits", probes=probes),
                                      note="choice: torch.topk of the gate's output, the op LLaMAMoE runs on it"),
                           _block_of(name))
     return None
@@ -160,17 +169,17 @@ def _lucidrains(name: str, m: nn.Module, parent: nn.Module | None) -> StackMatch
         factor = getattr(m, "capacity_factor_train", None)
         return StackMatch(RouterSpec(name=name, num_experts=E, top_k=K, probes=probes, kind="st_moe",
                                      capacity_factor=float(factor) if isinstance(factor, (int, float)) else None,
-                                     measures=("counts", "drops", "distribution", "logits"),
+                                     measures=_measures("counts", "drops", "distribution", "logits", probes=probes),
                                      note="drops: first expert only (further experts are routed at random); "
                                           "tokens = routed assignments / K"),
                           _block_of(name))
     if _is(m, "mixture_of_experts", "Top2Gating"):
         E = int(m.num_gates)
         factor = getattr(m, "capacity_factor_train", None)
-        return StackMatch(RouterSpec(name=name, num_experts=E, top_k=2, probes=[Probe(m, sr.Top2GatingReader(E))],
-                                     kind="mixture_of_experts",
+        probes = [Probe(m, sr.Top2GatingReader(E))]
+        return StackMatch(RouterSpec(name=name, num_experts=E, top_k=2, probes=probes, kind="mixture_of_experts",
                                      capacity_factor=float(factor) if isinstance(factor, (int, float)) else None,
-                                     measures=("counts", "drops", "distribution", "logits"),
+                                     measures=_measures("counts", "drops", "distribution", "logits", probes=probes),
                                      note="second-expert drops under the 'all'/'threshold' policies only; "
                                           "tokens = routed assignments / 2"),
                           _block_of(name))
@@ -185,11 +194,13 @@ def _megatron(name: str, m: nn.Module, parent: nn.Module | None) -> StackMatch |
     scoring = "sigmoid" if str(getattr(m, "score_function", "softmax")) == "sigmoid" else "softmax"
     bias = _tensor_getter(m, "expert_bias", E)
     factor = getattr(cfg, "moe_expert_capacity_factor", None)
-    return StackMatch(RouterSpec(name=name, num_experts=E, top_k=K, probes=[Probe(m, sr.MegatronRouterReader(E, K, scoring))],
-                                 bias=bias, kind="megatron",
+    reader = sr.MegatronRouterReader(E, K, scoring)
+    probes = [Probe(m, reader)]
+    return StackMatch(RouterSpec(name=name, num_experts=E, top_k=K, probes=probes, bias=bias, kind="megatron",
                                  capacity_factor=float(factor) if isinstance(factor, (int, float)) else None,
                                  measures=_measures("counts", *(("drops",) if factor is not None else ()),
-                                                    "distribution", "logits", bias=bias),
+                                                    *(() if reader.noisy(m) else ("distribution", "logits")),
+                                                    probes=probes, bias=bias),
                                  note="choice from routing_map (after token dropping); logits: its gating re-run"),
                       _block_of(name))
 

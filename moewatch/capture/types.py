@@ -8,7 +8,7 @@ Shape legend used across moewatch's tensor code:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -63,6 +63,10 @@ class Routing:
 # is added to the layer's step. Arguments: (module, args, kwargs, output). Readers must not sync the host: no
 # .item(), .tolist(), .cpu(), no data-dependent shapes (boolean indexing, nonzero, unique). A reader that cannot
 # make sense of an output raises `UnreadableOutput`: the watch warns once and records the problem in run.json.
+#
+# A reader may also say which routing diagnostics (`SIGNALS`) its observations carry: a method
+# ``signals(module) -> tuple[str, ...]`` answering for a training forward of `module`, decided by the same code and
+# conditions that fill the `Routing` fields (see `probe_signals`). The spec builders list them in `RouterSpec.measures`.
 Reader = Callable[[nn.Module, tuple, dict, Any], Union["Routing", Sequence["Routing"], None]]
 
 
@@ -70,7 +74,8 @@ class UnreadableOutput(ValueError):
     """A reader could not find the routing in a module's output; the message says what it saw."""
 
 
-# What a router's spec can measure (`RouterSpec.measures`), in the order listed by `moewatch.inspect`.
+# What a router's spec can measure (`RouterSpec.measures`), in the order listed by `moewatch.inspect`: the one list
+# of these names (summary, discovery, stacks and the readers all use it).
 MEASURES = {
     "counts": "tokens per expert from the router's actual choice",
     "counts_topk": "tokens per expert from top-k of the logits (the router's choice is not visible)",
@@ -78,7 +83,19 @@ MEASURES = {
     "distribution": "the router's distribution over experts (entropy, prob_mean, aux_loss)",
     "logits": "raw logits (logit_abs_max, logit_std, z_loss, nonfinite)",
     "bias": "the router's selection bias",
+    "gate_mass": "the combine weights each expert received (gate_mass; from Routing.weights_TK)",
+    "margin": "the routing margin (margin_mean, near_tie_frac, margin_hist; from Routing.select_TE)",
+    "override": "the share of assignments a selection-only bias overrode (override_frac; from Routing.unbiased_TE)",
+    "grad_norm": "per-expert gradient and parameter norms (grad_norm, param_norm): the experts' parameters were found",
 }
+# The routing diagnostics a reader declares (its ``signals(module)``), each recorded from one `Routing` field.
+SIGNALS = ("gate_mass", "margin", "override")
+
+
+def ordered(measures: Iterable[str]) -> tuple[str, ...]:
+    """`measures` without repeats, in `MEASURES` order (names not in it last, in their own order)."""
+    seen = list(dict.fromkeys(measures))
+    return tuple(m for m in MEASURES if m in seen) + tuple(m for m in seen if m not in MEASURES)
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,19 @@ class Probe:
     read: Reader
 
 
+def probe_signals(probes: Iterable[Probe]) -> tuple[str, ...]:
+    """The routing diagnostics (`SIGNALS`) that `probes`' readers declare for their modules, in `MEASURES` order.
+
+    A reader declares them with a ``signals(module)`` method (see `Reader`); one without (a plain function) declares
+    none, so a hand-written reader's diagnostics are listed only if it says so."""
+    out: list[str] = []
+    for p in probes:
+        declare = getattr(p.read, "signals", None)
+        if callable(declare):
+            out.extend(s for s in declare(p.module) if s in SIGNALS)
+    return ordered(out)
+
+
 @dataclass
 class RouterSpec:
     """One router (= one row key ``layer`` in the run's tables) and how to observe it.
@@ -97,8 +127,10 @@ class RouterSpec:
     observe it: usually one on the router itself; two when the choice is only visible elsewhere (e.g. on the experts
     module's input). ``bias`` returns the router's correction bias (shape E) or None; it is read once per step.
     ``kind`` names the family (``transformers``, ``torchtitan``, ``deepspeed``, ...); ``measures`` lists what its
-    probes can measure (keys of `MEASURES`; ``bias`` is added when ``bias`` is set) and ``note`` says what they
-    cannot, for `moewatch.inspect` and run.json.
+    probes can measure (keys of `MEASURES`; ``bias`` is added when ``bias`` is set; the built-in builders take the
+    routing diagnostics from their readers' declarations, `probe_signals`) and ``note`` says what they cannot, for
+    `moewatch.inspect` and run.json. ``grad_norm`` is not a probe's: `moewatch.inspect` adds it where the experts'
+    parameters are found.
     """
 
     name: str
