@@ -246,6 +246,70 @@ def test_a_failing_hook_never_hurts_training_and_is_a_problem(tmp_path):
     assert kinds.count(("expert_grads_stopped", None)) == 1
 
 
+def _unseen(run_dir: Path) -> list[tuple[str | None, str]]:
+    return [(p["router"], p["message"]) for p in json.loads((run_dir / "run.json").read_text())["problems"]
+            if p["kind"] == "expert_grads_unseen"]
+
+
+def _loop(model: MoEGPT, watch: moewatch.Watch, opt: torch.optim.Optimizer, steps: int) -> None:
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        model(ids, ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        watch.step()
+
+
+def test_an_optimizer_stepping_copies_of_the_parameters_is_said_not_silent(tmp_path):
+    """fp32 master weights (Megatron's mixed-precision and distributed optimizers, DeepSpeed ZeRO) are stepped instead
+    of the model's parameters: the hook never sees the experts, and the run says so instead of leaving grad_norm null
+    without a word."""
+    model = reference_model()
+    masters = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    for m in masters:
+        m.grad = torch.zeros_like(m)
+    watch = moewatch.attach(model, tmp_path / "copies")
+    with pytest.warns(RuntimeWarning, match="optimizer steps ran but none held the experts' parameters"):
+        _loop(model, watch, torch.optim.SGD(masters, lr=0.1), steps=4)
+        watch.close()  # a run shorter than GRADS_SILENT_STEPS hears it at close
+    (problem,) = _unseen(tmp_path / "copies")
+    assert problem[0] is None and "fp32 master weights" in problem[1]
+    assert moewatch.load(tmp_path / "copies").experts.grad_norm.isna().all()
+
+    model = reference_model()  # forward and backward but no optimizer at all
+    watch = moewatch.attach(model, tmp_path / "none")
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="no torch.optim optimizer step ran"):
+        for _ in range(3):
+            model(ids, ids).loss.backward()
+            watch.step()
+        watch.close()
+    assert [r for r, _ in _unseen(tmp_path / "none")] == [None]
+
+
+def test_frozen_experts_are_named_and_a_normal_run_has_no_such_problem(tmp_path):
+    from moewatch.capture.watch import GRADS_SILENT_STEPS
+
+    model = reference_model()
+    model.blocks[1].moe.w_in_EDH.requires_grad_(False)
+    model.blocks[1].moe.w_out_EHD.requires_grad_(False)
+    watch = moewatch.attach(model, tmp_path / "frozen")
+    with pytest.warns(RuntimeWarning, match="1 router\\(s\\) never showed expert gradients"):
+        _loop(model, watch, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+              steps=GRADS_SILENT_STEPS)  # checked at that step, before close
+        assert _unseen(tmp_path / "frozen")
+    watch.close()
+    assert [r for r, _ in _unseen(tmp_path / "frozen")] == ["blocks.1.moe.router"]
+
+    model = reference_model()
+    watch = moewatch.attach(model, tmp_path / "normal")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _loop(model, watch, torch.optim.SGD(model.parameters(), lr=0.1), steps=4)
+        watch.close()
+    assert _unseen(tmp_path / "normal") == []
+
+
 def test_global_view_averages_rank_rows_never_sums_them():
     from moewatch.store.reader import global_frames
 

@@ -38,9 +38,10 @@ def train_and_check(model: nn.Module, loss_of, tmp_path, steps: int = 2) -> moew
                 watch.step()
     run = moewatch.load(tmp_path)
     assert_measures_recorded(info, run)
-    # The run's manifest lists the same measures; grad_norm is inspect's (it looks for the experts' parameters).
-    listed = {r["name"]: [m for m in r["measures"] if m != "grad_norm"] for r in run.meta["routers"]}
-    assert listed == {str(i): [m for m in i.measures if m != "grad_norm"] for i in info}
+    # The run's manifest lists the same measures, grad_norm included (attach looks for the experts as inspect does).
+    listed = {r["name"]: r["measures"] for r in run.meta["routers"]}
+    assert listed == {str(i): list(i.measures) for i in info}
+    assert {r["name"]: r.get("no_grad_norm") for r in run.meta["routers"]} == {str(i): i.no_grad_norm for i in info}
     return info
 
 

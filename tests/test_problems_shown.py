@@ -33,7 +33,7 @@ def _silent_run(root: Path, steps: int = 4) -> Path:
     model = HalfRouted()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        with moewatch.attach(model, root, silent_steps=2) as watch:
+        with moewatch.attach(model, root, silent_steps=2, grads=False) as watch:  # no optimizer here
             for _ in range(steps):
                 model(torch.randn(2, 6, D)).sum().backward()
                 watch.step()

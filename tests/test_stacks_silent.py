@@ -43,9 +43,12 @@ class Mixed(nn.Module):
         return self.opaque(self.toy(x))
 
 
-def train(model, watch, steps: int, x=None) -> None:
+def train(model, watch, steps: int, x=None, params=None) -> None:
+    opt = torch.optim.SGD(model.parameters() if params is None else params, lr=1e-3)
     for _ in range(steps):
         model(torch.randn(2, 6, D) if x is None else x).sum().backward()
+        opt.step()
+        opt.zero_grad()
         watch.step()
 
 
@@ -60,10 +63,11 @@ def test_attach_logs_what_it_found_and_routers_describe_themselves(tmp_path, cap
     assert watch.routers == ["blocks.0.router", "blocks.1.router"]  # still the names
     info = watch.routers[0]
     assert (info.kind, info.num_experts, info.top_k) == ("router", E, 2)
-    assert info.measures == ("counts", "distribution", "logits", "bias")
+    assert info.measures == ("counts", "distribution", "logits", "bias", "grad_norm")
+    assert info.expert_params is not None and info.no_grad_norm is None
     watch.close()
     run = moewatch.load(tmp_path)
-    assert run.meta["routers"][0]["measures"] == ["counts", "distribution", "logits", "bias"]
+    assert run.meta["routers"][0]["measures"] == ["counts", "distribution", "logits", "bias", "grad_norm"]
     assert run.meta["problems"] == []
 
 
@@ -206,6 +210,6 @@ def test_hand_registration_accepts_research_spellings(tmp_path):
     found = moewatch.inspect(model, routers={"gate": gate})
     assert found == ["gate"] and (found[0].num_experts, found[0].top_k) == (E, 2)
     with moewatch.attach(model, tmp_path, routers={"gate": gate}) as watch:
-        train(lambda x: model(x)[0], watch, 2)
+        train(lambda x: model(x)[0], watch, 2, params=model.parameters())
     run = moewatch.load(tmp_path)
     assert run.layers.tokens.tolist() == [12, 12]

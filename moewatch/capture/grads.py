@@ -556,6 +556,9 @@ class GradTracker:
         self._nan: dict[str, torch.Tensor] = {}  # [E] NaN at parameter-free experts, 0 elsewhere
         self._steps: dict[int, int] = {}  # optimizer id -> steps since the last take
         self._seen: set[str] = set()  # layers with at least one expert grad since the last take
+        self.ever_seen: set[str] = set()  # layers that ever had one (what a "no gradient seen" check reads)
+        self.optimizer_steps = 0  # optimizer steps that held some expert parameter, since attach
+        self.any_steps = 0  # optimizer steps of any torch.optim optimizer seen, since attach
         self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._active: set[int] = set()  # optimizers (ids) inside a counted step now
         self._handle: Any = None
@@ -673,6 +676,7 @@ class GradTracker:
         self._active.discard(id(optimizer))
 
     def _observe(self, optimizer: torch.optim.Optimizer) -> None:
+        self.any_steps += 1
         plan = self._plan(optimizer)
         if not plan.any:
             return  # an optimizer of something else
@@ -680,6 +684,7 @@ class GradTracker:
             return  # called from inside another optimizer's step: a wrapper delegating to an inner optimizer
         self._active.add(id(optimizer))
         self._steps[id(optimizer)] = self._steps.get(id(optimizer), 0) + 1
+        self.optimizer_steps += 1
         factor = _amp_factor(optimizer)
         with torch.no_grad():
             for device, dev in self._devices.items():
@@ -739,6 +744,7 @@ class GradTracker:
             return GradTake({}, 0)
         steps = max(self._steps.values(), default=0)
         layers = [layer for layer in self.found if layer in self._seen and layer not in self._dropped]
+        self.ever_seen.update(self._seen)
         out = self._split(layers, [d.acc for d in self._devices.values()])
         for dev in self._devices.values():
             dev.acc = torch.zeros_like(dev.acc)  # the old buffer goes to the caller, untouched from now on

@@ -114,6 +114,12 @@ def expert_lookup(model: nn.Module, spec: RouterSpec, others: list[str]) -> tupl
         found, reason = find_expert_params(model, spec.name, spec.num_experts, others=others)
     except Exception as e:  # as attach: a lookup that fails costs the grad norms, never the inspection
         return None, f"could not look for the experts' parameters ({type(e).__name__}: {e})"
+    return expert_result(model, found, reason)
+
+
+def expert_result(model: nn.Module, found: Any, reason: str | None) -> tuple[str | None, str | None]:
+    """`expert_lookup`'s answer from what `find_expert_params` returned (``found`` an ExpertParams, or None and
+    ``reason``): the one wording for `inspect` and the Watch's `routers` / run.json."""
     if found is None:
         return None, f"the experts were not found: {reason}"
     try:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from moewatch import metrics
-from moewatch.capture.summary import RouterInfo, summary_line
+from moewatch.capture.summary import RouterInfo, expert_result, summary_line
 from moewatch.capture.types import Probe, RouterSpec, Routing, UnreadableOutput
 from moewatch.store.manifest import atomic_write_bytes, new_manifest, read_manifest, write_manifest
 from moewatch.store.schema import EXPERTS, LAYERS, MANIFEST, RANKS_DIR, TABLES
@@ -61,7 +61,12 @@ PROBLEM_KINDS = {
     "expert_params_not_found": "a router's expert parameters were not found (at attach): no grad_norm/param_norm",
     "expert_grads_stopped": "expert gradient tracking stopped for a router (its grads changed layout) or for all "
                             "(the optimizer hook failed); training continues",
+    "expert_grads_unseen": "no optimizer step showed a router's expert gradients (the optimizer steps copies of the "
+                           "parameters, or they never had a .grad): no grad_norm",
 }
+# Training steps after which expert gradients never seen are reported: longer than silent_steps, since one optimizer
+# step may span several watch steps (gradient accumulation stepped per micro-batch).
+GRADS_SILENT_STEPS = 50
 
 
 # `stop_on` -> the alert statuses (moewatch.detect.alerts: Alert.status) that set Watch.should_stop.
@@ -198,6 +203,9 @@ class Watch:
         self._grads: Any = None  # the GradTracker (None: grads=False, no model, or nothing found)
         self._grad_share: dict[str, float] = {}  # layer -> this rank's share (moewatch.metrics: 1, or 1/R sharded)
         self._grad_reported: set[str] = set()  # tracker problems already in run.json
+        self._grads_checked = False  # expert_grads_unseen was looked for (once per watch)
+        # router -> (where its expert parameters are, None) or (None, why no grad_norm): what RouterInfo lists
+        self._experts: dict[str, tuple[str | None, str | None]] = {}
         self._final = False  # close()'s last step: it flushes, so it gets the parameter norms
 
         self._prepare_dir()
@@ -211,6 +219,12 @@ class Watch:
             self._problem(problem["kind"], problem.get("router"), problem["message"], warn=False, **extra)
         if config.grads and model is not None and specs:
             self._attach_grads(model, specs)
+        elif specs:
+            why = "attach(grads=False)" if not config.grads else "no model to find expert parameters in"
+            self._experts = {spec.name: (None, why) for spec in specs}
+        if self._experts:  # the routers' entries again, now that grad_norm is known for each
+            infos = {name: self._info(state).as_dict() for name, state in self._layers.items()}
+            self._manifest["routers"] = [infos.get(r.get("name"), r) for r in self._manifest["routers"]]
         self._write_rank_manifest()
         self._write_manifest_now()
         self._worker = FlushWorker(
@@ -241,6 +255,7 @@ class Watch:
         try:
             tracker = GradTracker.attach(model, specs)
         except Exception as e:  # discovery must never stop training: no grad norms, said once
+            self._experts = {spec.name: (None, f"the search failed ({type(e).__name__})") for spec in specs}
             self._problem("expert_params_not_found", None, (
                 f"moewatch: could not look for the experts' parameters ({type(e).__name__}: {e}); grad_norm and "
                 f"param_norm are not recorded"))
@@ -250,6 +265,8 @@ class Watch:
         ranks = len(self._members) if self._members is not None else 1
         self._grad_share = {layer: 1.0 / ranks if ep.sharded else 1.0 for layer, ep in tracker.found.items()}
         missing = dict(tracker.problems)
+        self._experts = {**{layer: expert_result(model, None, reason) for layer, reason in missing.items()},
+                         **{layer: expert_result(model, ep, None) for layer, ep in tracker.found.items()}}
         for layer, reason in missing.items():
             self._grad_reported.add(layer)
             self._problem("expert_params_not_found", layer, (
@@ -448,7 +465,7 @@ class Watch:
 
         with self._rank_lock:
             self._rank_routers = len(self._layers)
-            self._rank_manifest["routers"] = [RouterInfo(s.spec).as_dict() for s in self._layers.values()]
+            self._rank_manifest["routers"] = [self._info(s).as_dict() for s in self._layers.values()]
             self._rank_manifest["heartbeat"] = time.time()
             data = json.dumps(self._rank_manifest, indent=1, default=str).encode("utf-8")
             try:
@@ -526,7 +543,10 @@ class Watch:
     def routers(self) -> list[RouterInfo]:
         """The routers being recorded: each a `RouterInfo`, i.e. its layer name (a str) with ``kind``,
         ``num_experts``, ``top_k``, ``measures`` and ``note`` (see `moewatch.inspect`)."""
-        return [RouterInfo(s.spec) for s in self._layers.values()]
+        return [self._info(s) for s in self._layers.values()]
+
+    def _info(self, state: _LayerState) -> RouterInfo:
+        return RouterInfo(state.spec, self._experts.get(state.spec.name))
 
     @property
     def problems(self) -> list[dict[str, Any]]:
@@ -680,6 +700,8 @@ class Watch:
             self._train_steps += 1
             if self._train_steps == self.config.silent_steps:
                 self._check_silent()
+            if self._train_steps == GRADS_SILENT_STEPS:
+                self._check_grads_seen()
         self._seq += 1
         self._since_flush += 1
         if flushing:
@@ -701,6 +723,38 @@ class Watch:
                 f"RouterSpec(name={name!r}, num_experts=..., top_k=..., probes=[Probe(module, reader)])}}) or "
                 f"watch.record({name!r}, logits=..., indices=...) in your training step"), write=False)
         self._write_manifest_now()
+
+    def _check_grads_seen(self) -> None:
+        """Say once when the expert gradients of found routers never showed at an optimizer step: no grad_norm would
+        otherwise be a silent gap (Megatron's mixed-precision or distributed optimizer and DeepSpeed ZeRO step fp32
+        copies or flat shards of the parameters, not the model's; an optimizer that is not a torch.optim one never
+        fires the hook)."""
+        tracker = self._grads
+        if tracker is None or self._grads_checked or not self._train_steps:
+            return
+        self._grads_checked = True
+        n = self._train_steps
+        if tracker.optimizer_steps == 0:
+            held = (f"{tracker.any_steps} torch.optim optimizer steps ran but none held the experts' parameters: "
+                    f"the optimizer steps copies of them (fp32 master weights: Megatron's mixed-precision or "
+                    f"distributed optimizer, DeepSpeed ZeRO)") if tracker.any_steps else (
+                    "no torch.optim optimizer step ran (expert gradient norms are read at optimizer steps; an "
+                    "optimizer that is not a torch.optim.Optimizer is not seen)")
+            self._problem("expert_grads_unseen", None, (
+                f"moewatch: in {n} training steps {held}, so grad_norm is not recorded; attach(..., grads=False) "
+                f"turns expert gradients off"))
+            return
+        unseen = [layer for layer in tracker.found if layer not in tracker.ever_seen and layer not in tracker.problems]
+        for layer in unseen:
+            self._problem("expert_grads_unseen", layer, (
+                f"moewatch: the expert parameters of router {layer!r} had no .grad at any of {tracker.optimizer_steps} "
+                f"optimizer steps in {n} training steps (frozen, or their gradients are kept elsewhere, e.g. "
+                f"Megatron's main_grad): no grad_norm for it"), warn=False, write=False)
+        if unseen:
+            warnings.warn(f"moewatch: {len(unseen)} router(s) never showed expert gradients at an optimizer step "
+                          f"({unseen[0]!r}{' and more' if len(unseen) > 1 else ''}): no grad_norm for them; see "
+                          f"run.json problems", RuntimeWarning, stacklevel=3)
+            self._write_manifest_now()
 
     def _snapshot(self, phase: str, number: int, now: float) -> None:
         calls = {name: s.calls[phase] for name, s in self._layers.items() if s.calls[phase] and phase in s.tensors}
@@ -796,6 +850,8 @@ class Watch:
             self._final = True
             self.step()
         self._closed = True
+        if self._grads is not None and self._train_steps >= max(1, self.config.silent_steps):
+            self._check_grads_seen()  # a run shorter than GRADS_SILENT_STEPS hears it at close
         self._flush(closing=True)
         if self._grads is not None:
             self._grads.remove()
@@ -965,8 +1021,6 @@ def attach(
         specs = discover(model, routers)
         if routers is None or routers:
             problems = _unrouted_problems(model, specs)
-    log.info("%s; recording into %s", summary_line([RouterInfo(s) for s in specs],
-                                                   type(model).__name__ if model is not None else None), run_dir)
     for problem in problems:
         warnings.warn(problem["message"], RuntimeWarning, stacklevel=2)
     sinks = [on_tables] if on_tables is not None else []
@@ -986,6 +1040,9 @@ def attach(
     watch = Watch(model, run_dir, specs, config, meta=meta, on_tables=_fan_out(sinks) if sinks else None,
                   problems=problems, group=group)
     created.append(watch)
+    # After the Watch is built: its routers know whether their expert gradients will be recorded.
+    log.info("%s; recording into %s", summary_line(watch.routers, type(model).__name__ if model is not None else None),
+             run_dir)
     return watch
 
 
