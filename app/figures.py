@@ -436,12 +436,15 @@ def heatmap_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None,
             # The detector's averaging, so the panels match it (imported only here: other charts need no detector).
             from moewatch.detect.windows import nanmean_bins
 
-        grads = run.grads(layer) if run.has_grads else None  # (a run without them: no per-step read for this)
-        if grads is not None:  # the same columns as the load: windows (or pixel bins) of per-step norms
-            grad_cols = nanmean_bins(grads[bins.rows], bins.edges[:-1]) if window else \
-                nanmean_bins(grads[lo:hi], edges[:-1])
-            if not np.isfinite(grad_cols).any():
-                grads = None
+        grad_cols = None  # the same columns as the load: windows (or pixel bins) of per-step norms
+        if run.has_grads:  # (a run without them: no per-step read for this)
+            if window:  # from the rollups at full zoom-out, as the load
+                grad_cols = windows.bin_grads(run, layer, bins)
+            else:
+                grads = run.grads(layer)
+                grad_cols = None if grads is None else nanmean_bins(grads[lo:hi], edges[:-1])
+            if grad_cols is not None and not np.isfinite(grad_cols).any():
+                grad_cols = None
     trace, n_cols = _load_trace(binned, centres, E, order, cap, explicit_x=explicit_x)
     if window:
         trace["hovertemplate"] = ("expert %{y}<br>window around step %{x:.0f}<br>load %{customdata:.2f}× fair share"
@@ -468,7 +471,7 @@ def heatmap_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None,
                 margins = None
     if margins is not None:
         data.append(_margin_trace(margins, trace))
-    if grads is not None:
+    if grad_cols is not None:
         data.append(_grad_trace(grad_cols, trace, order))
         # Two panels on one step axis: load on top, gradient norm below, so a starved expert shows in both.
         layout["height"] = 2 * height - 40
@@ -593,11 +596,16 @@ def shares_figure(run: RunData, layer: str, lo: int = 0, hi: int | None = None, 
         np.divide(tokens, total, out=share, where=total > 0)
         # Gate mass vs load over the shown range (routers that record combine weights): per expert, its share of
         # the combine weight next to its share of the assignments.
-        gate = run.gate_mass(layer, lo, hi) if run.has_gate else None
-        if gate is not None:
-            counts = run.tokens(layer, lo, hi).sum(axis=0, dtype=np.float64)
-            mass = gate.sum(axis=0)
-            gate = (counts / max(counts.sum(), 1.0), mass / mass.sum()) if mass.sum() > 0 else None
+        gate = None
+        if run.has_gate:  # over the windows shown (from the rollups at full zoom-out), else the steps shown
+            if window:
+                mass, counts = windows.bins_gate_mass(run, layer, bins), tokens.sum(axis=0, dtype=np.float64)
+            else:
+                held = run.gate_mass(layer, lo, hi)
+                mass = None if held is None else held.sum(axis=0)
+                counts = tokens.sum(axis=0, dtype=np.float64)
+            if mass is not None and mass.sum() > 0:
+                gate = (counts / max(counts.sum(), 1.0), mass / mass.sum())
     E = share.shape[1]
     xs, ys, down = downsample(steps, share, lines_budget(E))
     if not down:

@@ -142,6 +142,40 @@ def bin_load(run: RunData, layer: str, bins: Bins) -> np.ndarray:
         return bin_sum(run.layer(layer).tokens.a[bins.rows], bins.edges, np.int64)
 
 
+def bin_grads(run: RunData, layer: str, bins: Bins) -> np.ndarray | None:
+    """Each expert's mean gradient norm per bin ``[B, E]`` (NaN: none recorded in it), or None when the layer
+    records none: the rollup's block sums over their recorded-step counts where the bins are whole blocks (no
+    per-step read), else the per-step norms averaged as the detector's windows average them."""
+    from moewatch.detect.windows import nanmean_bins
+
+    with run.lock:
+        found = _aligned_blocks(run, layer, bins)
+        if found is not None:
+            blocks, at = found
+            if blocks.grad_sum is None:
+                return None
+            span, starts = slice(at[0], at[-1]), at[:-1] - at[0]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return (np.add.reduceat(blocks.grad_sum[span], starts, axis=0)
+                        / np.add.reduceat(blocks.grad_steps[span], starts, axis=0))
+        grads = run.grads(layer)
+        return None if grads is None else nanmean_bins(grads[bins.rows], bins.edges[:-1])
+
+
+def bins_gate_mass(run: RunData, layer: str, bins: Bins) -> np.ndarray | None:
+    """Each expert's gate mass summed over all the bins ``[E]``, or None when the layer records none: rollup blocks
+    where the bins are whole blocks, else the per-step values."""
+    with run.lock:
+        found = _aligned_blocks(run, layer, bins)
+        if found is not None:
+            blocks, at = found
+            return None if blocks.gate_mass is None else blocks.gate_mass[at[0]: at[-1]].sum(axis=0)
+        gate = run.gate_mass(layer)
+        if gate is None:
+            return None
+        return gate[bins.rows][bins.edges[0]: bins.edges[-1]].sum(axis=0)
+
+
 def binned_load(run: RunData, layer: str, bins: Bins) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(assignments per bin and expert [B, E] int64, first step, last step of each bin)."""
     with run.lock:

@@ -550,6 +550,46 @@ def test_a_held_layer_gets_a_late_experts_part_and_follows_a_mixed_compaction(tm
     assert grid().sum() == 12 * 256  # every step's 256 assignments, once
 
 
+def test_full_zoom_out_takes_gradient_norms_and_gate_mass_from_the_rollups(tmp_path):
+    """A run recording gradient norms and gate mass (the aux-free-lost sample run) keeps full zoom-out free of
+    per-step reads: the gradient panel and the gate-mass-vs-load points come from rollup blocks, equal to what the
+    per-step rows give."""
+    import shutil
+
+    from moewatch.app import figures
+    from moewatch.store.compact import compact
+
+    src = SAMPLES / "aux-free-lost"
+    if not src.is_dir():
+        pytest.skip("sample_runs/ is not in this checkout")
+    path = shutil.copytree(src, tmp_path / "run")
+    assert compact(path).rollups
+
+    def charts(run: RunData, name: str) -> tuple[np.ndarray, list]:
+        window = detector_window(run, name)
+        heat, _ = figures.heatmap_figure(run, name, width_px=600, window=window)
+        shares, _ = figures.shares_figure(run, name, window=window)
+        (grad,) = [t for t in heat["data"] if t.get("yaxis") == "y2" and t["type"] == "heatmap"]
+        (gate,) = [t for t in shares["data"] if t.get("xaxis") == "x2"]
+        return np.asarray(grad["z"], np.float64), [np.asarray(gate["x"]), np.asarray(gate["y"])]
+
+    fresh = RunData(path, "x")
+    fresh.refresh()
+    assert fresh.has_grads and fresh.has_gate
+    per_step = RunData(path, "y")
+    per_step.refresh()
+    per_step._rollups = None  # as if the run had no rollups
+    for name in fresh.layer_names:
+        grad, gate = charts(fresh, name)
+        assert fresh.layer_info(name).tokens is None, "full zoom-out must not read the per-step rows"
+        grad2, gate2 = charts(per_step, name)
+        assert per_step.layer_info(name).tokens is not None
+        np.testing.assert_allclose(grad, grad2, rtol=1e-9, equal_nan=True)
+        assert np.isfinite(grad).any()
+        for a, b in zip(gate, gate2, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9)
+
+
 def test_full_zoom_out_reads_the_rollups_exactly_and_no_per_step_counts(tmp_path):
     """Coarser than a block (detector windows at full zoom-out), the page sums the run's rollups: the same numbers
     as the per-step counts, without reading them."""

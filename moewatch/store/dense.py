@@ -92,12 +92,14 @@ class Plan:
 
 
 def iter_dense_layers(run_dir: str | Path, budget_bytes: int = DEFAULT_BUDGET, layers: list[str] | None = None,
-                      skipped: list[str] | None = None, rollups: bool = False) -> Iterator[DenseLayer]:
+                      skipped: list[str] | None = None, rollups: bool = False, gate: bool = False
+                      ) -> Iterator[DenseLayer]:
     """Every router's :class:`DenseLayer` (or only ``layers``), in the order they first appear in the run.
 
     A corrupt part file is skipped with a warning (named in ``skipped`` when given), as ``moewatch.load`` does.
     ``rollups``: when the run's rollup file is up to date (``moewatch.store.rollup``), yield block sums from it
-    (``block`` > 1) instead of reading the per-step expert rows at all.
+    (``block`` > 1) instead of reading the per-step expert rows at all. ``gate``: read each expert's gate mass too
+    (the rollup writer; the detector does not use it).
     """
     run_dir = Path(run_dir)
     plan = plan_run(run_dir, skipped)
@@ -110,26 +112,26 @@ def iter_dense_layers(run_dir: str | Path, budget_bytes: int = DEFAULT_BUDGET, l
             for name in names:
                 b = reader.layer(name, plan.num_experts[name])
                 if b is None or len(b.tokens) != -(-len(plan.steps[name]) // b.block):
-                    yield from iter_dense_layers(run_dir, budget_bytes, [name], skipped)  # not rolled up
+                    yield from iter_dense_layers(run_dir, budget_bytes, [name], skipped, gate=gate)  # not rolled up
                     continue
                 yield DenseLayer(name, plan.num_experts[name], plan.top_k[name], plan.steps[name], b.tokens,
                                  plan.stats[name], b.dropped, b.bias, b.block, b.head, grad_norm=b.grad_sum,
-                                 grad_steps=b.grad_steps)
+                                 grad_steps=b.grad_steps, gate_mass=b.gate_mass)
             return
     files = part_files(run_dir, EXPERTS)
     width = plan.cell_bytes(bias=any(_has_bias(f) for f in files),
-                            means=int(has_values(files, "grad_norm")))
+                            means=int(has_values(files, "grad_norm")) + int(gate and has_values(files, "gate_mass")))
     group: list[str] = []
     size = 0
     for name in names:
         need = len(plan.steps[name]) * plan.num_experts[name] * width
         if group and size + need > budget_bytes:
-            yield from _read_group(files, plan, group, skipped)
+            yield from _read_group(files, plan, group, skipped, with_gate=gate)
             group, size = [], 0
         group.append(name)
         size += need
     if group:
-        yield from _read_group(files, plan, group, skipped)
+        yield from _read_group(files, plan, group, skipped, with_gate=gate)
 
 
 @dataclass

@@ -6,8 +6,8 @@ coarser than a step (the detector's windows) reads ten times fewer rows.
 layer's first recorded step, and keeps the layer's first ``HEAD`` steps per step (the detector sizes its windows
 from them). Counts are additive, so a block is the exact sum of its steps; the bias is the value at the block's last
 step. Per-expert gradient norms (schema 2) roll up as a sum over the block's recorded steps and their number, so a
-window's mean norm (the detector's ``expert_stalled``) is exact too; gate mass is not rolled up (only the dashboard's
-per-layer view reads it, per step). One file, ``rollups/experts-b<BLOCK>.parquet``, written atomically; its metadata names the part files it was
+window's mean norm (the detector's ``expert_stalled``) is exact too; gate mass (additive) is summed like the counts.
+One file, ``rollups/experts-b<BLOCK>.parquet``, written atomically; its metadata names the part files it was
 computed from (``moewatch.rollup``), and a reader uses it only while those are still exactly the run's live parts:
 any new flush, resumed session or compaction makes it stale, and readers then fall back to the per-step rows until
 the next ``moewatch compact`` (which writes rollups) brings it up to date.
@@ -41,14 +41,17 @@ _SCHEMA = pa.schema([
     pa.field("bias", pa.float64()),
     pa.field("grad_sum", pa.float64()),  # sum of the block's recorded gradient norms (null: none recorded)
     pa.field("grad_steps", pa.int32()),  # how many of the block's steps recorded one
+    pa.field("gate_mass", pa.float64()),  # sum of the combine weights the expert's assignments got (null: none)
 ])
 VERSION = 2  # 1: counts, drops and bias only (read as stale: the next compact rewrites it)
+NULLABLE = ("grad_sum", "grad_steps", "gate_mass")  # null where the run records none: read as 0
 
 
 @dataclass
 class Blocks:
     """One layer's rollup: ``tokens``/``dropped``/``bias`` are ``[blocks, E]``, ``head`` ``[min(S, HEAD), E]``;
-    ``grad_sum``/``grad_steps`` ``[blocks, E]`` when the run records gradient norms."""
+    ``grad_sum``/``grad_steps`` ``[blocks, E]`` when the run records gradient norms, ``gate_mass`` when it records
+    combine weights."""
 
     block: int
     tokens: np.ndarray
@@ -57,6 +60,7 @@ class Blocks:
     head: np.ndarray
     grad_sum: np.ndarray | None = None
     grad_steps: np.ndarray | None = None
+    gate_mass: np.ndarray | None = None
 
 
 def path_for(run_dir: Path, block: int = BLOCK) -> Path:
@@ -85,7 +89,7 @@ def write_rollups(run_dir: str | Path, block: int = BLOCK) -> Path | None:
     stamp = fingerprint(run_dir)
     buf = io.BytesIO()
     writer: pq.ParquetWriter | None = None
-    for d in iter_dense_layers(run_dir, skipped=[]):
+    for d in iter_dense_layers(run_dir, skipped=[], gate=True):
         S, E = d.tokens.shape
         starts = np.arange(0, S, block)
         ends = np.minimum(starts + block, S) - 1
@@ -98,7 +102,8 @@ def write_rollups(run_dir: str | Path, block: int = BLOCK) -> Path | None:
             ok = np.isfinite(d.grad_norm)
             grad = (np.add.reduceat(np.where(ok, d.grad_norm, 0.0), starts, axis=0),
                     np.add.reduceat(ok, starts, axis=0, dtype=np.int32))
-        parts = [_rows(d.layer, False, tokens, dropped, bias, grad), _rows(d.layer, True, head, None, None)]
+        gate = None if d.gate_mass is None or not S else np.add.reduceat(np.nan_to_num(d.gate_mass), starts, axis=0)
+        parts = [_rows(d.layer, False, tokens, dropped, bias, grad, gate), _rows(d.layer, True, head, None, None)]
         table = pa.concat_tables(parts)
         if writer is None:
             meta = {KEY: json.dumps({"version": VERSION, "block": block, "head": HEAD, "parts": stamp}).encode()}
@@ -114,7 +119,7 @@ def write_rollups(run_dir: str | Path, block: int = BLOCK) -> Path | None:
 
 
 def _rows(layer: str, head: bool, tokens: np.ndarray, dropped: np.ndarray | None, bias: np.ndarray | None,
-          grad: tuple[np.ndarray, np.ndarray] | None = None) -> pa.Table:
+          grad: tuple[np.ndarray, np.ndarray] | None = None, gate: np.ndarray | None = None) -> pa.Table:
     n, E = tokens.shape
     nulls = np.ones(n * E, bool)
     return pa.table({
@@ -128,6 +133,7 @@ def _rows(layer: str, head: bool, tokens: np.ndarray, dropped: np.ndarray | None
                          from_pandas=True),
         "grad_sum": pa.array(np.zeros(n * E), mask=nulls) if grad is None else grad[0].reshape(-1),
         "grad_steps": pa.array(np.zeros(n * E, np.int32), mask=nulls) if grad is None else grad[1].reshape(-1),
+        "gate_mass": pa.array(np.zeros(n * E), mask=nulls) if gate is None else gate.reshape(-1),
     }, schema=_SCHEMA)
 
 
@@ -150,24 +156,26 @@ class RollupReader:
         if not groups:
             return None
         t = self._pf.read_row_groups(groups)
-        names = ("tokens", "dropped", "bias", "grad_sum", "grad_steps")
+        names = ("tokens", "dropped", "bias", "grad_sum", "grad_steps", "gate_mass")
         col = {c: t[c].to_numpy(zero_copy_only=False) for c in ("head", "index", "expert", *names)}
-        floats = {"bias": np.float64, "grad_sum": np.float64}
+        floats = {"bias": np.float64, "grad_sum": np.float64, "gate_mass": np.float64}
         grids = {}
         for is_head in (False, True):
             rows = np.flatnonzero(col["head"] == is_head)
             n = int(col["index"][rows].max()) + 1 if len(rows) else 0
             grid = {c: np.zeros((n, num_experts), floats.get(c, np.int64)) for c in names}
             for c, arr in grid.items():
-                arr[col["index"][rows], col["expert"][rows]] = np.nan_to_num(col[c][rows]) if c[:4] == "grad" \
+                arr[col["index"][rows], col["expert"][rows]] = np.nan_to_num(col[c][rows]) if c in NULLABLE \
                     else col[c][rows]
             grids[is_head] = grid
         blocks = grids[False]
         bias = blocks["bias"] if np.isfinite(blocks["bias"]).any() else None
         dropped = blocks["dropped"] if blocks["dropped"].any() else None
         grad = blocks["grad_steps"].any()
+        gate = t["gate_mass"].null_count < len(t)
         return Blocks(self.block, blocks["tokens"], dropped, bias, grids[True]["tokens"],
-                      blocks["grad_sum"] if grad else None, blocks["grad_steps"] if grad else None)
+                      blocks["grad_sum"] if grad else None, blocks["grad_steps"] if grad else None,
+                      blocks["gate_mass"] if gate else None)
 
 
 def open_rollups(run_dir: str | Path, block: int = BLOCK) -> RollupReader | None:
