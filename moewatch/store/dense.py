@@ -456,7 +456,9 @@ def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[s
             fin = np.isfinite(b)
             if not fin.any():
                 continue
-            acc = means.setdefault(c, [np.full(len(tokens), np.nan), None])
+            acc = means.get(c)
+            if acc is None:  # not setdefault: its default (a group-sized array) would be built for every batch
+                acc = means[c] = [np.full(len(tokens), np.nan), None]
             if plan.ranks <= 1:
                 acc[0][flat[fin]] = b[fin]  # one rank: the value itself, no count array
             else:  # the mean over the ranks that hold the value (replicas of one buffer, as load averages)
