@@ -68,11 +68,11 @@ def write_part(run: Path, table: str, t: pa.Table, n: int) -> None:
     (folder / f"r0000-s0001-{n:08d}.parquet").write_bytes(part_bytes(t))  # the writer's layout: a row group per layer
 
 
-def chunk_tables(rng, lo: int, hi: int, total: int, layers: int, E: int, k: int, tokens: int, seq0: int
-                 ) -> tuple[pa.Table, pa.Table]:
+def chunk_tables(rng, lo: int, hi: int, total: int, layers: int, E: int, k: int, tokens: int, seq0: int,
+                 grads: bool = False) -> tuple[pa.Table, pa.Table]:
     steps = np.arange(lo, hi, dtype=np.int64)
     S = len(steps)
-    ex_cols: dict[str, list[np.ndarray]] = {c: [] for c in ("step", "layer", "expert", "tokens")}
+    ex_cols: dict[str, list[np.ndarray]] = {c: [] for c in ("step", "layer", "expert", "tokens", "grad_norm")}
     ly: dict[str, list[np.ndarray]] = {c: [] for c in ("step", "layer", "cv", "max_share", "dead", "entropy_norm",
                                                         "z_loss", "logit_abs_max", "aux_loss")}
     for li in range(layers):
@@ -84,6 +84,9 @@ def chunk_tables(rng, lo: int, hi: int, total: int, layers: int, E: int, k: int,
         ex_cols["layer"].append(np.full(S * E, li, dtype=np.int32))
         ex_cols["expert"].append(np.tile(np.arange(E, dtype=np.int32), S))
         ex_cols["tokens"].append(counts.reshape(-1))
+        if grads:  # an expert's gradient grows with the tokens it gets: the collapsing layer's starved ones stall
+            noise = np.exp(0.3 * rng.standard_normal(counts.shape))
+            ex_cols["grad_norm"].append((1e-3 * np.sqrt(counts) * noise).reshape(-1))
         mean = counts.mean(axis=1)
         ly["step"].append(steps)
         ly["layer"].append(np.full(S, li, dtype=np.int32))
@@ -108,6 +111,7 @@ def chunk_tables(rng, lo: int, hi: int, total: int, layers: int, E: int, k: int,
         "rank": np.zeros(n_ex, np.int32),
         "session": np.ones(n_ex, np.int32),
         "seq": np.repeat(np.tile(np.arange(seq0, seq0 + S, dtype=np.int64), layers), E),
+        **({"grad_norm": np.concatenate(ex_cols["grad_norm"])} if grads else {}),
     }), EXPERTS_SCHEMA)
     n_ly = S * layers
     ent = np.concatenate(ly["entropy_norm"])
@@ -128,10 +132,12 @@ def chunk_tables(rng, lo: int, hi: int, total: int, layers: int, E: int, k: int,
 
 
 def make_run(path: Path, steps: int, layers: int, experts: int, part_steps: int, status: str = "running",
-             top_k: int = 2, tokens: int = 4096) -> None:
+             top_k: int = 2, tokens: int = 4096, grads: bool = False) -> None:
     params = {"steps": steps, "layers": layers, "experts": experts, "part_steps": part_steps, "v": 3}
     if (top_k, tokens) != (2, 4096):
         params.update(top_k=top_k, tokens=tokens)
+    if grads:
+        params.update(grads=True)
     manifest = {"schema_version": SCHEMA_VERSION, "status": status, "model_class": "benchmark.SyntheticMoE",
                 "world_size": 1, "heartbeat": time.time(), "flush_seconds": 30.0,
                 "routers": [{"name": layer_name(i), "num_experts": experts, "top_k": top_k} for i in range(layers)]}
@@ -145,7 +151,7 @@ def make_run(path: Path, steps: int, layers: int, experts: int, part_steps: int,
     t0 = time.perf_counter()
     for n, lo in enumerate(range(0, steps, part_steps)):
         hi = min(steps, lo + part_steps)
-        ex, ly = chunk_tables(rng, lo, hi, steps, layers, experts, top_k, tokens, lo)
+        ex, ly = chunk_tables(rng, lo, hi, steps, layers, experts, top_k, tokens, lo, grads)
         write_part(path, EXPERTS, ex, n)
         write_part(path, LAYERS, ly, n)
         print(f"\r  writing synthetic run: {hi:,}/{steps:,} steps", end="", file=sys.stderr, flush=True)

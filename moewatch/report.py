@@ -167,8 +167,13 @@ def build_report(path: Path, config: DetectorConfig, progress: bool = False) -> 
         from tqdm.auto import tqdm
 
         def wrap(items):
-            return tqdm(items, total=routers, desc=f"layers of {path.name}", unit="layer", leave=False,
-                        disable=None, file=sys.stderr, mininterval=1.0)
+            # Not tqdm(items): it would hold the last layer (and its group's buffer) while the next is read.
+            with tqdm(total=routers, desc=f"layers of {path.name}", unit="layer", leave=False, disable=None,
+                      file=sys.stderr, mininterval=1.0) as bar:
+                for item in items:
+                    bar.update(1)
+                    yield item
+                    del item
 
     try:
         analysis = analyze_run(path, config, progress=wrap)

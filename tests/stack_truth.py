@@ -10,6 +10,10 @@ training loop ends a step, and finally `assert_run_matches(run, truth)`.
 from __future__ import annotations
 
 import math
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -153,3 +157,23 @@ def _approx(x: float, rel: float):
     import pytest
 
     return pytest.approx(x, rel=rel, abs=1e-7)
+
+
+@contextmanager
+def one_process_group() -> Iterator:
+    """A new group of rank 0 in a one-process gloo world (started here, and ended after, unless one is running):
+    what stacks that take their process groups explicitly (Megatron-Core) are built with on CPU."""
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield dist.new_group([0])
+    finally:
+        if created:
+            dist.destroy_process_group()

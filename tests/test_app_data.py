@@ -557,6 +557,7 @@ def test_full_zoom_out_takes_gradient_norms_and_gate_mass_from_the_rollups(tmp_p
     import shutil
 
     from moewatch.app import figures
+
     from moewatch.store.compact import compact
 
     src = SAMPLES / "aux-free-lost"

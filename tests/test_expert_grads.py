@@ -30,14 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RTOL = 2e-5  # float32 norms of float32 grads vs the float64 reference
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def close(got: torch.Tensor, want: torch.Tensor) -> None:
     np.testing.assert_allclose(got.detach().double().cpu().numpy(), want.detach().numpy(), rtol=RTOL, atol=1e-30)
 

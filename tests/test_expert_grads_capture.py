@@ -30,14 +30,6 @@ from tests.toy import ToyRouter, read_toy
 RTOL = 1e-5  # float32 squares summed on the device vs float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def sq64(*tensors: torch.Tensor) -> float:
     return float(sum(t.detach().double().square().sum() for t in tensors))
 

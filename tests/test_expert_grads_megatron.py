@@ -27,8 +27,6 @@ to CUDA, and ``te_general_gemm`` defined as None.
 
 from __future__ import annotations
 
-import os
-import socket
 import types
 
 import numpy as np
@@ -39,10 +37,10 @@ from torch import nn
 
 import moewatch
 from tests.stack_import import import_stack
+from tests.stack_truth import one_process_group
 
 import_stack("megatron.core.transformer.moe.experts", "Megatron-Core")
 
-import torch.distributed as dist  # noqa: E402
 from megatron.core.jit import noop_decorator  # noqa: E402
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noqa: E402
 from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
@@ -62,27 +60,11 @@ RTOL = 2e-5  # float32 squares summed on the device vs float64
 LAYOUTS = ("sequential", "grouped", "te_grouped")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def group():
     """A one-process gloo group (Megatron's modules take their process groups explicitly)."""
-    created = not dist.is_initialized()
-    if created:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield dist.new_group([0])
-    if created:
-        dist.destroy_process_group()
+    with one_process_group() as g:
+        yield g
 
 
 @pytest.fixture

@@ -111,3 +111,24 @@ def test_the_dashboard_shows_gradient_norms_beside_the_load_and_the_detector_nam
     z = np.asarray(fig["data"][1]["z"], dtype=np.float64)  # [experts (in display order), columns]
     row = fig["data"][1]["y"].index("e3")
     assert (z[row, -5:] <= -2 + 1e-6).all() and np.nanmax(np.abs(np.delete(z, row, axis=0)[:, -5:])) < 1.5
+
+
+def test_nanmean_bins_is_the_per_bin_nanmean_for_equal_and_unequal_bins():
+    """The windows' averaging of per-step values (a reshape-sum for equal bins, reduceat otherwise) against a float64
+    nanmean per bin: every remainder length, NaN steps, and bins with nothing recorded (NaN)."""
+    import warnings
+
+    from moewatch.detect.windows import nanmean_bins
+
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 37, 40, 41, 100):
+        x = rng.random((n, 4)).astype(np.float32)
+        x[rng.random((n, 4)) < 0.3] = np.nan
+        cases = [np.arange(k) * size for size in (1, 3, 10, 40) for k in range(1, n // size + 2) if (k - 1) * size < n]
+        cases.append(np.array([0, 2, 7]) if n > 7 else np.array([0]))
+        for starts in cases:
+            ends = [*starts[1:], n]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a bin with nothing recorded: NaN
+                ref = np.array([np.nanmean(x[a:b].astype(np.float64), axis=0) for a, b in zip(starts, ends, strict=True)])
+            np.testing.assert_allclose(nanmean_bins(x, starts), ref, rtol=1e-12, equal_nan=True)

@@ -26,13 +26,6 @@ from moewatch.capture.types import SIGNALS  # noqa: E402
 BY_ID = {c.id: c for c in CASES}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded (and do not fight the other test processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 # The architectures the issue names, plus the odd routers (capacity, product keys, skip class, hash routing).
 END_TO_END = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "switch_transformers", "dbrx",
               "llama4", "jetmoe", "nllb_moe", "doge", "zaya", "deepseek_v4", "gemma4"]

@@ -41,17 +41,11 @@ def assert_blocks_exact(path: Path) -> None:
             np.testing.assert_allclose(d.bias, ref.bias[ends], equal_nan=True)
 
 
-def test_rollups_equal_the_sums_of_the_per_step_rows(tmp_path):
-    for path in (ranked_run(tmp_path / "ranks"), fallback_run(tmp_path / "fallback")):
-        with pytest.warns(RuntimeWarning) if (path / "experts" / "part-999.parquet").exists() else _nothing():
-            write_rollups(path)
-            assert_blocks_exact(path)
-
-
-def test_the_report_judges_the_same_from_rollups_on_every_sample_run(tmp_path, monkeypatch):
+def blocks_read(monkeypatch) -> list[int]:
+    """The ``block`` of every layer the dense reader yields from now on (10: from the rollups, 1: per step)."""
     import moewatch.store.dense as dense
 
-    reads: list = []
+    reads: list[int] = []
     real = dense.iter_dense_layers
 
     def counted(*args, **kwargs):
@@ -60,6 +54,18 @@ def test_the_report_judges_the_same_from_rollups_on_every_sample_run(tmp_path, m
             yield d
 
     monkeypatch.setattr(dense, "iter_dense_layers", counted)
+    return reads
+
+
+def test_rollups_equal_the_sums_of_the_per_step_rows(tmp_path):
+    for path in (ranked_run(tmp_path / "ranks"), fallback_run(tmp_path / "fallback")):
+        with pytest.warns(RuntimeWarning) if (path / "experts" / "part-999.parquet").exists() else _nothing():
+            write_rollups(path)
+            assert_blocks_exact(path)
+
+
+def test_the_report_judges_the_same_from_rollups_on_every_sample_run(tmp_path, monkeypatch):
+    reads = blocks_read(monkeypatch)
     src = REPO / "sample_runs"
     if not src.is_dir():
         pytest.skip("sample_runs/ is not in this checkout")
@@ -101,7 +107,6 @@ def test_gradient_norms_roll_up_and_expert_stalled_is_judged_from_the_blocks(tmp
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import moewatch.store.dense as dense
     from moewatch.detect import analyze_run
     from moewatch.detect.windows import layer_data_from_dense, make_windows, window_size
     from tests.test_app_data import random_counts, write_manifest, write_part
@@ -131,15 +136,7 @@ def test_gradient_norms_roll_up_and_expert_stalled_is_judged_from_the_blocks(tmp
     b, _ = make_windows(layer_data_from_dense(rolled), size, True)
     np.testing.assert_allclose(b.grad_norm, a.grad_norm, rtol=1e-12)
 
-    reads: list = []
-    real = dense.iter_dense_layers
-
-    def counted(*args, **kwargs):
-        for d in real(*args, **kwargs):
-            reads.append(d.block)
-            yield d
-
-    monkeypatch.setattr(dense, "iter_dense_layers", counted)
+    reads = blocks_read(monkeypatch)
     from_blocks = analyze_run(run)
     assert reads == [BLOCK]  # judged from the rollup, no per-step read
     stalled = [(x.kind, x.experts, x.first_step, x.severity) for x in from_blocks.alerts if x.kind == "expert_stalled"]

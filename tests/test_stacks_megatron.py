@@ -11,9 +11,6 @@ The ``gpu`` test runs the unmodified router on CUDA.
 
 from __future__ import annotations
 
-import os
-import socket
-
 import numpy as np
 import pytest
 import torch
@@ -21,11 +18,16 @@ from torch import nn
 
 import moewatch
 from tests.stack_import import import_stack
-from tests.stack_truth import StackTruth, assert_measures_recorded, assert_run_matches, bincount
+from tests.stack_truth import (
+    StackTruth,
+    assert_measures_recorded,
+    assert_run_matches,
+    bincount,
+    one_process_group,
+)
 
 import_stack("megatron.core.transformer.moe.router", "Megatron-Core")
 
-import torch.distributed as dist  # noqa: E402
 from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
 from megatron.core.transformer.moe import moe_utils  # noqa: E402
 from megatron.core.transformer.moe import router as megatron_router  # noqa: E402
@@ -40,17 +42,8 @@ D, E, K, VOCAB, SEQ, STEPS = 16, 8, 2, 64, 12, 3
 @pytest.fixture(scope="module")
 def group():
     """A one-process gloo group (Megatron routers take their process groups explicitly)."""
-    created = not dist.is_initialized()
-    if created:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    g = dist.new_group([0])
-    yield ProcessGroupCollection(tp=g, cp=g, tp_cp=g, tp_dp_cp=g)
-    if created:
-        dist.destroy_process_group()
+    with one_process_group() as g:
+        yield ProcessGroupCollection(tp=g, cp=g, tp_cp=g, tp_dp_cp=g)
 
 
 @pytest.fixture

@@ -342,6 +342,9 @@ def analyze(layers: Iterable[LayerData], config: DetectorConfig | None = None,
     for d in progress(layers) if progress else layers:
         steps = np.union1d(steps, d.steps)
         results.append(analyze_layer(d, config))
+        # Dropped before the next layer is read: a layer's arrays may be views of its whole group's buffer, which the
+        # reader frees before it reads the next group only when nothing holds them.
+        del d
     return Analysis(results, sort_alerts([a for r in results for a in r.alerts]), config, len(steps))
 
 
@@ -368,7 +371,9 @@ def analyze_run(path, config: DetectorConfig | None = None,
                 (dense,) = iter_dense_layers(path, layers=[dense.layer], skipped=[])
             data = layer_data_from_dense(dense)
             data.placement = placement_for(manifest, data.layer, data.tokens.shape[1])
+            del dense
             yield data
+            del data  # (see analyze: held while the next group is read, it would keep this group's buffer)
 
     return analyze(stream(), config, progress)
 

@@ -214,10 +214,24 @@ def nanmean_bins(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """``[rows, ...]`` -> ``[bins, ...]`` means over consecutive bins of rows starting at ``starts`` (the last bin
     runs to the end), ignoring NaN (steps without a recorded value). The detector's windows of gradient norms and
     the dashboard's columns of them and of margin histograms use this one."""
-    x = values.astype(np.float64)
-    ok = np.isfinite(x)
+    ok = np.isfinite(values)
+    x = np.where(ok, values, 0)
+    n, k = len(values), len(starts)
+    size = int(starts[1] - starts[0]) if k > 1 else n
+    if k and starts[0] == 0 and size > 0 and (k - 1) * size < n and (np.diff(starts) == size).all():
+        # Equal bins, the last running to the end (the detector's windows): a reshape-sum, several times faster
+        # than reduceat on [steps, experts] arrays. Rows past the k-th (the last bin's remainder) fold into it.
+        full = min(k, n // size)
+        sums, counts = _window_sum(x, size, full, n), _window_sum(ok, size, full, n)
+        if len(sums) > k:
+            sums[k - 1] += sums[k:].sum(axis=0)
+            counts[k - 1] += counts[k:].sum(axis=0)
+            sums, counts = sums[:k], counts[:k]
+    else:
+        sums = np.add.reduceat(x, starts, axis=0, dtype=np.float64)
+        counts = np.add.reduceat(ok, starts, axis=0, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.add.reduceat(np.where(ok, x, 0.0), starts, axis=0) / np.add.reduceat(ok, starts, axis=0)
+        return sums / counts
 
 
 def _grad_windows(data: LayerData, idx: np.ndarray, used: int, cut: int) -> np.ndarray | None:

@@ -34,8 +34,14 @@ from moewatch.store.schema import EXPERTS, LAYERS, SCHEMAS
 
 # Per-expert values averaged over the ranks that recorded them (replicas), not summed like counts.
 MEAN_COLUMNS = ("bias", "grad_norm")
+# How each is held: a gradient norm needs no more than float32 (it halves the largest array a run with gradient norms
+# makes a pass hold); the bias keeps float64 (the detector's bias_runaway reads small moves of a large value).
+MEAN_DTYPES = {"bias": np.float64, "grad_norm": np.float32}
 BATCH_ROWS = 2_000_000  # expert rows decoded at once by a pass
-DEFAULT_BUDGET = 2 << 30  # bytes of dense per-expert arrays held at once (a pass holds one group of layers)
+# Bytes of dense per-expert arrays held at once (a pass holds one group of layers). More groups cost little: a pass
+# decodes only its layers' row groups (parts are written a row group per layer), so 1 GiB keeps `moewatch report`
+# of a 100k-step x 32-layer x 64-expert run recording gradient norms within 2 GiB of memory.
+DEFAULT_BUDGET = 1 << 30
 _LAYER_COLUMNS = ["step", "layer", "tokens", "top_k", "num_experts", "entropy", "z_loss", "logit_abs_max",
                   "dropped", "nonfinite", "rank", "session", "seq"]
 _EXTRA_COLUMNS = ("aux_loss", "cv", "max_share", "dead")
@@ -84,11 +90,11 @@ class Plan:
     skipped: list[str] = field(default_factory=list)
 
     def cell_bytes(self, bias: bool, means: int = 0) -> int:
-        """Memory per (step, expert) cell of a pass: counts, drops, and the bias and other per-expert values averaged
-        over ranks (``means`` of them besides the bias; each with a per-rank count)."""
+        """Memory per (step, expert) cell of a pass: counts, drops, the bias (float64) and ``means`` float32
+        per-expert values (gradient norms), each averaged over ranks with a per-rank count."""
         count = 8 if self.wide else 4
-        per_mean = 8 + (4 if self.ranks > 1 else 0)
-        return count + (count if self.drops else 0) + per_mean * (int(bias) + means)
+        per_rank = 4 if self.ranks > 1 else 0
+        return count + (count if self.drops else 0) + (8 + per_rank) * int(bias) + (4 + per_rank) * means
 
 
 def iter_dense_layers(run_dir: str | Path, budget_bytes: int = DEFAULT_BUDGET, layers: list[str] | None = None,
@@ -120,7 +126,8 @@ def iter_dense_layers(run_dir: str | Path, budget_bytes: int = DEFAULT_BUDGET, l
             return
     files = part_files(run_dir, EXPERTS)
     width = plan.cell_bytes(bias=any(_has_bias(f) for f in files),
-                            means=int(has_values(files, "grad_norm")) + int(gate and has_values(files, "gate_mass")))
+                            means=int(has_values(files, "grad_norm")))
+    width += 8 if gate and has_values(files, "gate_mass") else 0  # summed over ranks in float64
     group: list[str] = []
     size = 0
     for name in names:
@@ -458,9 +465,12 @@ def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[s
                 continue
             acc = means.get(c)
             if acc is None:  # not setdefault: its default (a group-sized array) would be built for every batch
-                acc = means[c] = [np.full(len(tokens), np.nan), None]
-            if plan.ranks <= 1:
-                acc[0][flat[fin]] = b[fin]  # one rank: the value itself, no count array
+                acc = means[c] = [np.full(len(tokens), np.nan, MEAN_DTYPES[c]), None]
+            if plan.ranks <= 1:  # one rank: the value itself, no count array
+                if fin.all():  # the usual case (a value every step): no masked copies
+                    acc[0][flat] = b
+                else:
+                    acc[0][flat[fin]] = b[fin]
             else:  # the mean over the ranks that hold the value (replicas of one buffer, as load averages)
                 acc[1] = np.zeros(len(tokens), np.int32) if acc[1] is None else acc[1]
                 cells = flat[fin]
@@ -483,7 +493,7 @@ def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[s
             v = part(total)
             if n_ranks is not None:
                 n = part(n_ranks)
-                v = np.where(n > 0, v / np.maximum(n, 1), np.nan)
+                v = np.where(n > 0, v / np.maximum(n, 1).astype(v.dtype), np.nan)
             mean[c] = v if np.isfinite(v).any() else None
         drop = part(dropped)
         yield DenseLayer(name, plan.num_experts[name], plan.top_k[name], plan.steps[name], part(tokens),

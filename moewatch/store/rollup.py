@@ -100,7 +100,7 @@ def write_rollups(run_dir: str | Path, block: int = BLOCK) -> Path | None:
         grad = None
         if d.grad_norm is not None and S:
             ok = np.isfinite(d.grad_norm)
-            grad = (np.add.reduceat(np.where(ok, d.grad_norm, 0.0), starts, axis=0),
+            grad = (np.add.reduceat(np.where(ok, d.grad_norm, 0.0), starts, axis=0, dtype=np.float64),
                     np.add.reduceat(ok, starts, axis=0, dtype=np.int32))
         gate = None if d.gate_mass is None or not S else np.add.reduceat(np.nan_to_num(d.gate_mass), starts, axis=0)
         parts = [_rows(d.layer, False, tokens, dropped, bias, grad, gate), _rows(d.layer, True, head, None, None)]
