@@ -444,7 +444,8 @@ def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[s
         # A part of one rank holds each (step, layer, expert) once: a plain fancy-index add is exact and ~10x faster
         # than np.add.at, which a part mixing ranks (not what moewatch writes, but valid) still gets.
         add = _adder(single)
-        add(tokens, flat, t["tokens"].to_numpy()[rows].astype(dtype, copy=False))
+        into = _Scatter(flat, single)  # whole-batch writes: slice copies over the writer's runs of cells
+        into.add(tokens, t["tokens"].to_numpy()[rows].astype(dtype, copy=False))
         if "gate_mass" in t.column_names:  # additive like the counts, but a float (null: not recorded)
             gm = t["gate_mass"].to_numpy(zero_copy_only=False)[rows].astype(np.float64, copy=False)
             fin = np.isfinite(gm)
@@ -455,11 +456,11 @@ def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[s
             drop = t["dropped"].to_numpy()[rows]
             if drop.any():
                 dropped = np.zeros_like(tokens) if dropped is None else dropped
-                add(dropped, flat, drop.astype(dtype, copy=False))
+                into.add(dropped, drop.astype(dtype, copy=False))
         for c in MEAN_COLUMNS:
             if c not in t.column_names:
                 continue
-            b = t[c].to_numpy(zero_copy_only=False)[rows].astype(np.float64, copy=False)
+            b = t[c].to_numpy(zero_copy_only=False)[rows].astype(MEAN_DTYPES[c], copy=False)
             fin = np.isfinite(b)
             if not fin.any():
                 continue
@@ -468,7 +469,7 @@ def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[s
                 acc = means[c] = [np.full(len(tokens), np.nan, MEAN_DTYPES[c]), None]
             if plan.ranks <= 1:  # one rank: the value itself, no count array
                 if fin.all():  # the usual case (a value every step): no masked copies
-                    acc[0][flat] = b
+                    into.put(acc[0], b)
                 else:
                     acc[0][flat[fin]] = b[fin]
             else:  # the mean over the ranks that hold the value (replicas of one buffer, as load averages)
@@ -499,6 +500,41 @@ def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[s
         yield DenseLayer(name, plan.num_experts[name], plan.top_k[name], plan.steps[name], part(tokens),
                          plan.stats[name], drop if drop is not None and drop.any() else None, mean.get("bias"),
                          grad_norm=mean.get("grad_norm"), gate_mass=part(gate))
+
+
+class _Scatter:
+    """Writes a batch's values into a pass's flat buffers at the cells ``flat``. A part of one rank in the writer's
+    layout (a layer's rows in step order, its experts in order) covers a few runs of consecutive cells, one per layer:
+    those are written as slices, several times faster than fancy indexing; anything else is fancy-indexed (a part
+    mixing ranks with the duplicate-safe ``np.add.at``)."""
+
+    MAX_RUNS = 4096
+
+    def __init__(self, flat: np.ndarray, single_rank: bool):
+        self.flat, self.single = flat, single_rank
+        self.runs: list[tuple[int, int, int]] | None = None
+        if single_rank and len(flat) > 1:
+            breaks = np.flatnonzero(np.diff(flat) != 1) + 1
+            if len(breaks) < self.MAX_RUNS:
+                bounds = [0, *breaks.tolist(), len(flat)]
+                self.runs = [(int(flat[a]), a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def add(self, buf: np.ndarray, values: np.ndarray) -> None:
+        if self.runs is not None:
+            for at, a, b in self.runs:
+                buf[at : at + b - a] += values[a:b]
+        elif self.single:
+            buf[self.flat] += values
+        else:
+            np.add.at(buf, self.flat, values)
+
+    def put(self, buf: np.ndarray, values: np.ndarray) -> None:
+        """One rank's values (each cell once)."""
+        if self.runs is not None:
+            for at, a, b in self.runs:
+                buf[at : at + b - a] = values[a:b]
+        else:
+            buf[self.flat] = values
 
 
 def _adder(single_rank: bool):
