@@ -21,7 +21,6 @@ from hf_tiny import CASES, Case, build, inputs  # noqa: E402
 import moewatch  # noqa: E402
 from moewatch import metrics  # noqa: E402
 from moewatch.capture.discovery import discover  # noqa: E402
-from moewatch.capture.types import SIGNALS  # noqa: E402
 
 BY_ID = {c.id: c for c in CASES}
 
@@ -243,8 +242,9 @@ def check_routing_signals(case: Case, model, specs, states, calls, combined) -> 
         assert (layer["override_slots"][0] > 0).item() == (recipe == "deepseek_v3"), s.name
         # What the spec declares (`moewatch.inspect`'s measures) is what was recorded: each signal iff its column.
         recorded = {"gate_mass": not torch.isnan(gate).all().item(), "margin": not layer["margin_mean"].isnan().all(),
-                    "override": not layer["override_frac"].isnan().all()}
-        assert {m for m in s.measures if m in SIGNALS} == {m for m, v in recorded.items() if v}, s.name
+                    "override": not layer["override_frac"].isnan().all(),
+                    "logits": not layer["z_loss"].isnan().all()}  # the logits' z-loss: none from probabilities
+        assert {m for m in s.measures if m in recorded} == {m for m, v in recorded.items() if v}, s.name
 
 
 @pytest.mark.parametrize("case_id", END_TO_END)

@@ -233,8 +233,8 @@ def router_spec(
     drops = ("drops",) if capacity is not None or factor is not None else ()
     return RouterSpec(name=name, num_experts=num_experts, top_k=top_k, probes=probes, capacity=capacity,
                       capacity_factor=factor, bias=bias, kind=kind,
-                      measures=ordered((counts, *drops, "distribution", "logits", *probe_signals(probes))
-                                       + (("bias",) if bias is not None else ())))
+                      measures=ordered((counts, *drops, "distribution", *(() if reader.returns_probs else ("logits",)),
+                                        *probe_signals(probes)) + (("bias",) if bias is not None else ())))
 
 
 def _product_key_spec(name: str, block: nn.Module) -> RouterSpec | None:

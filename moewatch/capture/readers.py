@@ -258,6 +258,16 @@ class RouterReader:
             r.indices_TK = topk_choice(logits_TE, K)
         return r
 
+    @property
+    def returns_probs(self) -> bool:
+        """Its ``forward``'s source names the ``[.., E]`` scores it returns as probabilities and nothing as logits
+        (Gemma-4): `parse_roles` reads them as the distribution, so no logits (z-loss, logit range) are recorded."""
+        names = self.names
+        if not names or any("logit" in (n or "") for n in names):
+            return False
+        i = self.logits_index if self.logits_index is not None and self.logits_index < len(names) else 0
+        return "prob" in (names[i] or "")
+
     def signals(self, module: nn.Module) -> tuple[str, ...]:
         """The routing diagnostics this reader records for `module` in a training forward (see `types.SIGNALS`)."""
         if self.protocol is not None:
