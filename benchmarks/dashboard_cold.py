@@ -3,6 +3,7 @@ opens the run's page (a bookmark: /run/<path>), and the clock stops when the exp
 server's peak RSS (issue "Real pretraining scale": heatmap <= 15 s after `moewatch serve` starts, server <= 2 GiB).
 
     python benchmarks/dashboard_cold.py --dir /tmp/moewatch-bench-dashboard   # the run benchmarks/dashboard.py writes
+    python benchmarks/dashboard_cold.py --dir /tmp/moewatch-bench-dashboard-grads --grads  # recording grad_norm too
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100_000)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--grads", action="store_true", help="the run records a grad_norm per expert and step")
     args = ap.parse_args()
     run = args.dir / "run"
-    make_run(run, args.steps, args.layers, args.experts, 1000)
+    make_run(run, args.steps, args.layers, args.experts, 1000, grads=args.grads)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
