@@ -83,7 +83,8 @@ class ProductKeyBlock(Protocol):
 # ---------------------------------------------------------------------------------------------- attribute lookups
 
 
-def _int_attr(obj: Any, names: tuple[str, ...]) -> int | None:
+def int_attr(obj: Any, names: tuple[str, ...]) -> int | None:
+    """The first of ``obj``'s attributes ``names`` holding a positive int (not a bool), or None."""
     for n in names:
         v = getattr(obj, n, None)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
@@ -116,18 +117,18 @@ def _projection_width(module: nn.Module) -> int | None:
 
 
 def _num_experts(module: nn.Module) -> int | None:
-    return (_int_attr(module, MORE_EXPERT_ATTRS) or _projection_width(module)
-            or _int_attr(getattr(module, "config", None), MORE_EXPERT_ATTRS))
+    return (int_attr(module, MORE_EXPERT_ATTRS) or _projection_width(module)
+            or int_attr(getattr(module, "config", None), MORE_EXPERT_ATTRS))
 
 
 def _top_k(module: nn.Module, parent: nn.Module | None, model: nn.Module | None) -> int | None:
     for owner in (module, getattr(module, "config", None), parent, getattr(parent, "config", None)):
-        if owner is not None and (k := _int_attr(owner, MORE_TOPK_ATTRS)):
+        if owner is not None and (k := int_attr(owner, MORE_TOPK_ATTRS)):
             return k
     if m := re.search(r"Top(\d+)", type(module).__name__):  # Switch's Top1Router, NLLB's Top2Router
         return int(m.group(1))
     cfg = getattr(model, "config", None)
-    return _int_attr(cfg, MORE_TOPK_ATTRS) if cfg is not None else None
+    return int_attr(cfg, MORE_TOPK_ATTRS) if cfg is not None else None
 
 
 def find_bias(module: nn.Module, parent: nn.Module | None, num_experts: int) -> Callable[[], torch.Tensor] | None:
@@ -145,7 +146,7 @@ def find_bias(module: nn.Module, parent: nn.Module | None, num_experts: int) -> 
 
 
 def _capacity(module: nn.Module) -> tuple[int | None, float | None]:
-    cap = _int_attr(module, ("expert_capacity", "capacity"))
+    cap = int_attr(module, ("expert_capacity", "capacity"))
     factor = getattr(module, "capacity_factor", None)
     return (cap, float(factor) if isinstance(factor, (int, float)) and not isinstance(factor, bool) else None)
 
@@ -208,7 +209,7 @@ def router_spec(
     watch_experts = experts is not None and hf.returns_single(type(module)) is not False
     null_expert = None
     classes = getattr(module, "num_router_classes", None)
-    if isinstance(classes, int) and classes == num_experts and _int_attr(module, ("num_experts",)) == classes - 1:
+    if isinstance(classes, int) and classes == num_experts and int_attr(module, ("num_experts",)) == classes - 1:
         null_expert = classes - 1  # ZAYA: its skip class is masked to expert 0 with weight 0 before the experts
     own_kind = _kind(module)
     kind = kind or own_kind
@@ -239,7 +240,7 @@ def router_spec(
 
 def _product_key_spec(name: str, block: nn.Module) -> RouterSpec | None:
     n = block.num_keys
-    k = _int_attr(block, TOPK_ATTRS)
+    k = int_attr(block, TOPK_ATTRS)
     if k is None or k > n or block.router_gate.out_features != 2 * n:
         return None
     # Experts beyond num_keys**2 (a non-square expert count) are unreachable, so E is num_keys**2.
@@ -250,7 +251,7 @@ def _product_key_spec(name: str, block: nn.Module) -> RouterSpec | None:
 
 
 def _classic_spec(name: str, linear: nn.Linear, parent: nn.Module) -> RouterSpec | None:
-    k = _int_attr(parent, TOPK_ATTRS) or _int_attr(getattr(parent, "config", None), MORE_TOPK_ATTRS)
+    k = int_attr(parent, TOPK_ATTRS) or int_attr(getattr(parent, "config", None), MORE_TOPK_ATTRS)
     E = linear.out_features
     if k is None or not 1 <= k <= E:
         return None
@@ -291,7 +292,7 @@ def _router_candidates(model: nn.Module, tree: dict[str, tuple[nn.Module, nn.Mod
             product_keys[name] = m
             continue
         hint = next((h for h in hints if h.matches(m)), None)
-        duck = _int_attr(m, EXPERT_ATTRS) is not None and _int_attr(m, TOPK_ATTRS) is not None
+        duck = int_attr(m, EXPERT_ATTRS) is not None and int_attr(m, TOPK_ATTRS) is not None
         if (duck or hint is not None) and not _expert_container(m) and not _has_embedding(m):
             found[name] = (m, parent, hint.index if hint is not None else None)
     # Keep the innermost: a candidate that contains another (a block named by the recorder, JetMoE's MoA) is not one.

@@ -108,6 +108,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from moewatch.capture.discovery import int_attr
 from moewatch.capture.types import RouterSpec
 
 # Expert counts an experts module may declare about itself, in the order they are read. `num_routed_experts`
@@ -165,14 +166,6 @@ class ExpertParams:
         left = f", {len(self.unattributed)} unattributed" if self.unattributed else ""
         return (f"{self.layer}: {self.num_experts} experts, {self.layout} in {self.block or '<model>'} "
                 f"({len(self.tensors)} tensors{free}{left})")
-
-
-def _int_attr(obj: Any, names: tuple[str, ...]) -> int | None:
-    for n in names:
-        v = getattr(obj, n, None)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return None
 
 
 def _is_class(module: nn.Module, known: tuple[tuple[str, str], ...]) -> bool:
@@ -302,8 +295,8 @@ def _counts(holders: list[nn.Module], block: nn.Module, num_experts: int) -> tup
     """(experts with parameters, reason if not readable: expert parallel, expert tensor parallel) from what the
     experts' modules declare about themselves."""
     for m in (*holders, block):
-        local = _int_attr(m, LOCAL_ATTRS)
-        total = _int_attr(m, DECLARED_ATTRS) or num_experts
+        local = int_attr(m, LOCAL_ATTRS)
+        total = int_attr(m, DECLARED_ATTRS) or num_experts
         if local is not None and local < total:
             which = _local_indices(block, local)
             if which is None:
@@ -320,7 +313,7 @@ def _counts(holders: list[nn.Module], block: nn.Module, num_experts: int) -> tup
                        f"rank holds a slice of every expert's weights, so one rank's squares are partial and the "
                        f"ranks' squares do not combine as replicas")
     for m in holders:
-        declared = _int_attr(m, DECLARED_ATTRS)
+        declared = int_attr(m, DECLARED_ATTRS)
         if declared is not None and declared < num_experts:
             return declared, ""
     return num_experts, ""
@@ -808,22 +801,23 @@ def _accumulate(dev: _Device, acc: torch.Tensor, mods: list[torch.Tensor | None]
     if any(t is not None for t in mods):
         norms = torch._foreach_norm([z if t is None else t for z, t in zip(dev.mod_zero, mods, strict=True)], 2,
                                     dtype=torch.float32)
-        sq_P = torch.stack(norms).square()
-        if dev.mod_scale is not None:
-            sq_P = sq_P * dev.mod_scale
-        if factor is not None:
-            sq_P = sq_P * factor
-        acc.index_add_(0, dev.mod_index, sq_P)
+        _add_scaled(acc, dev.mod_index, torch.stack(norms).square(), dev.mod_scale, factor)
     if any(t is not None for t in rows):
         parts = [dev.zero[:i.local.rows] if t is None else
                  torch.linalg.vector_norm(t.reshape(i.local.rows, -1), 2, dim=1, dtype=torch.float32)
                  for i, t in zip(dev.fused, rows, strict=True)]
-        sq_R = torch.cat(parts).square()
-        if dev.fused_scale is not None:
-            sq_R = sq_R * dev.fused_scale
-        if factor is not None:
-            sq_R = sq_R * factor
-        acc.index_add_(0, dev.fused_index, sq_R)
+        _add_scaled(acc, dev.fused_index, torch.cat(parts).square(), dev.fused_scale, factor)
+
+
+def _add_scaled(acc: torch.Tensor, index: torch.Tensor, sq: torch.Tensor, scale: torch.Tensor | None,
+                factor: torch.Tensor | None) -> None:
+    """``acc[index] += sq * scale * factor`` (each of those optional): the squares at their experts' slots, scaled by
+    the shard share and the AMP unscale factor."""
+    if scale is not None:
+        sq = sq * scale
+    if factor is not None:
+        sq = sq * factor
+    acc.index_add_(0, index, sq)
 
 
 def _amp_factor(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:

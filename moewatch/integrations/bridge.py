@@ -22,10 +22,10 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +35,7 @@ from moewatch.store.schema import LAYERS, SCHEMAS
 SCALARS = ("cv", "entropy_norm", "max_share", "dead", "drop_rate", "z_loss", "aux_loss")
 EXPERT_LOAD = "expert_load"
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
+HISTOGRAM_BUCKETS = 512  # buckets of one W&B or trackio histogram
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +80,29 @@ class BridgeConfig:
             raise ValueError(f"alert_level must be one of {', '.join(SEVERITY_RANK)}, got {self.alert_level!r}")
         if not (isinstance(self.alert_interval, (int, float)) and self.alert_interval >= 0):
             raise ValueError(f"alert_interval must be a number of seconds >= 0, got {self.alert_interval!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunBridgeConfig(BridgeConfig):
+    """The settings of a bridge that logs into a run of its tracker and may start that run (W&B, trackio): histograms
+    every 10 steps within the tracker's 512 buckets, and the run's `project`, `name` and other `init_kwargs`."""
+
+    tracker: ClassVar[str] = "the tracker"  # its name in messages
+    init: ClassVar[str] = "init"  # the function `init_kwargs` go to
+
+    histogram_every: int = 10
+    max_buckets: int | None = HISTOGRAM_BUCKETS
+    project: str | None = None
+    name: str | None = None
+    init_kwargs: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_buckets is None or self.max_buckets > HISTOGRAM_BUCKETS:
+            raise ValueError(f"max_buckets must be at most {HISTOGRAM_BUCKETS} ({self.tracker}'s histogram limit), "
+                             f"got {self.max_buckets!r}")
+        if self.init_kwargs is not None and not isinstance(self.init_kwargs, Mapping):
+            raise TypeError(f"init_kwargs must be a mapping of {self.init} arguments, got {self.init_kwargs!r}")
 
 
 def metric_key(prefix: str, layer: str, metric: str) -> str:

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from moewatch.integrations import require
 from moewatch.integrations.bridge import (
     EXPERT_LOAD,
+    HISTOGRAM_BUCKETS,
     SCALARS,
-    BridgeConfig,
+    RunBridgeConfig,
     StepRows,
     TrackerBridge,
     alert_level,
@@ -39,26 +40,15 @@ from moewatch.integrations.bridge import (
 
 trackio = require("trackio", "trackio", "moewatch.integrations.trackio")
 
-MAX_BUCKETS = 512
+MAX_BUCKETS = HISTOGRAM_BUCKETS
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrackioConfig(BridgeConfig):
-    """The bridge's settings (plus the shared `BridgeConfig` ones). Validated on construction."""
+class TrackioConfig(RunBridgeConfig):
+    """The bridge's settings (plus the shared `RunBridgeConfig` / `BridgeConfig` ones). Validated on construction."""
 
-    histogram_every: int = 10
-    max_buckets: int | None = MAX_BUCKETS
-    project: str | None = None
-    name: str | None = None
-    init_kwargs: Mapping[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.max_buckets is None or self.max_buckets > MAX_BUCKETS:
-            raise ValueError(f"max_buckets must be at most {MAX_BUCKETS} (trackio's histogram limit), got "
-                             f"{self.max_buckets!r}")
-        if self.init_kwargs is not None and not isinstance(self.init_kwargs, Mapping):
-            raise TypeError(f"init_kwargs must be a mapping of trackio.init arguments, got {self.init_kwargs!r}")
+    tracker: ClassVar[str] = "trackio"
+    init: ClassVar[str] = "trackio.init"
 
 
 class TrackioBridge(TrackerBridge):

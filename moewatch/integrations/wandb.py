@@ -36,15 +36,16 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from moewatch.integrations import require
 from moewatch.integrations.bridge import (
     EXPERT_LOAD,
+    HISTOGRAM_BUCKETS,
     SCALARS,
-    BridgeConfig,
+    RunBridgeConfig,
     StepRows,
     TrackerBridge,
     alert_level,
@@ -60,7 +61,7 @@ wandb = require("wandb", "wandb", "moewatch.integrations.wandb")
 MAX_METRICS = 10_000  # distinct metrics per project
 SCALAR_POINTS = 100_000  # logged points per scalar metric
 HISTOGRAM_POINTS = 10_000  # logged points per histogram metric
-MAX_BUCKETS = 512  # buckets of one wandb.Histogram
+MAX_BUCKETS = HISTOGRAM_BUCKETS  # buckets of one wandb.Histogram
 ALERT_LOG = 100  # alerts kept in the run summary's alert log (the newest)
 
 
@@ -70,26 +71,19 @@ def wandb_keys(layers: int, scalars: int = len(SCALARS), histograms: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
-class WandbConfig(BridgeConfig):
-    """The bridge's settings (plus the shared `BridgeConfig` ones). Validated on construction."""
+class WandbConfig(RunBridgeConfig):
+    """The bridge's settings (plus the shared `RunBridgeConfig` / `BridgeConfig` ones). Validated on construction."""
 
-    histogram_every: int = 10
-    max_buckets: int | None = MAX_BUCKETS
-    project: str | None = None
-    name: str | None = None
-    init_kwargs: Mapping[str, Any] | None = None
+    tracker: ClassVar[str] = "W&B"
+    init: ClassVar[str] = "wandb.init"
+
     report_dir: str | os.PathLike | None = None
     max_steps: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.max_buckets is None or self.max_buckets > MAX_BUCKETS:
-            raise ValueError(f"max_buckets must be at most {MAX_BUCKETS} (W&B's histogram limit), got "
-                             f"{self.max_buckets!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 0):
             raise ValueError(f"max_steps must be an integer >= 0 or None, got {self.max_steps!r}")
-        if self.init_kwargs is not None and not isinstance(self.init_kwargs, Mapping):
-            raise TypeError(f"init_kwargs must be a mapping of wandb.init arguments, got {self.init_kwargs!r}")
 
     def fitted(self) -> WandbConfig:
         """The strides raised so that `max_steps` steps stay within W&B's points per metric."""
