@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import runpy
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -201,9 +199,3 @@ def test_readme_example(tmp_path, monkeypatch):
     assert (run.layers.tokens == 2 * 4 * 16).all()  # 2 batches of 4 sequences of 16 tokens per step
     assert (run.layers.layer.str.startswith("model.layers.")).all()
 
-
-def test_missing_lightning_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
-    monkeypatch.delitem(sys.modules, "moewatch.integrations.lightning")
-    with pytest.raises(ImportError, match=r"pip install 'moewatch\[lightning\]'"):
-        importlib.import_module("moewatch.integrations.lightning")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import runpy
-import sys
 import warnings
 from pathlib import Path
 
@@ -147,13 +145,6 @@ def test_config_is_validated(store):
         MLflowBridge(scalars=("nope",))
     with pytest.raises(ValueError, match="prefix"):
         MLflowBridge(prefix="")
-
-
-def test_missing_mlflow_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "mlflow", None)
-    monkeypatch.delitem(sys.modules, "moewatch.integrations.mlflow")
-    with pytest.raises(ImportError, match=r"pip install 'moewatch\[mlflow\]'"):
-        importlib.import_module("moewatch.integrations.mlflow")
 
 
 def test_readme_example(store, tmp_path, monkeypatch):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import runpy
-import sys
 import threading
 from pathlib import Path
 
@@ -161,13 +159,6 @@ def test_config_is_validated():
         TensorBoardBridge("tb", scalars=("cv", "nope"))
     with pytest.raises(ValueError, match="prefix"):
         TensorBoardBridge("tb", prefix="/x")
-
-
-def test_missing_tensorboard_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorboard", None)  # makes `import tensorboard` raise ImportError
-    monkeypatch.delitem(sys.modules, "moewatch.integrations.tensorboard")
-    with pytest.raises(ImportError, match=r"pip install 'moewatch\[tensorboard\]'"):
-        importlib.import_module("moewatch.integrations.tensorboard")
 
 
 def test_readme_example_plain_attach(tmp_path, monkeypatch):

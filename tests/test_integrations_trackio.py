@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import runpy
 import sys
 import uuid
@@ -129,13 +128,6 @@ def test_a_trackio_error_warns_once_and_disables_the_bridge(store, tmp_path):
         bridge.close()
     assert len([w for w in caught if "trackio bridge failed" in str(w.message)]) == 1
     assert moewatch.load(tmp_path / "run").meta["status"] == "finished"
-
-
-def test_missing_trackio_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "trackio", None)
-    monkeypatch.delitem(sys.modules, "moewatch.integrations.trackio")
-    with pytest.raises(ImportError, match=r"pip install 'moewatch\[trackio\]'"):
-        importlib.import_module("moewatch.integrations.trackio")
 
 
 def test_readme_example(store, tmp_path, monkeypatch):

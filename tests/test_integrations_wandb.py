@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import runpy
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -238,13 +236,6 @@ def test_config_is_validated(offline):
     with pytest.raises(ValueError, match="every"):
         WandbBridge(project="x", every=0)
     assert wandb.run is None, "an invalid bridge starts no run"
-
-
-def test_missing_wandb_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "wandb", None)
-    monkeypatch.delitem(sys.modules, "moewatch.integrations.wandb")
-    with pytest.raises(ImportError, match=r"pip install 'moewatch\[wandb\]'"):
-        importlib.import_module("moewatch.integrations.wandb")
 
 
 def test_readme_example(offline, tmp_path, monkeypatch):
