@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,26 +29,10 @@ from torch import nn
 from moewatch.capture.discovery import discover
 from moewatch.capture.grads import GradTracker
 
-CONFIGS = {
-    # hidden, layers, experts, top_k, intermediate, batch, seq (the same CPU shape as benchmarks/overhead.py)
-    "cpu": dict(hidden_size=256, num_hidden_layers=4, num_local_experts=8, num_experts_per_tok=2,
-                intermediate_size=512, batch=8, seq=128),
-    "cuda": dict(hidden_size=1024, num_hidden_layers=8, num_local_experts=16, num_experts_per_tok=2,
-                 intermediate_size=2048, batch=8, seq=1024),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def build(device: str, cfg: dict) -> nn.Module:
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(
-        vocab_size=1024, hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=8, num_key_value_heads=8,
-        num_local_experts=cfg["num_local_experts"], num_experts_per_tok=cfg["num_experts_per_tok"],
-        max_position_embeddings=cfg["seq"], router_aux_loss_coef=0.0,
-    )
-    torch.manual_seed(0)
-    return MixtralForCausalLM(config).to(device).train()
+# The same model and shapes as benchmarks/overhead.py.
+from overhead import CONFIGS, build  # noqa: E402
 
 
 class ModuleExperts(nn.Module):
