@@ -170,6 +170,18 @@ def test_alert_latest_and_peak_on_a_recovering_episode():
 # ------------------------------------------------------------------------------- a recovered transformers run
 
 STARVED = (0, 1)
+
+
+def starved_routing(module, output, starved: tuple[int, ...]):
+    """A transformers Mixtral router's output with the experts `starved` masked out of its logits before the top-k
+    (a routing bug): what a forward hook on the router returns so that the block routes no token to them."""
+    logits_TE, _, _ = output
+    mask_E = torch.zeros(logits_TE.shape[-1], dtype=torch.bool)
+    mask_E[list(starved)] = True
+    logits_TE = logits_TE.masked_fill(mask_E, -1e4)
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    top_TK, indices_TK = torch.topk(probs_TE, module.top_k, dim=-1)
+    return logits_TE, top_TK / top_TK.sum(dim=-1, keepdim=True), indices_TK
 STARVE_FROM, STARVE_TO, STEPS = 120, 180, 300
 
 
@@ -190,13 +202,7 @@ def _train_mixtral(run_dir: Path, seed: int = 0) -> None:
     def starve(module, args, output):
         if not STARVE_FROM <= state["step"] < STARVE_TO:
             return None
-        logits_TE, _, _ = output
-        mask_E = torch.zeros(logits_TE.shape[-1], dtype=torch.bool)
-        mask_E[list(STARVED)] = True
-        logits_TE = logits_TE.masked_fill(mask_E, -1e4)
-        probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-        top_TK, indices_TK = torch.topk(probs_TE, module.top_k, dim=-1)
-        return logits_TE, top_TK / top_TK.sum(dim=-1, keepdim=True), indices_TK
+        return starved_routing(module, output, STARVED)
 
     router.register_forward_hook(starve)  # before attach: moewatch reads the choice the block really used
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # 1e-3 drifts this toy router into a collapse of its own

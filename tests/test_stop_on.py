@@ -20,6 +20,7 @@ import moewatch
 from moewatch.capture.watch import STOP_ON, WatchConfig
 from moewatch.detect.alerts import Alert
 from moewatch.integrations.session import CallbackConfig
+from tests.test_statuses import starved_routing
 
 ROOT = Path(__file__).resolve().parents[1]
 FLUSH = 5
@@ -92,13 +93,7 @@ def tiny_mixtral():
 
 def starve(module, args, output):
     """Experts 2 and 3 get no token: their router logits are masked before the top-k (a routing bug)."""
-    logits_TE, _, _ = output
-    mask_E = torch.zeros(logits_TE.shape[-1], dtype=torch.bool)
-    mask_E[list(STARVED)] = True
-    logits_TE = logits_TE.masked_fill(mask_E, -1e4)
-    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-    top_TK, indices_TK = torch.topk(probs_TE, module.top_k, dim=-1)
-    return logits_TE, top_TK / top_TK.sum(dim=-1, keepdim=True), indices_TK
+    return starved_routing(module, output, STARVED)
 
 
 def test_a_real_hf_trainer_stops_with_a_checkpoint(tmp_path, caplog):
