@@ -44,6 +44,17 @@ def write_manifest(run: Path, layers: list[str], E: int, k: int = 2, status: str
     (run / MANIFEST).write_text(json.dumps(manifest))
 
 
+def set_columns(part: Path, **columns) -> None:
+    """Rewrite a part file with ``columns`` replaced (name -> values in the part's row order: numpy, NaN as null, or
+    an Arrow array), each cast to the part's type for it."""
+    t = pq.read_table(part)
+    for name, values in columns.items():
+        arr = values if isinstance(values, pa.Array) else pa.array(values, from_pandas=True)
+        i = t.schema.get_field_index(name)
+        t = t.append_column(name, arr) if i < 0 else t.set_column(i, t.schema.field(i), arr.cast(t.schema.field(i).type))
+    pq.write_table(t, part)
+
+
 def write_part(run: Path, counts: dict[str, np.ndarray], steps: np.ndarray, *, rank: int = 0, session: int = 1,
                n: int = 0, k: int = 2, bias: float | None = None, seed: int = 0) -> None:
     """One flush: experts + layers parts for `steps` ([S]) with per-layer counts ``[S, E]``, schema-conforming."""

@@ -76,29 +76,21 @@ def test_the_frames_path_reads_a_grad_norm_column():
 
 
 def test_the_dashboard_shows_gradient_norms_beside_the_load_and_the_detector_names_the_same_expert(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from moewatch.app import figures
     from moewatch.app.data import RunData
     from moewatch.app.windows import detector_window
 
     from moewatch.detect import analyze_run
-    from tests.test_app_data import random_counts, write_manifest, write_part
+    from tests.test_app_data import random_counts, set_columns, write_manifest, write_part
 
     rng = np.random.default_rng(5)
     run = tmp_path / "r"
     write_manifest(run, ["gate"], 8)
     write_part(run, {"gate": random_counts(rng, 600, 8)}, np.arange(600))
-    f = run / "experts" / "r0000-s0001-00000000.parquet"
-    t = pq.read_table(f)
     grad = healthy_grads(600, 8, seed=5)
     grad[300:, 3] *= 0.002
-    flat = grad.reshape(-1)  # rows are step-major, experts in order (as write_part writes them)
-    if "grad_norm" in t.column_names:
-        t = t.set_column(t.schema.get_field_index("grad_norm"), "grad_norm", pa.array(flat))
-    else:
-        t = t.append_column("grad_norm", pa.array(flat))
-    pq.write_table(t, f)
+    # rows are step-major, experts in order (as write_part writes them)
+    set_columns(run / "experts" / "r0000-s0001-00000000.parquet", grad_norm=grad.reshape(-1))
 
     stalled = [a for a in analyze_run(run).alerts if a.kind == "expert_stalled"]
     assert [a.experts for a in stalled] == [(3,)]

@@ -104,26 +104,21 @@ def test_stale_or_unaligned_rollups_fall_back_to_the_steps(tmp_path):
 def test_gradient_norms_roll_up_and_expert_stalled_is_judged_from_the_blocks(tmp_path, monkeypatch):
     """A run recording per-expert gradient norms keeps the rollup speed-up: blocks carry the sum of the recorded norms
     and their count, so each window's mean norm (and the expert_stalled alert) is what the per-step rows give."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from moewatch.detect import analyze_run
     from moewatch.detect.windows import layer_data_from_dense, make_windows, window_size
-    from tests.test_app_data import random_counts, write_manifest, write_part
+    from tests.test_app_data import random_counts, set_columns, write_manifest, write_part
     from tests.test_expert_learning import healthy_grads
 
     rng = np.random.default_rng(11)
     run = tmp_path / "r"
     write_manifest(run, ["gate"], 8)
     write_part(run, {"gate": random_counts(rng, 800, 8)}, np.arange(800))
-    f = next((run / "experts").glob("*.parquet"))
-    t = pq.read_table(f)
     grad = healthy_grads(800, 8, seed=11)
     grad[400:, 6] *= 0.003  # expert 6 stops learning at step 400
     grad[rng.random(800) < 0.1] = np.nan  # steps the optimizer skipped (AMP overflow): no norm recorded
-    column = pa.array(grad.reshape(-1), from_pandas=True)  # rows are step-major, as write_part writes them
-    t = t.drop_columns(["grad_norm"]) if "grad_norm" in t.column_names else t
-    pq.write_table(t.append_column("grad_norm", column), f)
+    # rows are step-major, as write_part writes them
+    set_columns(next((run / "experts").glob("*.parquet")), grad_norm=grad.reshape(-1))
 
     per_step = analyze_run(run)
     write_rollups(run)

@@ -90,29 +90,22 @@ def test_the_dashboard_charts_the_routing_diagnostics_in_the_detectors_windows(t
     from moewatch.app.data import RunData
     from moewatch.app.windows import detector_window, plan, window_series
 
-    from tests.test_app_data import random_counts, write_manifest, write_part
+    from tests.test_app_data import random_counts, set_columns, write_manifest, write_part
 
     rng = np.random.default_rng(4)
     run = tmp_path / "r"
     write_manifest(run, ["gate"], 8)
     write_part(run, {"gate": random_counts(rng, 600, 8)}, np.arange(600))
     f = run / "layers" / "r0000-s0001-00000000.parquet"
-    t = pq.read_table(f)
     ntf, mt = rng.uniform(0.2, 0.6, 600), rng.integers(500, 1024, 600)
     ovr, slots = rng.integers(0, 100, 600), np.full(600, 512)
-    for name, values in (("near_tie_frac", ntf), ("margin_tokens", mt), ("margin_mean", np.full(600, 0.3)),
-                         ("overridden", ovr), ("override_slots", slots)):
-        t = t.set_column(t.schema.get_field_index(name), t.schema.field(name), pa.array(values).cast(
-            t.schema.field(name).type))
     hist = rng.integers(0, 60, size=(600, 16))
-    t = t.set_column(t.schema.get_field_index("margin_hist"), t.schema.field("margin_hist"),
-                     pa.array(list(hist), type=pa.list_(pa.int64())))
-    pq.write_table(t, f)
+    set_columns(f, near_tie_frac=ntf, margin_tokens=mt, margin_mean=np.full(600, 0.3), overridden=ovr,
+                override_slots=slots, margin_hist=pa.array(list(hist), type=pa.list_(pa.int64())))
     ef = run / "experts" / "r0000-s0001-00000000.parquet"
-    et = pq.read_table(ef)
-    gm = rng.uniform(0.0, 1.0, et.num_rows) * et["tokens"].to_numpy()  # combine weights below 1 per assignment
-    et = et.set_column(et.schema.get_field_index("gate_mass"), et.schema.field("gate_mass"), pa.array(gm))
-    pq.write_table(et, ef)
+    tokens = pq.read_table(ef, columns=["tokens"])["tokens"].to_numpy()
+    gm = rng.uniform(0.0, 1.0, len(tokens)) * tokens  # combine weights below 1 per assignment
+    set_columns(ef, gate_mass=gm)
 
     data = RunData(run, "r")
     data.refresh()
@@ -138,7 +131,7 @@ def test_the_dashboard_charts_the_routing_diagnostics_in_the_detectors_windows(t
     # Gate mass vs load: each expert's share of the combine weight next to its share of the assignments.
     shares, _ = figures.shares_figure(data, "gate", window=window)
     scatter = next(tr for tr in shares["data"] if tr.get("xaxis") == "x2")
-    counts = et["tokens"].to_numpy().reshape(600, 8).sum(0)
+    counts = tokens.reshape(600, 8).sum(0)
     mass = gm.reshape(600, 8).sum(0)
     np.testing.assert_allclose(scatter["x"], counts / counts.sum(), rtol=1e-12)
     np.testing.assert_allclose(scatter["y"], mass / mass.sum(), rtol=1e-12)
