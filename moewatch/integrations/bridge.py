@@ -160,13 +160,16 @@ def step_rows(experts: pa.Table, layers: pa.Table, config: BridgeConfig) -> list
 def expert_buckets(counts_E: np.ndarray, max_buckets: int | None) -> tuple[np.ndarray, np.ndarray, int]:
     """(counts per bucket, bucket edges, experts per bucket): one bucket per expert (edges `i - 0.5 .. i + 0.5`, so
     the x axis is the expert index) while the layer has at most `max_buckets` experts; past that, runs of `width`
-    neighbouring experts share a bucket (the last one may hold fewer), edges still on the expert axis."""
+    neighbouring experts share a bucket (the last one may hold fewer), edges still on the expert axis. The counts are
+    int64 when all are whole numbers (token counts summed over ranks), so a tracker shows them as counts."""
     counts = np.asarray(counts_E, dtype=np.float64)
     n = len(counts)
     width = 1 if max_buckets is None or n <= max_buckets else math.ceil(n / max_buckets)
     starts = np.arange(0, n, width)
     binned = np.add.reduceat(counts, starts) if n else counts
     edges = np.append(starts, n).astype(np.float64) - 0.5
+    if np.all(binned == np.round(binned)):
+        binned = binned.astype(np.int64)
     return binned, edges, width
 
 

@@ -21,8 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
-
 from moewatch.integrations import require
 from moewatch.integrations.bridge import (
     EXPERT_LOAD,
@@ -100,8 +98,7 @@ class TrackioBridge(TrackerBridge):
             payload: dict[str, Any] = dict(r.scalars)
             for layer, counts_E in r.loads.items():
                 counts, edges, _ = expert_buckets(counts_E, self.config.max_buckets)
-                values = counts.astype(np.int64) if np.all(counts == np.round(counts)) else counts
-                payload[metric_key(p, layer, EXPERT_LOAD)] = trackio.Histogram(np_histogram=(values, edges))
+                payload[metric_key(p, layer, EXPERT_LOAD)] = trackio.Histogram(np_histogram=(counts, edges))
             if payload:
                 self.run.log(payload, step=r.step)
 

@@ -192,8 +192,7 @@ class WandbBridge(TrackerBridge):
                 f"moewatch: {layer} has {len(counts_E)} experts, more than W&B's {self.config.max_buckets} histogram "
                 f"buckets: its expert_load histogram puts {width} neighbouring experts in each bucket (recorded in "
                 f"the run summary under {self.config.prefix}/experts_per_bucket)"))
-        values = counts.astype(np.int64) if np.all(counts == np.round(counts)) else counts
-        return wandb.Histogram(np_histogram=(values, edges))
+        return wandb.Histogram(np_histogram=(counts, edges))
 
     def _record_alert(self, alert: Any) -> None:
         p = self.config.prefix
