@@ -441,17 +441,14 @@ def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[s
             keep &= (axis[si] == step) & (expert >= 0) & (expert < lw)
             rows = np.flatnonzero(keep)
             flat = offset[local[rows]] + si[rows] * lw[rows] + expert[rows]
-        # A part of one rank holds each (step, layer, expert) once: a plain fancy-index add is exact and ~10x faster
-        # than np.add.at, which a part mixing ranks (not what moewatch writes, but valid) still gets.
-        add = _adder(single)
-        into = _Scatter(flat, single)  # whole-batch writes: slice copies over the writer's runs of cells
+        into = _Scatter(flat, single)
         into.add(tokens, t["tokens"].to_numpy()[rows].astype(dtype, copy=False))
         if "gate_mass" in t.column_names:  # additive like the counts, but a float (null: not recorded)
             gm = t["gate_mass"].to_numpy(zero_copy_only=False)[rows].astype(np.float64, copy=False)
             fin = np.isfinite(gm)
             if fin.any():
                 gate = np.zeros(len(tokens)) if gate is None else gate
-                add(gate, flat[fin], gm[fin])
+                _Scatter(flat[fin], single).add(gate, gm[fin])
         if "dropped" in t.column_names:
             drop = t["dropped"].to_numpy()[rows]
             if drop.any():
@@ -476,8 +473,9 @@ def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[s
                 acc[1] = np.zeros(len(tokens), np.int32) if acc[1] is None else acc[1]
                 cells = flat[fin]
                 acc[0][cells] = np.where(acc[1][cells] > 0, acc[0][cells], 0.0)
-                add(acc[0], cells, b[fin])
-                add(acc[1], cells, np.ones(len(cells), np.int32))
+                into_cells = _Scatter(cells, single)
+                into_cells.add(acc[0], b[fin])
+                into_cells.add(acc[1], np.ones(len(cells), np.int32))
     for i, name in enumerate(group):
         E = int(width[i])
         rows = np.searchsorted(axis, plan.steps[name])
@@ -503,10 +501,12 @@ def _read_group(files: list[Path], plan: Plan, group: list[str], skipped: list[s
 
 
 class _Scatter:
-    """Writes a batch's values into a pass's flat buffers at the cells ``flat``. A part of one rank in the writer's
-    layout (a layer's rows in step order, its experts in order) covers a few runs of consecutive cells, one per layer:
-    those are written as slices, several times faster than fancy indexing; anything else is fancy-indexed (a part
-    mixing ranks with the duplicate-safe ``np.add.at``)."""
+    """Writes a batch's values into a pass's flat buffers at the cells ``flat``. A part of one rank holds each (step,
+    layer, expert) once; in the writer's layout (a layer's rows in step order, its experts in order) it covers a few
+    runs of consecutive cells, one per layer, written as slices, several times faster than fancy indexing; other
+    one-rank orders are fancy-indexed (``buf[idx] += v``, exact when each index occurs once, ~10x faster than
+    ``np.add.at``), and a part mixing ranks (not what moewatch writes, but valid) gets the duplicate-safe
+    ``np.add.at``."""
 
     MAX_RUNS = 4096
 
@@ -535,17 +535,6 @@ class _Scatter:
                 buf[at : at + b - a] = values[a:b]
         else:
             buf[self.flat] = values
-
-
-def _adder(single_rank: bool):
-    """``buf[idx] += values`` for a part of one rank (each index occurs once in it), else the duplicate-safe add."""
-    if single_rank:
-        def add(buf: np.ndarray, idx: np.ndarray, values: np.ndarray) -> None:
-            buf[idx] += values
-    else:
-        def add(buf: np.ndarray, idx: np.ndarray, values: np.ndarray) -> None:
-            np.add.at(buf, idx, values)
-    return add
 
 
 def _in_range(step: np.ndarray, expert: np.ndarray, axis: np.ndarray, width: np.ndarray, contiguous: bool) -> bool:
